@@ -1,0 +1,433 @@
+"""Run configuration: dataclasses with one docstring per field, YAML files, `--set` overrides.
+
+A config is built in three layers: dataclass defaults <- a YAML file <- `--set a.b=c` overrides
+(the value parsed as YAML). `validate()` then checks every field before any process starts and
+raises `ConfigError` naming the key, the value and what would be valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key has a value that cannot be used; the message names key, value and the valid set."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the Llama-style decoder."""
+
+    hidden_size: int = 128
+    """Model width h."""
+    num_layers: int = 2
+    """Number of transformer layers L."""
+    num_heads: int = 4
+    """Attention (query) heads a."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); must divide num_heads."""
+    ffn_hidden_size: int = 352
+    """Inner width of the SwiGLU MLP."""
+    vocab_size: int = 384
+    """Embedding rows; at least the tokenizer's vocabulary, divisible by parallel.tp."""
+    seq_length: int = 128
+    """Tokens per training sample (each sample reads seq_length + 1 tokens)."""
+    rope_base: float = 10000.0
+    """RoPE theta."""
+    rope_scaling: Optional[dict] = None
+    """Llama-3 frequency scaling: {factor, low_freq_factor, high_freq_factor, original_max_position}."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    qk_norm: bool = False
+    """RMSNorm on each head's queries and keys before RoPE."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output projection."""
+    init_std: float = 0.02
+    """Std of the normal init; output projections use init_std / sqrt(2 * num_layers)."""
+    z_loss_weight: float = 0.0
+    """Weight of the z-loss (log-sum-exp squared of the logits); 0 disables it."""
+    recompute: str = "none"
+    """Activation recomputation: none, selective (attention core) or full (whole layer)."""
+    num_experts: int = 0
+    """Experts per MoE layer; 0 means dense MLPs everywhere."""
+    moe_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Inner width of each expert (default ffn_hidden_size)."""
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head (hidden_size / num_heads)."""
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split: rank order 'tp-cp-ep-dp-pp' (Megatron's)."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    cp: int = 1
+    """Context-parallel size (ring attention over sequence chunks)."""
+    dp: Optional[int] = None
+    """Data-parallel size; derived from the world size when left out."""
+    ep: int = 1
+    """Expert-parallel size (carved out of dp x cp for MoE layers)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
+    sequence_parallel: bool = False
+    """Shard norm/dropout regions along the sequence across TP ranks."""
+    zero: int = 0
+    """ZeRO stage over the data-parallel group: 0 (plain DP), 1, 2 or 3."""
+    grad_bucket_mb: float = 25.0
+    """Size of one gradient reduction bucket in MiB."""
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    inputs: list = field(default_factory=lambda: ["stdlib"])
+    """Dataset prefixes (PREFIX.bin/.idx), or raw inputs to preprocess on first use ('stdlib')."""
+    weights: Optional[list] = None
+    """Blend weights, one per input (default: proportional to nothing - equal weights)."""
+    phases: Optional[list] = None
+    """Mixture schedule: list of {start_step, weights}; overrides `weights` from each start_step."""
+    tokenizer: str = "byte"
+    """'byte' or the path of a Hugging Face tokenizer.json."""
+    cache_dir: str = ".cache/apogee"
+    """Where preprocessed corpora and built sample indices are cached."""
+    prefetch: int = 2
+    """Batches prepared ahead by the loader's background worker."""
+    skip_steps: list = field(default_factory=list)
+    """Data batches never trained on (filled by loss-spike rewinds)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms and biases)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold; 0 disables clipping."""
+    schedule: str = "cosine"
+    """cosine (warmup + cosine), wsd (warmup-stable-decay) or constant (after warmup)."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    decay_steps: Optional[int] = None
+    """Steps from the end of warmup to min_lr (default: train.steps - warmup_steps)."""
+    wsd_decay_start: Optional[int] = None
+    """WSD: the step where the decay begins (default: 80% of train.steps)."""
+    wsd_decay_style: str = "linear"
+    """WSD decay shape: linear, cosine or sqrt (1 - sqrt)."""
+
+
+@dataclass
+class TrainConfig:
+    """The step loop."""
+
+    steps: int = 200
+    """Optimizer steps to run."""
+    micro_batch_size: int = 4
+    """Samples per microbatch per data-parallel rank."""
+    global_batch_size: int = 16
+    """Samples per optimizer step across all data-parallel ranks."""
+    log_interval: int = 1
+    """Steps between console log lines."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Numerics."""
+
+    dtype: str = "fp32"
+    """fp32, bf16 (fp32 master weights) or fp8 (Transformer Engine on GPU, emulated on CPU)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded checkpoints (torch.distributed.checkpoint)."""
+
+    interval: int = 0
+    """Steps between checkpoints; 0 disables periodic checkpoints."""
+    dir: Optional[str] = None
+    """Checkpoint directory (default RUN_DIR/checkpoints)."""
+    keep: int = 3
+    """Checkpoints kept on disk."""
+    async_save: bool = True
+    """Write in the background while training continues."""
+
+
+@dataclass
+class LoggingConfig:
+    """What the run writes besides checkpoints."""
+
+    tensorboard: bool = True
+    """Write TensorBoard scalars under RUN_DIR/tensorboard."""
+
+
+@dataclass
+class ResilienceConfig:
+    """Fault detection and recovery."""
+
+    inject: list = field(default_factory=list)
+    """Faults to rehearse, e.g. 'kill:rank=1:step=7'."""
+
+
+@dataclass
+class ApogeeConfig:
+    """A whole run."""
+
+    name: str = "tiny"
+    """Run name; the default run directory is runs/<name>."""
+    seed: int = 1234
+    """Seed of weights, data order and every RNG stream."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data sources."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Step loop."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Numerics."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    """Fault tolerance."""
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (for YAML and checkpoints)."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from dicts, files and overrides
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` converted to the field's type, or raise ConfigError naming the key."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    if hint is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{key}={value!r}: expected a list")
+    if hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}={value!r}: expected a mapping")
+    return value
+
+
+def _merge(obj: Any, values: dict, prefix: str = "") -> None:
+    """Set fields of dataclass `obj` from nested dict `values`, checking names and types."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(names)}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}={value!r}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
+            _merge(current, value, key + ".")
+        else:
+            setattr(obj, name, _check_type(key, value, hints[name]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split 'a.b=c' into ('a.b', parsed YAML value of c)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. parallel.tp=2")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    """'a.b.c', v -> {'a': {'b': {'c': v}}}."""
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> ApogeeConfig:
+    """Build a config from defaults, an optional YAML file and `key=value` overrides."""
+    cfg = ApogeeConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {path}: expected a mapping at the top level")
+        _merge(cfg, data)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value))
+    return cfg
+
+
+def config_from_dict(data: dict) -> ApogeeConfig:
+    """Rebuild a config saved with `to_dict()` (run directories, checkpoints)."""
+    cfg = ApogeeConfig()
+    _merge(cfg, data)
+    return cfg
+
+
+def save_config(cfg: ApogeeConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _require(cond: bool, key: str, value: Any, valid: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {valid}")
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, key, value, f"expected one of {', '.join(map(str, choices))}")
+
+
+def resolve_dp(cfg: ApogeeConfig, world_size: int) -> int:
+    """Data-parallel size: the configured value, or world / (tp * cp * pp) when left out."""
+    p = cfg.parallel
+    model_parallel = p.tp * p.cp * p.pp
+    if p.dp is None:
+        _require(world_size % model_parallel == 0, "parallel", f"tp*cp*pp={model_parallel}", f"must divide the world size {world_size}")
+        return world_size // model_parallel
+    _require(p.dp * model_parallel == world_size, "parallel.dp", p.dp,
+             f"tp*cp*dp*pp = {p.tp}*{p.cp}*{p.dp}*{p.pp} = {p.dp * model_parallel} must equal the world size {world_size}")
+    return p.dp
+
+
+def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
+    """Check every field for a run on `world_size` ranks; fill derived values (parallel.dp)."""
+    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
+        _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be positive")
+    _require(m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads, f"must divide model.hidden_size={m.hidden_size}")
+    _require(m.head_dim % 2 == 0, "model.hidden_size", m.hidden_size, "hidden_size / num_heads must be even (RoPE rotates pairs)")
+    _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads, f"must divide model.num_heads={m.num_heads}")
+    _one_of("model.recompute", m.recompute, ("none", "selective", "full"))
+    _require(m.num_experts >= 0, "model.num_experts", m.num_experts, "must be >= 0")
+    if m.num_experts:
+        _require(1 <= m.moe_topk <= m.num_experts, "model.moe_topk", m.moe_topk, f"must be in 1..num_experts={m.num_experts}")
+    if m.rope_scaling is not None:
+        needed = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position"}
+        missing = needed - set(m.rope_scaling)
+        _require(not missing, "model.rope_scaling", m.rope_scaling, f"missing {', '.join(sorted(missing))}")
+
+    for key in ("tp", "pp", "cp", "ep", "virtual_stages"):
+        _require(getattr(p, key) >= 1, f"parallel.{key}", getattr(p, key), "must be >= 1")
+    _one_of("parallel.zero", p.zero, (0, 1, 2, 3))
+    dp = resolve_dp(cfg, world_size)
+    _require(m.num_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.num_heads={m.num_heads}")
+    _require(m.num_kv_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.num_kv_heads={m.num_kv_heads}")
+    _require(m.ffn_hidden_size % p.tp == 0, "parallel.tp", p.tp, f"must divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    _require(m.vocab_size % p.tp == 0, "parallel.tp", p.tp, f"must divide model.vocab_size={m.vocab_size}")
+    if p.sequence_parallel:
+        _require(m.seq_length % (p.tp * p.cp) == 0, "parallel.sequence_parallel", True,
+                 f"needs model.seq_length={m.seq_length} divisible by tp*cp={p.tp * p.cp}")
+    if p.cp > 1:
+        _require(m.seq_length % (2 * p.cp) == 0, "parallel.cp", p.cp,
+                 f"needs model.seq_length={m.seq_length} divisible by 2*cp={2 * p.cp} (load-balanced chunks)")
+    chunks = p.pp * p.virtual_stages
+    _require(m.num_layers >= chunks, "parallel.pp", p.pp,
+             f"pp*virtual_stages={chunks} model chunks need at least that many layers (model.num_layers={m.num_layers})")
+    if p.ep > 1:
+        _require(m.num_experts > 0, "parallel.ep", p.ep, "expert parallelism needs model.num_experts > 0")
+        _require(m.num_experts % p.ep == 0, "parallel.ep", p.ep, f"must divide model.num_experts={m.num_experts}")
+        _require((dp * p.cp) % p.ep == 0, "parallel.ep", p.ep, f"must divide dp*cp={dp * p.cp}")
+
+    _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
+    per_step = t.micro_batch_size * dp
+    _require(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
+             f"must be a multiple of micro_batch_size*dp = {t.micro_batch_size}*{dp} = {per_step}")
+    microbatches = t.global_batch_size // per_step
+    if p.pp > 1 and p.virtual_stages > 1:
+        _require(microbatches % p.pp == 0, "train.global_batch_size", t.global_batch_size,
+                 f"interleaved 1F1B needs the microbatch count ({microbatches}) divisible by pp={p.pp}")
+    _require(t.log_interval >= 1, "train.log_interval", t.log_interval, "must be >= 1")
+
+    _one_of("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
+    _one_of("optim.wsd_decay_style", o.wsd_decay_style, ("linear", "cosine", "sqrt"))
+    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)")
+    _require(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "must be in [0, 1)")
+    _require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
+
+    _one_of("precision.dtype", cfg.precision.dtype, ("fp32", "bf16", "fp8"))
+    _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", cfg.checkpoint.interval, "must be >= 0")
+    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
+    if cfg.data.weights is not None:
+        _require(len(cfg.data.weights) == len(cfg.data.inputs), "data.weights", cfg.data.weights,
+                 f"needs one weight per input ({len(cfg.data.inputs)} inputs)")
+        _require(all(w >= 0 for w in cfg.data.weights) and sum(cfg.data.weights) > 0, "data.weights",
+                 cfg.data.weights, "weights must be >= 0 with a positive sum")
+    _require(len(cfg.data.inputs) >= 1, "data.inputs", cfg.data.inputs, "needs at least one input")
+    cfg.parallel.dp = dp
+    return cfg

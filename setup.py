@@ -1,0 +1,42 @@
+"""Install Apogee: `pip install -e ".[dev]"` (after `pip install torch==2.13.0` on CPU machines).
+
+The C++ dataset index builders in csrc/ are compiled into `data_pipeline._helpers`.
+"""
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+ext_modules = [
+    Pybind11Extension(
+        "data_pipeline._helpers",
+        ["csrc/helpers.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    ),
+]
+
+setup(
+    name="apogee",
+    version="0.1.0",
+    description="Megatron-style 4D-parallel pretraining engine for decoder-only LLMs",
+    python_requires=">=3.10",
+    packages=[
+        "engine", "engine.resilience", "parallel", "data_pipeline", "stages",
+    ],
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "tensorboard>=2.12",
+        "safetensors>=0.4",
+        "tokenizers>=0.15",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "megatron-core>=0.16", "transformers>=4.45"],
+        "gpu": ["transformer-engine", "nvidia-dali-cuda120"],
+        "mpi": ["mpi4py>=3.1"],
+    },
+    entry_points={"console_scripts": ["apogee = engine.cli:main"]},
+)
