@@ -1,0 +1,75 @@
+"""Corpora by name, and raw inputs preprocessed once into a shared cache.
+
+The default corpus, 'stdlib', is the running interpreter's own standard library: every *.py
+file under sysconfig's stdlib directory, sorted, without site-packages/dist-packages, test
+directories (test, tests, idle_test) and __pycache__. It is real text present on every machine
+(about 12 MB / 730 files on CPython 3.11), so a run works offline with no download.
+"""
+import fcntl
+import hashlib
+import json
+import os
+import sysconfig
+
+from data_pipeline import DataError
+from data_pipeline.indexed_dataset import dataset_exists
+from data_pipeline.tokenizer import tokenizer_fingerprint
+
+_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+NAMED_INPUTS = ("stdlib",)
+
+
+def stdlib_files() -> list:
+    """Sorted paths of the interpreter's standard-library *.py files (tests and packages excluded)."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in _EXCLUDED_DIRS and not d.startswith("."))
+        files.extend(os.path.join(directory, name) for name in sorted(names) if name.endswith(".py"))
+    return files
+
+
+def named_input_files(name: str) -> list:
+    """The files of a named input (see NAMED_INPUTS)."""
+    if name == "stdlib":
+        return stdlib_files()
+    raise DataError(f"input {name!r}: not a named input; valid names are {list(NAMED_INPUTS)}")
+
+
+def _fingerprint(spec: str, tokenizer: str) -> str:
+    """Hash of the input file list (path, size, mtime) and the tokenizer: the cache key."""
+    from data_pipeline.preprocess import expand_inputs
+
+    files = expand_inputs([spec])
+    listing = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
+    payload = json.dumps({"files": listing, "tokenizer": tokenizer_fingerprint(tokenizer)})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def ensure_corpus(spec: str, cache_dir: str, tokenizer: str = "byte") -> str:
+    """A dataset prefix for `spec`: an existing PREFIX(.bin/.idx) is returned as is; 'stdlib' or a
+    raw text file/directory is preprocessed once into `cache_dir` and that prefix returned.
+
+    Safe when several ranks call it at once: one takes an exclusive file lock and preprocesses,
+    the others wait on the lock and then reuse its output.
+    """
+    if dataset_exists(spec):
+        return spec
+    if spec not in NAMED_INPUTS and not os.path.exists(spec):
+        raise DataError(f"data input {spec!r}: neither a dataset prefix (no {spec}.bin/.idx) nor an existing "
+                        f"file or directory; valid: a PREFIX with .bin/.idx, a text/jsonl path, or {list(NAMED_INPUTS)}")
+    from data_pipeline.preprocess import preprocess  # preprocess imports this module's names
+
+    os.makedirs(cache_dir, exist_ok=True)
+    label = spec if spec in NAMED_INPUTS else os.path.basename(os.path.normpath(spec)) or "input"
+    prefix = os.path.join(cache_dir, f"corpus-{label}-{_fingerprint(spec, tokenizer)}")
+    if dataset_exists(prefix):
+        return prefix
+    with open(prefix + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not dataset_exists(prefix):  # a rank that held the lock before us may have built it
+                preprocess([spec], prefix, tokenizer=tokenizer, progress=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return prefix

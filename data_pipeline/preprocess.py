@@ -1,0 +1,254 @@
+"""`apogee preprocess`: text, JSON lines and directories -> a Megatron PREFIX.bin/.idx dataset.
+
+Inputs, each one of:
+  - a .jsonl file: one JSON object per line, the document is the value of `json_key`
+    (blank lines are skipped);
+  - any other file: the whole file (UTF-8) is one document;
+  - a directory: its files, recursively and in sorted order, whose suffix is in TEXT_SUFFIXES
+    or .jsonl (hidden entries and __pycache__ are skipped);
+  - a named input from data_pipeline.corpus (e.g. 'stdlib').
+Every document is tokenized, gets EOD appended and becomes one sequence and one document of
+the output. Empty documents are skipped. Tokenization runs in a pool of worker processes;
+results are written in input order, so the output does not depend on the number of workers.
+The dataset is written under temporary names and renamed when complete: an interrupted or
+failed run leaves no PREFIX.bin/.idx behind.
+"""
+import argparse
+import functools
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+import numpy as np
+
+from data_pipeline import DataError
+from data_pipeline.corpus import NAMED_INPUTS, named_input_files
+from data_pipeline.indexed_dataset import TOKEN_DTYPES, IndexedDatasetWriter, bin_path, dtype_for_vocab, idx_path
+from data_pipeline.tokenizer import get_tokenizer
+
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")
+JSONL_SUFFIXES = (".jsonl",)
+DOCUMENTS_PER_TASK = 64  # documents shipped to a worker at once: amortizes IPC, keeps order cheap
+
+
+def expand_inputs(inputs: list) -> list:
+    """The files behind `inputs` (files, directories, named inputs), in a deterministic order."""
+    if not inputs:
+        raise DataError(f"--input: no inputs given; give .txt/.jsonl files, directories or one of {sorted(NAMED_INPUTS)}")
+    files = []
+    for spec in inputs:
+        if spec in NAMED_INPUTS:
+            files.extend(named_input_files(spec))
+        elif os.path.isdir(spec):
+            files.extend(_walk(spec))
+        elif os.path.isfile(spec):
+            files.append(spec)
+        else:
+            raise DataError(f"--input {spec!r}: no such file or directory; valid inputs are existing files, "
+                            f"directories, or one of {sorted(NAMED_INPUTS)}")
+    return files
+
+
+def _walk(directory: str) -> list:
+    """Text and JSONL files under `directory`, recursively, sorted."""
+    found = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        for name in sorted(names):
+            if not name.startswith(".") and name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+                found.append(os.path.join(root, name))
+    return found
+
+
+def _documents(files: list):
+    """Yield (file, line or None, raw bytes) per document; JSON lines are parsed by the workers."""
+    for path in files:
+        if path.endswith(JSONL_SUFFIXES):
+            with open(path, "rb") as handle:
+                for line_number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        yield path, line_number, line
+        else:
+            with open(path, "rb") as handle:
+                yield path, None, handle.read()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(name: str):
+    # One tokenizer per worker process: loading an HF file per task would dominate small tasks.
+    return get_tokenizer(name)
+
+
+class _Encoder:
+    """Turns raw documents into token arrays (with EOD); picklable, runs in worker processes."""
+
+    def __init__(self, tokenizer: str, json_key: str, dtype):
+        self.tokenizer, self.json_key, self.dtype = tokenizer, json_key, np.dtype(dtype)
+
+    def text_of(self, path: str, line: int | None, raw: bytes) -> str:
+        """The document's text, or DataError naming file and line."""
+        where = f"{path}:{line}" if line else path
+        try:
+            decoded = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{where}: not valid UTF-8 at byte {error.start}; inputs must be UTF-8 text") from None
+        if line is None:
+            return decoded
+        try:
+            record = json.loads(decoded)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}); "
+                            f"each line of a .jsonl file must be one JSON object") from None
+        if not isinstance(record, dict) or self.json_key not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{where}: no key {self.json_key!r} (found {keys}); set --json-key to the text field")
+        text = record[self.json_key]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: key {self.json_key!r} holds {type(text).__name__}, expected a string")
+        return text
+
+    def __call__(self, batch: list) -> list:
+        """[(path, line, raw)] -> [(tokens or None if empty, input bytes)]."""
+        tokenizer = _cached_tokenizer(self.tokenizer)
+        info = np.iinfo(self.dtype)
+        out = []
+        for path, line, raw in batch:
+            text = self.text_of(path, line, raw)
+            if not text:
+                out.append((None, len(raw)))
+                continue
+            ids = np.append(tokenizer.encode_array(text), tokenizer.eod_id)
+            high, low = int(ids.max()), int(ids.min())
+            if high > info.max or low < info.min:
+                where = f"{path}:{line}" if line else path
+                raise DataError(f"{where}: token id {high if high > info.max else low} does not fit dtype "
+                                f"{self.dtype} (valid ids {info.min}..{info.max}); use --dtype int32")
+            out.append((ids.astype(self.dtype), len(raw)))
+        return out
+
+
+def _batches(documents, size: int):
+    batch = []
+    for document in documents:
+        batch.append(document)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def preprocess(inputs: list, output_prefix: str, tokenizer: str = "byte", json_key: str = "text",
+               workers: int | None = None, progress: bool = True, dtype: str | None = None) -> dict:
+    """Tokenize `inputs` into OUTPUT_PREFIX.bin/.idx; returns {documents, tokens, bytes, seconds, ...}.
+
+    dtype: 'uint8' | 'uint16' | 'int32' | 'int64'; default Megatron's rule (uint16 when the
+    vocabulary has < 65500 ids, else int32). workers: processes (default: all cores).
+    """
+    start = time.perf_counter()
+    tok = get_tokenizer(tokenizer)
+    if dtype is None:
+        token_dtype = dtype_for_vocab(tok.vocab_size)
+    elif dtype in TOKEN_DTYPES:
+        token_dtype = TOKEN_DTYPES[dtype]
+    else:
+        raise DataError(f"--dtype {dtype!r}: unknown; valid: {sorted(TOKEN_DTYPES)}")
+    files = expand_inputs(inputs)
+    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    if os.path.dirname(output_prefix):
+        os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
+    suffix = f".tmp-{os.getpid()}-{time.time_ns()}"
+    writer = IndexedDatasetWriter(output_prefix, token_dtype, bin_path(output_prefix) + suffix,
+                                  idx_path(output_prefix) + suffix)
+    encoder = _Encoder(tokenizer, json_key, token_dtype)
+    total_bytes = sum(os.path.getsize(path) for path in files)
+    documents = input_bytes = 0
+    bar = _progress_bar(total_bytes, progress)
+    pool = None
+    try:
+        batches = _batches(_documents(files), DOCUMENTS_PER_TASK)
+        if workers > 1:
+            # fork: workers inherit the imported modules, so starting the pool costs milliseconds.
+            pool = multiprocessing.get_context("fork").Pool(workers)
+            results = pool.imap(encoder, batches, chunksize=1)
+        else:
+            results = map(encoder, batches)
+        for batch in results:
+            for tokens, size in batch:
+                input_bytes += size
+                if tokens is not None:
+                    writer.add_document(tokens)
+                    documents += 1
+            if bar is not None:
+                bar.update(sum(size for _, size in batch))
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(docs_per_s=f"{documents / elapsed:.0f}", refresh=False)
+        if documents == 0:
+            raise DataError(f"--input {inputs}: empty corpus, no non-empty documents in {len(files)} file(s)")
+        writer.finalize()
+        # .bin first, .idx last: a PREFIX.idx next to its PREFIX.bin marks a complete dataset.
+        os.replace(writer.bin_file, bin_path(output_prefix))
+        os.replace(writer.idx_file, idx_path(output_prefix))
+    except BaseException:
+        writer.discard()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+    summary = {"output_prefix": output_prefix, "documents": documents, "tokens": writer.num_tokens,
+               "bytes": input_bytes, "seconds": seconds, "dtype": np.dtype(token_dtype).name, "tokenizer": tokenizer}
+    print(f"preprocess: {documents} documents, {writer.num_tokens} tokens, {input_bytes} bytes in {seconds:.2f} s "
+          f"({writer.num_tokens / max(seconds, 1e-9):,.0f} tokens/s) -> {output_prefix}.bin/.idx ({summary['dtype']})",
+          flush=True)
+    return summary
+
+
+def _progress_bar(total_bytes: int, enabled: bool):
+    """A tqdm bar on stderr (MB/s, documents/s), or None when disabled or stderr is not a tty."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="preprocess",
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the `apogee preprocess` options on `parser`."""
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help=f".txt/.jsonl files, directories (recursive) or a named input: {', '.join(sorted(NAMED_INPUTS))}")
+    parser.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of a tokenizer.json")
+    parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl inputs (default: text)")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    parser.add_argument("--dtype", default=None, choices=sorted(TOKEN_DTYPES),
+                        help="token dtype (default: uint16 if vocab < 65500 else int32)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run `apogee preprocess` from parsed arguments; a DataError prints 'error: ...' and returns 2."""
+    try:
+        preprocess(args.input, args.output_prefix, tokenizer=args.tokenizer, json_key=args.json_key,
+                   workers=args.workers, progress=not args.no_progress, dtype=args.dtype)
+    except DataError as error:
+        print(f"apogee preprocess: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    """`python -m data_pipeline.preprocess ...` (same options as `apogee preprocess`)."""
+    parser = argparse.ArgumentParser(prog="apogee preprocess", description=__doc__.splitlines()[0])
+    add_cli_arguments(parser)
+    return run_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
