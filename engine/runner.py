@@ -1,0 +1,129 @@
+"""Running a training job end to end: check the config, prepare data, start ranks, train.
+
+`run_job` runs in the process the user started. It validates everything for the final world size
+before any rank exists (so a bad layout costs nothing), preprocesses the corpus and builds the
+sample indices once (so ranks do not race to build them), measures the MFU peak while the cores
+are idle, then either trains in-process (one rank, or ranks started by torchrun/srun/mpirun) or
+starts `--nproc` local ranks under the elastic agent. `worker_main` is what each rank runs.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from engine.config import ApogeeConfig, ConfigError, config_from_dict, save_config, validate
+from engine.launch import cpu_threads_per_rank, detect_launcher, init_distributed, launch_local
+from engine.metrics import PeakFlops, machine_peak
+
+
+def parallel_dims(cfg: ApogeeConfig):
+    """The topology's ParallelDims for a validated config."""
+    from parallel.topology import ParallelDims
+
+    p = cfg.parallel
+    return ParallelDims(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep)
+
+
+def build_training_data(cfg: ApogeeConfig, prefixes: list[str]):
+    """The loader for this config over already-preprocessed dataset prefixes."""
+    from data_pipeline.loader import TrainingData
+
+    t = cfg.train
+    return TrainingData(
+        prefixes=prefixes, weights=cfg.data.weights, phases=cfg.data.phases,
+        seq_length=cfg.model.seq_length, seed=cfg.seed, global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size, total_steps=t.steps + len(cfg.data.skip_steps),
+        cache_dir=cfg.data.cache_dir,
+    )
+
+
+def prepare_data(cfg: ApogeeConfig) -> list[str]:
+    """Preprocess raw inputs on first use and build the sample indices; returns dataset prefixes."""
+    from data_pipeline.corpus import ensure_corpus
+    from data_pipeline.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size} ids from data.tokenizer={cfg.data.tokenizer!r})")
+    prefixes = [ensure_corpus(spec, cfg.data.cache_dir, cfg.data.tokenizer) for spec in cfg.data.inputs]
+    build_training_data(cfg, prefixes)  # builds and caches the indices once, before ranks start
+    return prefixes
+
+
+def resolve_run_dir(cfg: ApogeeConfig, run_dir: Optional[str]) -> Path:
+    """--run-dir, or runs/<name>."""
+    return Path(run_dir) if run_dir else Path("runs") / cfg.name
+
+
+def run_job(cfg: ApogeeConfig, run_dir: Optional[str] = None, nproc: Optional[int] = None,
+            resume: str = "auto") -> int:
+    """Validate, prepare and run a pre-training job; returns the process exit status."""
+    info = detect_launcher()
+    if info.launcher != "none" and nproc not in (None, info.world_size):
+        raise ConfigError(f"--nproc {nproc}: this process was started by {info.launcher} with "
+                          f"{info.world_size} ranks; leave --nproc out or set it to {info.world_size}")
+    world = info.world_size if info.launcher != "none" else (nproc or 1)
+    validate(cfg, world)
+    parallel_dims(cfg).validate(world)
+    out = resolve_run_dir(cfg, run_dir)
+    if info.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    prefixes = prepare_data(cfg) if info.rank == 0 or info.launcher == "none" else None
+    args = (cfg.to_dict(), str(out), prefixes, resume, None)
+    if info.launcher == "none" and world > 1:
+        peak = machine_peak(torch.device("cpu"), world, world) if not torch.cuda.is_available() else None
+        launch_local(world, worker_main, args[:-1] + (peak,))
+    else:
+        worker_main(*args)
+    return 0
+
+
+def worker_main(cfg_dict: dict, run_dir: str, prefixes: Optional[list[str]], resume: str,
+                peak: Optional[PeakFlops]) -> None:
+    """One rank: join the process group, build the context and the trainer, train."""
+    import torch.distributed as dist
+
+    from engine.trainer import Trainer
+    from parallel.topology import ParallelContext
+
+    info = detect_launcher()
+    torch.set_num_threads(cpu_threads_per_rank(info.local_world_size))
+    device = init_distributed(info)
+    cfg = config_from_dict(cfg_dict)
+    if info.world_size > 1:
+        # Ranks started by an outside launcher: rank 0 prepared the data and measures the peak
+        # while the others wait, so the measurement sees idle cores.
+        shared = [prefixes, peak]
+        if info.rank == 0 and peak is None:
+            shared[1] = machine_peak(device, info.world_size, info.local_world_size)
+        dist.broadcast_object_list(shared, src=0)
+        prefixes, peak = shared
+        ctx = ParallelContext.create(parallel_dims(cfg), device=device)
+    else:
+        ctx = ParallelContext.single(device=device)
+        peak = peak or machine_peak(device, 1, 1)
+    if ctx.rank == 0:
+        print(f"apogee: {ctx.world_size} rank(s), {cfg.parallel.tp=} {cfg.parallel.pp=} {cfg.parallel.cp=} "
+              f"{cfg.parallel.dp=}; MFU peak: {peak.source}", flush=True)
+    data = build_training_data(cfg, prefixes)
+    trainer = Trainer(cfg, ctx, data, run_dir=Path(run_dir), peak=peak)
+    trainer.fit()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def exit_on_config_error(fn, *args, **kwargs) -> int:
+    """Call fn; a ConfigError becomes a one-line message on stderr and exit status 2."""
+    from data_pipeline import DataError
+    from parallel.topology import TopologyError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ConfigError, TopologyError, DataError) as err:
+        print(f"apogee: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,138 @@
+"""The pre-training step loop of one rank.
+
+A step is a pure function of (model and optimizer state, step index): its microbatches come from
+`TrainingData.microbatch(step, j, dp_rank, dp_size)` and never from an iterator's hidden position,
+so re-running step k from the same state gives a bitwise-equal loss (replay), and a resumed run
+continues exactly where an uninterrupted one would be.
+
+One step: zero the fp32 gradient buffer -> forward/backward every microbatch (the DP reduction of
+each gradient bucket starts during the last backward) -> wait for the reductions -> clip and
+AdamW with the scheduled learning rate -> log.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from engine.config import ApogeeConfig
+from engine.events import EventLog
+from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
+from engine.model import LlamaModel, init_parameters, lm_loss
+from engine.optim import build_optimizer, lr_at
+from parallel.collectives import CommLedger, Group, all_reduce
+from parallel.data_parallel import GradBuffer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced (the loss is the global-batch mean over all tokens)."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    iteration_time: float
+
+
+def comm_group(ctx, name: str, ledger: CommLedger) -> Group:
+    """The named process group of this rank as a collectives.Group."""
+    return Group(name, ctx.group(name), ctx.size(name), ctx.rank_in(name), ledger)
+
+
+class Trainer:
+    """Builds this rank's model, gradient buffer and optimizer, and runs training steps."""
+
+    def __init__(self, cfg: ApogeeConfig, ctx, data, run_dir: Optional[Path] = None,
+                 peak: Optional[PeakFlops] = None):
+        self.cfg, self.ctx, self.data = cfg, ctx, data
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.ledger = CommLedger()
+        self.dp = comm_group(ctx, "dp", self.ledger)
+        self.dtype = DTYPES[cfg.precision.dtype]
+        self.model = LlamaModel(cfg.model)
+        init_parameters(self.model, cfg.seed)
+        self.model.to(device=ctx.device, dtype=self.dtype)
+        self.grads = GradBuffer(self.model.named_parameters(), self.dp,
+                                bucket_bytes=int(cfg.parallel.grad_bucket_mb * 2**20))
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.peak = peak
+        self.step_flops = flops_per_step(cfg.model, cfg.train.global_batch_size)
+        self.global_tokens = cfg.train.global_batch_size * cfg.model.seq_length
+
+    @property
+    def num_microbatches(self) -> int:
+        """Microbatches per step on each data-parallel rank."""
+        t = self.cfg.train
+        return t.global_batch_size // (t.micro_batch_size * self.dp.size)
+
+    def microbatches(self, step: int) -> list[torch.Tensor]:
+        """This rank's token microbatches for `step` ([mbs, seq+1] each)."""
+        return [self.data.microbatch(step, j, self.dp.rank, self.dp.size, self.cfg.data.skip_steps)
+                for j in range(self.num_microbatches)]
+
+    def forward_backward(self, microbatches: list[torch.Tensor]) -> torch.Tensor:
+        """Forward and backward over this rank's microbatches; returns the local loss sum (fp32)."""
+        loss_total = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
+        for j, tokens in enumerate(microbatches):
+            tokens = tokens.to(self.ctx.device, non_blocking=True)
+            self.grads.is_last_microbatch = j == len(microbatches) - 1
+            logits = self.model(tokens[:, :-1])
+            loss_sum, _ = lm_loss(logits, tokens[:, 1:], self.cfg.model.z_loss_weight)
+            # Dividing by the global token count makes the DP sum of gradients the global mean.
+            (loss_sum / self.global_tokens).backward()
+            loss_total += loss_sum.detach()
+        return loss_total
+
+    def train_step(self, step: int, microbatches: Optional[list[torch.Tensor]] = None) -> StepResult:
+        """Run optimizer step `step` (0-based) and return its global loss, grad norm and lr."""
+        start = time.perf_counter()
+        self.ledger.reset()
+        if microbatches is None:
+            microbatches = self.microbatches(step)
+        self.grads.start_step()
+        loss_total = self.forward_backward(microbatches)
+        self.grads.finish()
+        lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
+        grad_norm = self.optimizer.step(lr)
+        all_reduce(loss_total, self.dp, purpose="metrics")
+        loss = loss_total.item() / self.global_tokens
+        return StepResult(step, loss, float(grad_norm), lr, time.perf_counter() - start)
+
+    def record(self, result: StepResult) -> dict:
+        """The metrics.jsonl record of a step."""
+        tokens_per_s = self.global_tokens / result.iteration_time
+        mfu = self.step_flops / result.iteration_time / self.peak.flops_per_s if self.peak else 0.0
+        return {"step": result.step + 1, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                "tokens_per_s": tokens_per_s, "mfu": mfu, "iteration_time": result.iteration_time,
+                "batch_size": self.cfg.train.global_batch_size,
+                "throughput": self.step_flops / result.iteration_time / 1e12 / max(1, self.ctx.world_size),
+                "comm_bytes": self.ledger.summary()}
+
+    def fit(self, start_step: int = 0, on_step: Optional[Callable[[StepResult], None]] = None) -> list[StepResult]:
+        """Train from `start_step` to cfg.train.steps, logging each step on the logging rank."""
+        logs = self.ctx.rank == 0 and self.run_dir is not None
+        writer = MetricsWriter(self.run_dir, self.cfg.train.steps, self.cfg.logging.tensorboard) if logs else None
+        events = EventLog(self.run_dir, self.ctx.rank) if self.run_dir is not None else None
+        if events is not None and self.ctx.rank == 0:
+            events.record("start", step=start_step, world_size=self.ctx.world_size)
+        results = []
+        try:
+            for step in range(start_step, self.cfg.train.steps):
+                result = self.train_step(step)
+                results.append(result)
+                if writer is not None:
+                    samples = (step + 1) * self.cfg.train.global_batch_size
+                    console = (step + 1) % self.cfg.train.log_interval == 0 or step + 1 == self.cfg.train.steps
+                    writer.write(self.record(result), samples, console=console)
+                if on_step is not None:
+                    on_step(result)
+        finally:
+            if writer is not None:
+                writer.close()
+        return results

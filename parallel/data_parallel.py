@@ -1,0 +1,114 @@
+"""Data parallelism: gradients in contiguous fp32 buckets, each reduced as soon as it is complete.
+
+Every trainable parameter gets `param.main_grad`, a view into one flat fp32 buffer. A hook that
+runs after autograd has accumulated a parameter's gradient adds it into `main_grad` and frees the
+(possibly bf16) `.grad`, so gradient accumulation over microbatches happens in fp32 (as Megatron's
+`main_grad`). Parameters are laid out in the buffer in reverse registration order, the order in
+which backward produces their gradients, and cut into buckets of about `bucket_bytes`. On the last
+microbatch of a step, a bucket whose parameters have all reported launches its asynchronous
+all-reduce immediately, so communication overlaps with the rest of backward; `finish()` waits for
+all of them. Gradients are summed, not averaged: the loss is already divided by the global token
+count, so the sum over ranks is the gradient of the global mean.
+
+At dp=1 the same buffer and hooks give fp32 gradient accumulation; no collective is issued.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from parallel.collectives import Group, all_reduce
+
+
+class _Bucket:
+    """A contiguous slice of the gradient buffer and the parameters whose gradients live in it."""
+
+    def __init__(self, data: torch.Tensor, params: list):
+        self.data = data
+        self.params = params
+        self.pending = set(id(p) for p in params)
+        self.handle = None
+
+
+class GradBuffer:
+    """Flat fp32 gradient storage with bucketed, overlapped reduction over a data-parallel group."""
+
+    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], group: Group,
+                 bucket_bytes: int = 25 * 2**20, grad_dtype: torch.dtype = torch.float32,
+                 reduce_in_backward: bool = True):
+        params = [p for _, p in named_params if p.requires_grad]
+        # Deduplicate (tied weights appear once) while keeping the order.
+        seen, unique = set(), []
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                unique.append(p)
+        self.params = list(reversed(unique))  # backward produces gradients roughly in this order
+        self.group = group
+        self.reduce_in_backward = reduce_in_backward and group.size > 1
+        total = sum(p.numel() for p in self.params)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.data = torch.zeros(total, dtype=grad_dtype, device=device)
+        self.buckets: list[_Bucket] = []
+        self._bucket_of: dict[int, _Bucket] = {}
+        elem_bytes = self.data.element_size()
+        offset, start, members = 0, 0, []
+        for p in self.params:
+            p.main_grad = self.data[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            members.append(p)
+            if (offset - start) * elem_bytes >= bucket_bytes:
+                self._add_bucket(start, offset, members)
+                start, members = offset, []
+        if members:
+            self._add_bucket(start, offset, members)
+        self.is_last_microbatch = True
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params]
+
+    def _add_bucket(self, start: int, end: int, members: list) -> None:
+        bucket = _Bucket(self.data[start:end], members)
+        self.buckets.append(bucket)
+        for p in members:
+            self._bucket_of[id(p)] = bucket
+
+    def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        param.main_grad.add_(param.grad)
+        param.grad = None  # the fp32 main_grad is the gradient from here on; free the copy
+        if not (self.is_last_microbatch and self.reduce_in_backward):
+            return
+        bucket = self._bucket_of[id(param)]
+        bucket.pending.discard(id(param))
+        if not bucket.pending:
+            bucket.handle = all_reduce(bucket.data, self.group, async_op=True)
+
+    def start_step(self) -> None:
+        """Zero the gradients and re-arm every bucket for a new optimizer step."""
+        self.data.zero_()
+        for bucket in self.buckets:
+            bucket.pending = set(id(p) for p in bucket.params)
+            bucket.handle = None
+
+    def finish(self) -> None:
+        """Wait for (or issue, for buckets whose parameters got no gradient) every reduction."""
+        if self.group.size == 1:
+            return
+        for bucket in self.buckets:
+            if bucket.handle is None:
+                # Parameters unused this step never fire their hook; their zero grads still join
+                # the reduction so that every rank issues the same collectives in the same order.
+                bucket.handle = all_reduce(bucket.data, self.group, async_op=True)
+        for bucket in self.buckets:
+            bucket.handle.wait()
+            bucket.handle = None
+
+    def remove_hooks(self) -> None:
+        """Detach from the parameters (for tests and for handing over to another strategy)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of gradient storage (the DP reduction payload per step)."""
+        return self.data.numel() * self.data.element_size()

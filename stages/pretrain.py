@@ -1,0 +1,15 @@
+"""`apogee pretrain`: the pre-training stage, the engine's core loop with nothing added."""
+from __future__ import annotations
+
+import argparse
+
+from engine.config import load_config
+from engine.runner import exit_on_config_error, run_job
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Load the config (defaults <- --config <- --set) and run the job."""
+    def run() -> int:
+        cfg = load_config(args.config, args.overrides)
+        return run_job(cfg, run_dir=args.run_dir, nproc=args.nproc, resume=args.resume)
+    return exit_on_config_error(run)
