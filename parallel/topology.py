@@ -295,6 +295,18 @@ class ParallelContext:
                    coords=ParallelDims().coordinates(0), _members=members,
                    _process_groups=dict.fromkeys(members))
 
+    @classmethod
+    def for_rank(cls, dims: ParallelDims, rank: int, device: torch.device | str = "cpu") -> "ParallelContext":
+        """Rank `rank`'s context without torch.distributed: real sizes and ranks, every group None.
+
+        For rank math only (tests, planning, RNG keys); it cannot communicate.
+        """
+        dims.validate()
+        members = {kind: dims.group_of(kind, rank) for kind in CONTEXT_KINDS}
+        members["world"] = list(range(dims.world_size))
+        return cls(dims=dims, rank=rank, world_size=dims.world_size, device=torch.device(device),
+                   coords=dims.coordinates(rank), _members=members, _process_groups=dict.fromkeys(members))
+
     def _check_kind(self, kind: str) -> None:
         if kind not in self._members:
             raise KeyError(f"unknown group kind {kind!r}; known: {sorted(self._members)}")

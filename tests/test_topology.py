@@ -199,6 +199,9 @@ def test_context_groups_on_eight_gloo_ranks():
         assert report["ranks"]["tp"] == dims.group_of("tp", rank)
         assert report["ranks"]["ep"] == dims.group_of("ep", rank)
         assert report["ranks"]["world"] == list(range(8))
+        offline = ParallelContext.for_rank(dims, rank)  # same rank math, no process groups
+        assert all(report["ranks"][kind] == offline.ranks_in(kind) for kind in report["ranks"])
+        assert offline.coords == report["coords"] and offline.group("tp") is None
         stage = rank // 4  # pp groups are [r, r + 4]
         assert report["first"] == (stage == 0) and report["last"] == (stage == 1)
         assert report["next"] == report["prev"] == (rank + 4) % 8
