@@ -13,9 +13,10 @@
 //   build_blending_indices / build_blending_indices_from
 //       Greedy weighted interleaving: at every position pick the dataset that is furthest
 //       behind its target share, weight * max(position, 1) - drawn_so_far (ties go to the
-//       lowest dataset id). The `_from` variant starts from given per-dataset counts and
-//       returns them updated, which is what phase schedules need: each phase restarts the
-//       position count while every dataset's own sample cursor carries on.
+//       lowest dataset id). The `_from` variant is for phase schedules: the interleave of a
+//       phase depends only on that phase's weights (positions and shares restart at 0), while
+//       every dataset's sample ids continue from its cursor, so nothing is replayed when the
+//       mix changes. The cursors are returned updated.
 //
 // The GIL is released while the loops run so a prefetching thread is never blocked by them.
 
@@ -100,9 +101,10 @@ py::array_t<Index> build_sample_idx(const py::array_t<int32_t, py::array::c_styl
   return result;
 }
 
-// Greedy interleave of `size` positions starting from per-dataset `counts` (updated in place).
+// Greedy interleave of `size` positions; sample ids start at `cursors` (advanced in place).
 void blend_greedy(int16_t *dataset_index, int64_t *dataset_sample_index, const double *weights,
-                  int64_t *counts, int64_t num_datasets, int64_t size) {
+                  int64_t *cursors, int64_t num_datasets, int64_t size) {
+  std::vector<int64_t> counts(num_datasets, 0);  // drawn in this call: the greedy's state
   for (int64_t position = 0; position < size; ++position) {
     const double scale = std::max(static_cast<double>(position), 1.0);
     int64_t best = 0;
@@ -115,9 +117,10 @@ void blend_greedy(int16_t *dataset_index, int64_t *dataset_sample_index, const d
       }
     }
     dataset_index[position] = static_cast<int16_t>(best);
-    dataset_sample_index[position] = counts[best];
+    dataset_sample_index[position] = cursors[best] + counts[best];
     ++counts[best];
   }
+  for (int64_t d = 0; d < num_datasets; ++d) cursors[d] += counts[d];
 }
 
 void check_blend_args(const py::array &dataset_index, const py::array &dataset_sample_index,
@@ -142,7 +145,7 @@ void build_blending_indices(py::array_t<int16_t, py::array::c_style> &dataset_in
   blend_greedy(di, dsi, w, counts.data(), num_datasets, size);
 }
 
-// Phase-aware variant: `counts` holds every dataset's cursor on entry and on exit.
+// Phase-aware variant: `counts` holds every dataset's sample cursor on entry and on exit.
 void build_blending_indices_from(py::array_t<int16_t, py::array::c_style> &dataset_index,
                                  py::array_t<int64_t, py::array::c_style> &dataset_sample_index,
                                  const py::array_t<double, py::array::c_style> &weights,
@@ -178,7 +181,7 @@ PYBIND11_MODULE(_helpers, m) {
         py::arg("dataset_index"), py::arg("dataset_sample_index"), py::arg("weights"),
         py::arg("num_datasets"), py::arg("size"), py::arg("verbose") = false);
   m.def("build_blending_indices_from", &build_blending_indices_from,
-        "Greedy weighted interleave continuing from per-dataset counts (updated in place).",
+        "Greedy weighted interleave of one phase; sample ids continue from per-dataset cursors `counts` (updated in place).",
         py::arg("dataset_index"), py::arg("dataset_sample_index"), py::arg("weights"),
         py::arg("counts"));
 }
