@@ -35,8 +35,8 @@ def build_training_data(cfg: ApogeeConfig, prefixes: list[str]):
     return TrainingData(
         prefixes=prefixes, weights=cfg.data.weights, phases=cfg.data.phases,
         seq_length=cfg.model.seq_length, seed=cfg.seed, global_batch_size=t.global_batch_size,
-        micro_batch_size=t.micro_batch_size, total_steps=t.steps + len(cfg.data.skip_steps),
-        cache_dir=cfg.data.cache_dir,
+        micro_batch_size=t.micro_batch_size, steps=max(1, t.steps), cache_dir=cfg.data.cache_dir,
+        reserve_steps=max(16, t.steps // 100) + len(cfg.data.skip_steps), prefetch=cfg.data.prefetch,
     )
 
 
