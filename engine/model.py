@@ -256,14 +256,18 @@ def lm_loss(logits: Tensor, targets: Tensor, z_loss_weight: float = 0.0,
     Returns (loss_sum fp32 scalar, token_count int64 scalar); the caller divides, so sums can be
     reduced across microbatches and ranks first. loss_mask (same shape as targets) zeroes tokens.
     """
-    logits32 = logits.float()
-    lse = torch.logsumexp(logits32, dim=-1)
-    per_token = lse - logits32.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logits32 = logits.float().flatten(0, -2)
+    targets = targets.reshape(-1)
     if z_loss_weight:
-        per_token = per_token + z_loss_weight * lse.square()  # PaLM's z-loss keeps logits near 0
+        # One log_softmax serves both terms: logsumexp = target logit - target log-prob.
+        target_logp = F.log_softmax(logits32, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        lse = logits32.gather(-1, targets[:, None]).squeeze(-1) - target_logp
+        per_token = z_loss_weight * lse.square() - target_logp  # PaLM's z-loss keeps logits near 0
+    else:
+        per_token = F.cross_entropy(logits32, targets, reduction="none")  # fused, no [N, V] scatter
     if loss_mask is None:
         return per_token.sum(), torch.tensor(targets.numel(), device=targets.device)
-    loss_mask = loss_mask.to(per_token.dtype)
+    loss_mask = loss_mask.reshape(-1).to(per_token.dtype)
     return (per_token * loss_mask).sum(), loss_mask.sum().long()
 
 
