@@ -73,6 +73,8 @@ class MasterWeightOptimizer:
     Parameters with ndim < 2 (norm weights, biases) get no weight decay; matrices (including
     the embedding) do. A non-fp32 parameter gets an fp32 master copy that AdamW updates and
     that is then copied (rounded) into the parameter, so small updates accumulate in the master.
+    Masters are copied from the parameters at construction: build the optimizer after the weights
+    are final, or call `sync_masters_from_params()` after loading weights into the model.
     """
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig,
@@ -148,6 +150,13 @@ class MasterWeightOptimizer:
             # accumulate into the buffer in place and the main_grad hook then count it twice.
             m.grad = None
         return norm
+
+    @torch.no_grad()
+    def sync_masters_from_params(self) -> None:
+        """Re-read the masters from the parameters, after weights were loaded into the model."""
+        for p, m in zip(self.params, self.masters):
+            if p is not m:
+                m.copy_(p)
 
     def zero_grad(self) -> None:
         """Zero `main_grad` buffers where attached; drop `.grad` everywhere."""

@@ -221,3 +221,12 @@ def test_counts_in_norm_leaves_replicated_copies_out_of_the_norm():
     expected = model.proj.weight.grad.norm().item()
     opt = build_optimizer(model, OptimConfig(clip_grad=0.0), counts_in_norm=lambda name, p: name == "proj.weight")
     assert opt.step(1e-3) == pytest.approx(expected, rel=1e-6)
+
+
+def test_sync_masters_after_loading_weights_into_a_bf16_model():
+    model = _model().to(torch.bfloat16)
+    opt = build_optimizer(model, OptimConfig())
+    with torch.no_grad():
+        model.proj.weight.fill_(0.5)
+    opt.sync_masters_from_params()
+    assert torch.equal(opt.master_params["proj.weight"], torch.full((8, 8), 0.5))
