@@ -16,7 +16,7 @@
 //       lowest dataset id). The `_from` variant is for phase schedules: the interleave of a
 //       phase depends only on that phase's weights (positions and shares restart at 0), while
 //       every dataset's sample ids continue from its cursor, so nothing is replayed when the
-//       mix changes. The cursors are returned updated.
+//       mix changes. The cursors are returned updated. Datasets of weight 0 are never drawn.
 //
 // The GIL is released while the loops run so a prefetching thread is never blocked by them.
 
@@ -102,14 +102,20 @@ py::array_t<Index> build_sample_idx(const py::array_t<int32_t, py::array::c_styl
 }
 
 // Greedy interleave of `size` positions; sample ids start at `cursors` (advanced in place).
+// With skip_zero_weights, datasets of weight 0 are never drawn. Megatron's rule does draw one
+// at position 1 (max(position, 1) makes positions 0 and 1 share a target, and the tie goes to
+// the lowest id), so the Megatron-compatible entry point keeps that behaviour.
 void blend_greedy(int16_t *dataset_index, int64_t *dataset_sample_index, const double *weights,
-                  int64_t *cursors, int64_t num_datasets, int64_t size) {
+                  int64_t *cursors, int64_t num_datasets, int64_t size, bool skip_zero_weights) {
   std::vector<int64_t> counts(num_datasets, 0);  // drawn in this call: the greedy's state
+  int64_t first = 0;
+  while (skip_zero_weights && first + 1 < num_datasets && !(weights[first] > 0.0)) ++first;
   for (int64_t position = 0; position < size; ++position) {
     const double scale = std::max(static_cast<double>(position), 1.0);
-    int64_t best = 0;
-    double best_deficit = weights[0] * scale - static_cast<double>(counts[0]);
-    for (int64_t d = 1; d < num_datasets; ++d) {
+    int64_t best = first;
+    double best_deficit = weights[first] * scale - static_cast<double>(counts[first]);
+    for (int64_t d = first + 1; d < num_datasets; ++d) {
+      if (skip_zero_weights && !(weights[d] > 0.0)) continue;
       const double deficit = weights[d] * scale - static_cast<double>(counts[d]);
       if (deficit > best_deficit) {  // strict: ties stay with the lower dataset id
         best_deficit = deficit;
@@ -142,7 +148,7 @@ void build_blending_indices(py::array_t<int16_t, py::array::c_style> &dataset_in
   int64_t *dsi = dataset_sample_index.mutable_data();
   const double *w = weights.data();
   py::gil_scoped_release release;
-  blend_greedy(di, dsi, w, counts.data(), num_datasets, size);
+  blend_greedy(di, dsi, w, counts.data(), num_datasets, size, false);
 }
 
 // Phase-aware variant: `counts` holds every dataset's sample cursor on entry and on exit.
@@ -159,7 +165,7 @@ void build_blending_indices_from(py::array_t<int16_t, py::array::c_style> &datas
   const double *w = weights.data();
   int64_t *c = counts.mutable_data();
   py::gil_scoped_release release;
-  blend_greedy(di, dsi, w, c, num_datasets, size);
+  blend_greedy(di, dsi, w, c, num_datasets, size, true);
 }
 
 }  // namespace
