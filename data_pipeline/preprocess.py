@@ -157,6 +157,8 @@ def preprocess(inputs: list, output_prefix: str, tokenizer: str = "byte", json_k
         raise DataError(f"--dtype {dtype!r}: unknown; valid: {sorted(TOKEN_DTYPES)}")
     files = expand_inputs(inputs)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    if multiprocessing.current_process().daemon:
+        workers = 1  # daemonic processes (e.g. pool workers) may not start children
     if os.path.dirname(output_prefix):
         os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
     suffix = f".tmp-{os.getpid()}-{time.time_ns()}"

@@ -66,3 +66,13 @@ def test_blending_from_cursors_keeps_the_phase_mix_and_continues_sample_ids():
     np.testing.assert_array_equal(sample_index, plain[1] + np.where(plain[0] == 0, 1000, 3))
     # ... and the cursors come back advanced by what was drawn.
     assert cursors.tolist() == [1000 + int((plain[0] == 0).sum()), 3 + int((plain[0] == 1).sum())]
+
+
+def test_phase_blending_never_draws_a_zero_weight_dataset_unlike_megatrons_position_1_tie():
+    weights = np.array([0.0, 1.0])
+    theirs = (np.zeros(10, np.int16), np.zeros(10, np.int64))
+    megatron_helpers.build_blending_indices(*theirs, weights, 2, 10, False)
+    assert theirs[0][1] == 0  # max(i, 1) gives positions 0 and 1 one target; the tie picks dataset 0
+    ours = (np.zeros(10, np.int16), np.zeros(10, np.int64))
+    _helpers.build_blending_indices_from(*ours, weights, np.zeros(2, np.int64))
+    assert (ours[0] == 1).all() and ours[1].tolist() == list(range(10))
