@@ -8,6 +8,8 @@ on across phases, so no sample is replayed because the mix changed.
 
 With a single phase the stream is exactly megatron-core's BlendedDataset index over the same
 weights, and each dataset is sized as Megatron sizes it: ceil(ceil(total * weight) * 1.005).
+One deliberate difference: a dataset of weight 0 is never drawn (Megatron's greedy draws it
+once, at position 1, through its max(position, 1) tie).
 """
 import hashlib
 import json
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_pipeline import DataError
-from data_pipeline import _helpers
+from data_pipeline.gpt_dataset import _helpers  # one place explains a missing build
 
 MEGATRON_SURPLUS = 0.005  # megatron-core's mid_level_dataset_surplus
 

@@ -17,7 +17,11 @@ import re
 import numpy as np
 
 from data_pipeline import DataError
-from data_pipeline import _helpers
+try:
+    from data_pipeline import _helpers
+except ImportError as error:  # the C++ extension is built by setup.py, not imported from source
+    raise ImportError("data_pipeline._helpers (csrc/helpers.cpp) is not built; run "
+                      "`pip install -e . --no-build-isolation` or `python setup.py build_ext --inplace`") from error
 from data_pipeline.indexed_dataset import IndexedDatasetReader, bin_path, idx_path
 
 INDEX_FORMAT_VERSION = 1  # bump when the index construction changes, to invalidate caches

@@ -131,3 +131,17 @@ def test_interrupted_run_leaves_no_dataset(tmp_path):
         assert len(IndexedDatasetReader(str(tmp_path / "ds"))) == 200_000
     else:
         assert "ds.bin" not in names and "ds.idx" not in names
+
+
+def test_hf_tokenizer_file_with_workers_and_int32(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2, "</s>": 3}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": "hello world " * (i + 1)}) for i in range(200)))
+    summary = preprocess([str(tmp_path / "d.jsonl")], str(tmp_path / "hf"), tokenizer=str(tmp_path / "tokenizer.json"),
+                         workers=2, progress=False, dtype="int32")
+    reader = IndexedDatasetReader(str(tmp_path / "hf"))
+    assert reader.dtype == np.int32 and summary["documents"] == 200
+    assert reader[0].tolist() == [1, 2, 3] and reader[199].tolist() == [1, 2] * 200 + [3]
