@@ -2,8 +2,23 @@
 
 A `Group` names one process group of this rank ('tp', 'dp', ...) and carries the ledger, so a
 call reads like the paper: `all_reduce(grads, dp)`. The ledger counts payload bytes (the size of
-the tensor handed to the collective, before the backend's ring or tree schedule), which is the
-quantity the formulas in Megatron's and ZeRO's papers count; tests compare the two exactly.
+the full tensor handed to or produced by the collective, before the backend's ring or tree
+schedule), which is the quantity the formulas in Megatron's and ZeRO's papers count; tests
+compare the two exactly. Ledger keys are (group name, op); `purpose` overrides the op name so
+that metric or loss reductions are booked apart from the traffic a formula counts.
+
+The second half holds the autograd mappings of Megatron's tensor and sequence parallelism
+(Shoeybi et al. 2019, "f" and "g"; Korthikanti et al. 2022, sequence parallelism), named after
+what they do. Each is a pair of collectives, one in forward and its conjugate in backward:
+
+    copy_to_tp_region                           f: identity        | all-reduce
+    reduce_from_tp_region                       g: all-reduce      | identity
+    scatter_to_sequence_parallel_region            split sequence  | all-gather sequence
+    gather_from_sequence_parallel_region           all-gather seq. | reduce-scatter sequence
+    reduce_scatter_to_sequence_parallel_region     reduce-scatter  | all-gather sequence
+
+Activations are [batch, seq, hidden], so "the sequence" is dim 1. The backend collectives
+concatenate along dim 0, so the sequence ops move dim 1 to the front (one copy) and back.
 
 A group of size 1 makes every function here a no-op (nothing recorded), so single-rank code paths
 run the same lines as parallel ones.
@@ -71,22 +86,30 @@ def all_reduce(tensor: torch.Tensor, group: Group, async_op: bool = False, op=di
     return dist.all_reduce(tensor, op=op, group=group.process_group, async_op=async_op)
 
 
-def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group: Group, async_op: bool = False):
-    """output (1/size of input, dim 0) = this rank's chunk of the sum of `input` over the group."""
+def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group: Group, async_op: bool = False,
+                   purpose: str = "reduce_scatter"):
+    """output (1/size of input, dim 0) = this rank's chunk of the sum of `input` over the group.
+
+    Booked as the full `input`'s bytes.
+    """
     if group.size == 1:
         output.copy_(input)
         return None
-    group._record("reduce_scatter", input)
-    return dist.reduce_scatter_tensor(output, input, group=group.process_group, async_op=async_op)
+    group._record(purpose, input)
+    return _REDUCE_SCATTER(output, input, group=group.process_group, async_op=async_op)
 
 
-def all_gather(output: torch.Tensor, input: torch.Tensor, group: Group, async_op: bool = False):
-    """output (size x input, dim 0) = every rank's `input`, concatenated in rank order."""
+def all_gather(output: torch.Tensor, input: torch.Tensor, group: Group, async_op: bool = False,
+               purpose: str = "all_gather"):
+    """output (size x input, dim 0) = every rank's `input`, concatenated in rank order.
+
+    Booked as the full `output`'s bytes.
+    """
     if group.size == 1:
         output.copy_(input)
         return None
-    group._record("all_gather", output)
-    return dist.all_gather_into_tensor(output, input, group=group.process_group, async_op=async_op)
+    group._record(purpose, output)
+    return _ALL_GATHER(output, input, group=group.process_group, async_op=async_op)
 
 
 def broadcast(tensor: torch.Tensor, src_index: int, group: Group, global_src: int):
@@ -95,3 +118,137 @@ def broadcast(tensor: torch.Tensor, src_index: int, group: Group, global_src: in
         return None
     group._record("broadcast", tensor)
     return dist.broadcast(tensor, src=global_src, group=group.process_group)
+
+
+# torch 2.13 renamed the single-tensor collectives; older releases only have the old names.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Along a dimension (the sequence is dim 1 of [batch, seq, hidden])
+
+
+def all_gather_along(tensor: torch.Tensor, dim: int, group: Group, purpose: str = "all_gather") -> torch.Tensor:
+    """Concatenate every rank's `tensor` along `dim`, in rank order (not differentiable)."""
+    if group.size == 1:
+        return tensor
+    front = tensor.movedim(dim, 0).contiguous()
+    output = front.new_empty((group.size * front.shape[0], *front.shape[1:]))
+    all_gather(output, front, group, purpose=purpose)
+    return output.movedim(0, dim).contiguous()
+
+
+def reduce_scatter_along(tensor: torch.Tensor, dim: int, group: Group,
+                         purpose: str = "reduce_scatter") -> torch.Tensor:
+    """This rank's chunk along `dim` of the sum of `tensor` over the group (not differentiable)."""
+    if group.size == 1:
+        return tensor
+    front = tensor.movedim(dim, 0).contiguous()
+    if front.shape[0] % group.size:
+        raise ValueError(f"reduce-scatter along dim {dim}: size {front.shape[0]} is not divisible by "
+                         f"the {group.name} group size {group.size}")
+    output = front.new_empty((front.shape[0] // group.size, *front.shape[1:]))
+    reduce_scatter(output, front, group, purpose=purpose)
+    return output.movedim(0, dim).contiguous()
+
+
+def split_along(tensor: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    """This rank's chunk of `tensor` along `dim` (local, no communication)."""
+    if group.size == 1:
+        return tensor
+    if tensor.shape[dim] % group.size:
+        raise ValueError(f"split along dim {dim}: size {tensor.shape[dim]} is not divisible by "
+                         f"the {group.name} group size {group.size}")
+    return tensor.chunk(group.size, dim=dim)[group.rank].contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd mappings of tensor and sequence parallelism (Megatron's f and g and their SP forms)
+
+
+class _CopyToTPRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # all_reduce works in place, and autograd may hand the same gradient tensor to other
+        # consumers (a residual add passes one tensor to both branches): reduce a copy.
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        all_reduce(grad, ctx.group)
+        return grad, None
+
+
+class _ReduceFromTPRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        out = x.clone()
+        all_reduce(out, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return split_along(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_along(grad, 1, ctx.group), None
+
+
+class _GatherFromSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_along(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # The gathered tensor feeds tensor-parallel layers, so each rank's gradient is a partial
+        # sum over its shard of heads/columns: sum them and keep this rank's sequence chunk.
+        return reduce_scatter_along(grad, 1, ctx.group), None
+
+
+class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter_along(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_along(grad, 1, ctx.group), None
+
+
+def copy_to_tp_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Megatron's f: identity forward, all-reduce of the gradient backward (enters a TP region)."""
+    return x if group.size == 1 else _CopyToTPRegion.apply(x, group)
+
+
+def reduce_from_tp_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Megatron's g: all-reduce forward (sums partial outputs), identity backward (leaves a TP region)."""
+    return x if group.size == 1 else _ReduceFromTPRegion.apply(x, group)
+
+
+def scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Keep this rank's chunk of the sequence (dim 1); backward all-gathers the gradient."""
+    return x if group.size == 1 else _ScatterToSequenceParallelRegion.apply(x, group)
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """SP's f: all-gather the sequence (dim 1) forward, reduce-scatter the gradient backward."""
+    return x if group.size == 1 else _GatherFromSequenceParallelRegion.apply(x, group)
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """SP's g: reduce-scatter partial sums along the sequence (dim 1) forward, all-gather backward."""
+    return x if group.size == 1 else _ReduceScatterToSequenceParallelRegion.apply(x, group)
