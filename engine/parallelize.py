@@ -1,0 +1,134 @@
+"""Turning the Llama model into this rank's parallel form, and what the step needs around it.
+
+torchtitan's `parallelize` step: the model (engine/model.py) holds no parallel code; here the
+Llama-specific tensor-parallel plan (`LLAMA_TP_PLAN`) is applied to it from outside with the
+generic styles of parallel/tensor_parallel.py, before `init_parameters`, so each rank's shards
+receive their slices of the layout-invariant initial weights. Around the model, the trainer gets
+the pieces whose behaviour depends on the layout: the loss (vocab-parallel at tp > 1), which
+gradients count in the global norm and how the norm is reduced, the TP reduction of partial
+gradients (sequence-parallel norms), and a gather of full weights for parity tests and export.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from engine.config import ApogeeConfig
+from engine.model import LlamaModel, lm_loss
+from parallel.collectives import CommLedger, Group, all_gather_along, all_reduce
+from parallel.tensor_parallel import PARTIAL_GRAD_ATTR, apply_tensor_parallel, vocab_parallel_cross_entropy
+
+LLAMA_TP_PLAN = {
+    # Megatron's layout of a pre-norm Llama block. Each norm's output enters the TP region once
+    # (f, or the SP all-gather) for all the column-parallel projections it feeds; the final
+    # norm's output feeds the vocab-parallel head, which the model applies functionally.
+    "embed_tokens": "vocab_embedding",
+    "layers.*.input_layernorm": ("sequence_parallel", "enter_tp_region"),
+    "layers.*.self_attn.q_proj": "colwise_shared_input",
+    "layers.*.self_attn.k_proj": "colwise_shared_input",
+    "layers.*.self_attn.v_proj": "colwise_shared_input",
+    "layers.*.self_attn.q_norm": "head_sharded",
+    "layers.*.self_attn.k_norm": "head_sharded",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.post_attention_layernorm": ("sequence_parallel", "enter_tp_region"),
+    "layers.*.mlp.gate_proj": "colwise_shared_input",
+    "layers.*.mlp.up_proj": "colwise_shared_input",
+    "layers.*.mlp.down_proj": "rowwise",
+    "norm": ("sequence_parallel", "enter_tp_region"),
+    "lm_head": "vocab_head",
+}
+"""Module-name pattern -> tensor-parallel style(s) for `engine.model.LlamaModel`."""
+
+
+def _group(ctx, kind: str, ledger: CommLedger) -> Group:
+    return Group(kind, ctx.group(kind), ctx.size(kind), ctx.rank_in(kind), ledger)
+
+
+def parallelize_model(model: LlamaModel, cfg: ApogeeConfig, ctx, ledger: CommLedger) -> LlamaModel:
+    """Apply LLAMA_TP_PLAN over ctx's TP group (SP per cfg.parallel.sequence_parallel); no-op at tp=1.
+
+    Call before `init_parameters`. With sequence parallelism the residual stream holds s/t tokens,
+    so the forward must be given the full sequence's RoPE positions (`model(x, positions=...)`).
+    """
+    tp = _group(ctx, "tp", ledger)
+    if tp.size == 1:
+        return model
+    apply_tensor_parallel(model, LLAMA_TP_PLAN, tp, sequence_parallel=cfg.parallel.sequence_parallel)
+    return model
+
+
+def loss_function(cfg: ApogeeConfig, ctx, ledger: CommLedger) -> Callable[..., tuple[Tensor, Tensor]]:
+    """(logits, targets, loss_mask=None) -> (loss_sum, token_count): lm_loss at tp=1, vocab-parallel otherwise."""
+    z = cfg.model.z_loss_weight
+    tp = _group(ctx, "tp", ledger)
+    if tp.size == 1:
+        return lambda logits, targets, loss_mask=None: lm_loss(logits, targets, z, loss_mask)
+    return lambda logits, targets, loss_mask=None: vocab_parallel_cross_entropy(logits, targets, tp, z, loss_mask)
+
+
+def counts_in_norm(ctx) -> Callable[[str, nn.Parameter], bool]:
+    """Optimizer filter: a TP-sharded parameter counts on every TP rank, a replicated one only on TP rank 0."""
+    tp_rank = ctx.tp_rank
+    return lambda name, param: getattr(param, "tp_shard", None) is not None or tp_rank == 0
+
+
+def grad_norm_sq_reduce(ctx, ledger: CommLedger) -> Optional[Callable[[Tensor], Tensor]]:
+    """Sum the local squared grad norm over the model-parallel ranks (the tp-pp group); None when alone.
+
+    DP ranks hold identical (reduced) gradients, so they are left out. Booked as 'grad_norm'.
+    """
+    model_parallel = _group(ctx, "tp-pp", ledger)
+    if model_parallel.size == 1:
+        return None
+
+    def reduce(norm_sq: Tensor) -> Tensor:
+        norm_sq = norm_sq.detach().clone()
+        all_reduce(norm_sq, model_parallel, purpose="grad_norm")
+        return norm_sq
+
+    return reduce
+
+
+def finish_sequence_parallel_grads(model: nn.Module, group: Group) -> None:
+    """Sum over TP the gradients marked `tp_partial_grad` (SP norms, QK-norms), in one flat all-reduce.
+
+    Run after the DP reduction has finished; reads `main_grad` when present, else `.grad`.
+    Booked as 'sequence_parallel_grads'.
+    """
+    if group.size == 1:
+        return
+    grads = []
+    for param in model.parameters():
+        if getattr(param, PARTIAL_GRAD_ATTR, False):
+            grad = getattr(param, "main_grad", None)
+            grad = param.grad if grad is None else grad
+            if grad is not None:
+                grads.append(grad)
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce(flat, group, purpose="sequence_parallel_grads")
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+@torch.no_grad()
+def gather_full_state_dict(model: nn.Module, ctx) -> dict[str, Tensor]:
+    """Full (unsharded) parameters by name on every TP rank: tp_shard slices concatenated in TP order.
+
+    Collective over the TP group (every TP rank must call it). The gather is booked in a ledger
+    of its own, so it never shows in the training step's traffic.
+    """
+    tp = _group(ctx, "tp", CommLedger())
+    full = {}
+    for name, param in model.named_parameters():
+        shard = getattr(param, "tp_shard", None)
+        value = param.detach()
+        if shard is not None and tp.size > 1:
+            value = all_gather_along(value, shard[0], tp, purpose="export")
+        full[name] = value.clone()
+    return full
