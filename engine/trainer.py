@@ -21,8 +21,10 @@ import torch
 from engine.config import ApogeeConfig
 from engine.events import EventLog
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
-from engine.model import LlamaModel, init_parameters, lm_loss
+from engine.model import LlamaModel, init_parameters
 from engine.optim import build_optimizer, lr_at
+from engine.parallelize import (counts_in_norm, finish_sequence_parallel_grads, grad_norm_sq_reduce, loss_function,
+                                parallelize_model)
 from parallel.collectives import CommLedger, Group, all_reduce
 from parallel.data_parallel import GradBuffer
 
@@ -54,13 +56,19 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.ledger = CommLedger()
         self.dp = comm_group(ctx, "dp", self.ledger)
+        self.tp = comm_group(ctx, "tp", self.ledger)
         self.dtype = DTYPES[cfg.precision.dtype]
-        self.model = LlamaModel(cfg.model)
+        # Tensor parallelism is applied before init so that each shard receives its slice.
+        self.model = parallelize_model(LlamaModel(cfg.model), cfg, ctx, self.ledger)
         init_parameters(self.model, cfg.seed)
         self.model.to(device=ctx.device, dtype=self.dtype)
+        self.loss_fn = loss_function(cfg, ctx, self.ledger)
         self.grads = GradBuffer(self.model.named_parameters(), self.dp,
                                 bucket_bytes=int(cfg.parallel.grad_bucket_mb * 2**20))
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, counts_in_norm=counts_in_norm(ctx))
+        self.grad_norm_sq_reduce = grad_norm_sq_reduce(ctx, self.ledger)
+        # Sequence parallelism shards the residual stream, so RoPE is given the full positions.
+        self.positions = torch.arange(cfg.model.seq_length, device=ctx.device)
         self.peak = peak
         self.step_flops = flops_per_step(cfg.model, cfg.train.global_batch_size)
         self.global_tokens = cfg.train.global_batch_size * cfg.model.seq_length
@@ -82,8 +90,8 @@ class Trainer:
         for j, tokens in enumerate(microbatches):
             tokens = tokens.to(self.ctx.device, non_blocking=True)
             self.grads.is_last_microbatch = j == len(microbatches) - 1
-            logits = self.model(tokens[:, :-1])
-            loss_sum, _ = lm_loss(logits, tokens[:, 1:], self.cfg.model.z_loss_weight)
+            logits = self.model(tokens[:, :-1], positions=self.positions[:tokens.shape[1] - 1])
+            loss_sum, _ = self.loss_fn(logits, tokens[:, 1:])
             # Dividing by the global token count makes the DP sum of gradients the global mean.
             (loss_sum / self.global_tokens).backward()
             loss_total += loss_sum.detach()
@@ -98,8 +106,10 @@ class Trainer:
         self.grads.start_step()
         loss_total = self.forward_backward(microbatches)
         self.grads.finish()
+        finish_sequence_parallel_grads(self.model, self.tp)
         lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
-        grad_norm = self.optimizer.step(lr)
+        grad_norm = self.optimizer.step(lr, self.grad_norm_sq_reduce)
+        # Every TP rank computed the full loss of its batch: the sum over DP is the global sum.
         all_reduce(loss_total, self.dp, purpose="metrics")
         loss = loss_total.item() / self.global_tokens
         return StepResult(step, loss, float(grad_norm), lr, time.perf_counter() - start)
