@@ -1,0 +1,120 @@
+"""Tensor, sequence and data parallelism reproduce the single-rank run, moving exactly the bytes the formulas say.
+
+Parity: every layout's per-step loss within 1e-5 relative and its final gathered weights within
+1e-5 (max abs) of the single-rank run, over ten fp32 steps of the tiny parity model.
+
+Traffic, per step, m microbatches per DP rank of b samples, s tokens, hidden h, L layers, fp32
+(E = b*s*h*4 bytes, the payload of one [b, s, h] activation; full-tensor bytes for gathers and
+reduce-scatters):
+- TP (Shoeybi et al.): tp/all_reduce = (4L + 2) * E * m: per layer two all-reduces forward (g after
+  o_proj and down_proj) and two backward (f before attention and MLP), plus the embedding's g
+  forward and the head input's f backward;
+- TP + SP (Korthikanti et al.): tp/all_gather = tp/reduce_scatter = (4L + 2) * E * m, the same
+  places with each all-reduce split into its reduce-scatter/all-gather pair; and once per step
+  tp/sequence_parallel_grads = (2L + 1) * h * 4 (the norm weights' partial gradients);
+- vocab-parallel cross-entropy: tp/cross_entropy = 3 * b * s * 4 * m (max, sum-exp, target logit);
+- DP: dp/all_reduce = the gradient buffer's bytes, once per step whatever m is, in as many calls
+  as there are buckets;
+- bookkeeping, also counted exactly: dp/metrics = 4 (the loss sum) when dp > 1, tp-pp/grad_norm = 4
+  when tp > 1.
+"""
+import pytest
+
+from tests.parity import max_relative_loss_diff, max_weight_diff, parity_config, train_layouts
+
+STEPS = 10
+SMALL_BUCKETS = "parallel.grad_bucket_mb=0.1"  # several DP buckets for the tiny model
+TWO_RANK_LAYOUTS = {
+    "tp2": ["parallel.tp=2"],
+    "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    "dp2": ["parallel.dp=2", SMALL_BUCKETS],
+}
+FOUR_RANK_LAYOUTS = {
+    "tp4": ["parallel.tp=4"],
+    "dp4": ["parallel.dp=4", SMALL_BUCKETS],
+    "tp2_dp2": ["parallel.tp=2", "parallel.dp=2", SMALL_BUCKETS],
+}
+LAYOUTS = {**{k: (v, 2) for k, v in TWO_RANK_LAYOUTS.items()}, **{k: (v, 4) for k, v in FOUR_RANK_LAYOUTS.items()}}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return train_layouts([[]], 1, STEPS)[0]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Every layout, trained once: two spawns (2 and 4 ranks) running several layouts each."""
+    two = train_layouts(list(TWO_RANK_LAYOUTS.values()), 2, STEPS)
+    four = train_layouts(list(FOUR_RANK_LAYOUTS.values()), 4, STEPS)
+    return {**dict(zip(TWO_RANK_LAYOUTS, two)), **dict(zip(FOUR_RANK_LAYOUTS, four))}
+
+
+def test_reference_loss_falls(reference):
+    assert reference.losses[-1] < reference.losses[0] - 0.3, reference.losses
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_rank_loss_and_weights(layout, runs, reference):
+    run = runs[layout]
+    loss_diff = max_relative_loss_diff(run.losses, reference.losses)
+    weight_diff = max_weight_diff(run.state_dict, reference.state_dict)
+    print(f"{layout}: max relative loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}")
+    assert loss_diff <= 1e-5, (run.losses, reference.losses)
+    assert weight_diff <= 1e-5
+
+
+def _local_parameter_count(cfg) -> int:
+    """Parameters held by one TP rank: every matrix sharded t ways, the 2L + 1 norm vectors replicated."""
+    m, t = cfg.model, cfg.parallel.tp
+    d = m.head_dim
+    per_layer = m.hidden_size * d * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * m.hidden_size * m.ffn_hidden_size
+    matrices = m.num_layers * per_layer + 2 * m.vocab_size * m.hidden_size
+    return matrices // t + (2 * m.num_layers + 1) * m.hidden_size
+
+
+def expected_step_traffic(cfg) -> dict:
+    """{(group, op): bytes} of one training step, from the formulas in the module docstring."""
+    m, p, train = cfg.model, cfg.parallel, cfg.train
+    b, s, h, L = train.micro_batch_size, m.seq_length, m.hidden_size, m.num_layers
+    microbatches = train.global_batch_size // (b * p.dp)
+    E = b * s * h * 4
+    expected = {}
+    if p.tp > 1:
+        if p.sequence_parallel:
+            expected[("tp", "all_gather")] = (4 * L + 2) * E * microbatches
+            expected[("tp", "reduce_scatter")] = (4 * L + 2) * E * microbatches
+            expected[("tp", "sequence_parallel_grads")] = (2 * L + 1) * h * 4
+        else:
+            expected[("tp", "all_reduce")] = (4 * L + 2) * E * microbatches
+        expected[("tp", "cross_entropy")] = 3 * b * s * 4 * microbatches
+        expected[("tp-pp", "grad_norm")] = 4
+    if p.dp > 1:
+        expected[("dp", "all_reduce")] = _local_parameter_count(cfg) * 4
+        expected[("dp", "metrics")] = 4
+    return expected
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_step_traffic_equals_the_formulas_exactly(layout, runs):
+    overrides, world = LAYOUTS[layout]
+    cfg = parity_config(overrides, world, STEPS)
+    run = runs[layout]
+    expected = expected_step_traffic(cfg)
+    for rank, ledger in enumerate(run.ledgers):
+        assert ledger == expected, f"rank {rank}"
+
+
+@pytest.mark.parametrize("layout", ["dp2", "dp4", "tp2_dp2"])
+def test_dp_reduces_the_whole_gradient_buffer_once_per_step_in_buckets(layout, runs):
+    run = runs[layout]
+    assert run.ledgers[0][("dp", "all_reduce")] == run.grad_buffer_bytes[0]
+    # 0.1 MiB buckets cut the buffer into several reductions: one per bucket, together one pass.
+    assert run.num_buckets > 1
+    assert run.calls[0][("dp", "all_reduce")] == run.num_buckets
+
+
+def test_dp_traffic_does_not_depend_on_the_microbatch_count(runs):
+    # dp2 runs 2 microbatches per rank, dp4 one: the same full-model gradient bytes per step.
+    assert runs["dp2"].num_microbatches == 2 and runs["dp4"].num_microbatches == 1
+    assert runs["dp2"].ledgers[0][("dp", "all_reduce")] == runs["dp4"].ledgers[0][("dp", "all_reduce")]
