@@ -73,21 +73,30 @@ class GradBuffer:
             self._bucket_of[id(p)] = bucket
 
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        bucket = self._bucket_of[id(param)]
+        if bucket.handle is not None:
+            # Adding into a bucket that is being reduced would race with the collective and the
+            # late gradient would be lost or half-summed: a second backward through this
+            # parameter in the last microbatch (retain_graph, a second loss) is a caller bug.
+            raise RuntimeError("GradBuffer: a gradient arrived after its bucket's reduction was launched; "
+                               "run one backward per microbatch and set is_last_microbatch only for the last")
         param.main_grad.add_(param.grad)
         param.grad = None  # the fp32 main_grad is the gradient from here on; free the copy
         if not (self.is_last_microbatch and self.reduce_in_backward):
             return
-        bucket = self._bucket_of[id(param)]
         bucket.pending.discard(id(param))
         if not bucket.pending:
             bucket.handle = all_reduce(bucket.data, self.group, async_op=True)
 
-    def start_step(self) -> None:
-        """Zero the gradients and re-arm every bucket for a new optimizer step."""
-        self.data.zero_()
+    def _rearm(self) -> None:
         for bucket in self.buckets:
             bucket.pending = set(id(p) for p in bucket.params)
             bucket.handle = None
+
+    def start_step(self) -> None:
+        """Zero the gradients and re-arm every bucket for a new optimizer step."""
+        self.data.zero_()
+        self._rearm()
 
     def finish(self) -> None:
         """Wait for (or issue, for buckets whose parameters got no gradient) every reduction."""
@@ -100,7 +109,10 @@ class GradBuffer:
                 bucket.handle = all_reduce(bucket.data, self.group, async_op=True)
         for bucket in self.buckets:
             bucket.handle.wait()
-            bucket.handle = None
+        # Re-arm here too, not only in start_step: a caller that zeroes gradients another way
+        # (optimizer.zero_grad) would otherwise find every bucket's pending set empty on the
+        # next last microbatch and launch one reduction per parameter instead of per bucket.
+        self._rearm()
 
     def remove_hooks(self) -> None:
         """Detach from the parameters (for tests and for handing over to another strategy)."""
