@@ -3,11 +3,13 @@
 `run_job` runs in the process the user started. It validates everything for the final world size
 before any rank exists (so a bad layout costs nothing), preprocesses the corpus and builds the
 sample indices once (so ranks do not race to build them), measures the MFU peak while the cores
-are idle, then either trains in-process (one rank, or ranks started by torchrun/srun/mpirun) or
-starts `--nproc` local ranks under the elastic agent. `worker_main` is what each rank runs.
+are idle, then either trains in-process (one rank), starts `--nproc` local ranks under the elastic
+agent, or, when torchrun/srun/mpirun started the ranks, joins them and lets rank 0 prepare the run
+while the others wait. `worker_main` is what each rank runs.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -67,25 +69,78 @@ def run_job(cfg: ApogeeConfig, run_dir: Optional[str] = None, nproc: Optional[in
         raise ConfigError(f"--nproc {nproc}: this process was started by {info.launcher} with "
                           f"{info.world_size} ranks; leave --nproc out or set it to {info.world_size}")
     world = info.world_size if info.launcher != "none" else (nproc or 1)
+    # Every rank checks the layout on its own, before meeting the others: a bad one exits with
+    # status 2 on all ranks at once instead of leaving some waiting in the rendezvous.
     validate(cfg, world)
     parallel_dims(cfg).validate(world)
     out = resolve_run_dir(cfg, run_dir)
-    if info.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    prefixes = prepare_data(cfg) if info.rank == 0 or info.launcher == "none" else None
-    args = (cfg.to_dict(), str(out), prefixes, resume, None)
-    if info.launcher == "none" and world > 1:
-        peak = machine_peak(torch.device("cpu"), world, world) if not torch.cuda.is_available() else None
-        launch_local(world, worker_main, args[:-1] + (peak,))
-    else:
-        worker_main(*args)
+    if info.launcher != "none":
+        return _join_outside_launch(cfg, out, resume, info)
+    prefixes = _prepare_run(cfg, out)
+    if world == 1:
+        worker_main(cfg.to_dict(), str(out), prefixes, resume, None)
+        return 0
+    # Measured here, while the cores are idle, and handed to the ranks.
+    peak = machine_peak(torch.device("cpu"), world, world) if not torch.cuda.is_available() else None
+    return launch_local(world, local_rank_main, (cfg.to_dict(), str(out), prefixes, resume, peak))
+
+
+def _prepare_run(cfg: ApogeeConfig, out: Path) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    return prepare_data(cfg)
+
+
+def _join_outside_launch(cfg: ApogeeConfig, out: Path, resume: str, info) -> int:
+    """Ranks started by torchrun, srun or mpirun: meet first, then rank 0 prepares the run.
+
+    Rank 0 prepares the data and measures the peak while the others wait; its outcome, an error
+    included, is broadcast, so a bad input stops every rank with the same message instead of
+    leaving them waiting for a rank 0 that has exited.
+    """
+    import torch.distributed as dist
+
+    from data_pipeline import DataError
+
+    device = init_distributed(info)
+    try:
+        shared: list = [None, None, None]  # prefixes, peak, (error class name, message)
+        failure = None
+        if info.rank == 0:
+            try:
+                shared[0] = _prepare_run(cfg, out)
+                # The peak is the node's, measured with all its cores (torchrun sets OMP_NUM_THREADS=1).
+                torch.set_num_threads(os.cpu_count() or 1)
+                shared[1] = machine_peak(device, info.world_size, info.local_world_size)
+            except Exception as err:  # re-raised below, after the others have heard of it
+                failure, shared[2] = err, (type(err).__name__, str(err))
+        dist.broadcast_object_list(shared, src=0)
+        prefixes, peak, error = shared
+        if failure is not None:
+            raise failure
+        if error is not None:
+            kind = {"DataError": DataError, "ConfigError": ConfigError, "LaunchError": ConfigError}.get(error[0])
+            if kind is None:
+                raise RuntimeError(f"rank 0 failed while preparing the run: {error[0]}: {error[1]}")
+            raise kind(error[1])
+        worker_main(cfg.to_dict(), str(out), prefixes, resume, peak)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
-def worker_main(cfg_dict: dict, run_dir: str, prefixes: Optional[list[str]], resume: str,
+def local_rank_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
+                    peak: Optional[PeakFlops]) -> None:
+    """The elastic agent's entry point: worker_main, with a config error as exit status 2."""
+    status = exit_on_config_error(worker_main, cfg_dict, run_dir, prefixes, resume, peak)
+    if status:  # exit 0 would skip handing the return value back to the agent
+        sys.exit(status)
+
+
+def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
                 peak: Optional[PeakFlops]) -> None:
-    """One rank: join the process group, build the context and the trainer, train."""
+    """One rank: join the process group (if not yet joined), build the context and the trainer, train."""
     import torch.distributed as dist
 
     from engine.trainer import Trainer
@@ -96,20 +151,14 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: Optional[list[str]], res
     device = init_distributed(info)
     cfg = config_from_dict(cfg_dict)
     if info.world_size > 1:
-        # Ranks started by an outside launcher: rank 0 prepared the data and measures the peak
-        # while the others wait, so the measurement sees idle cores.
-        shared = [prefixes, peak]
-        if info.rank == 0 and peak is None:
-            shared[1] = machine_peak(device, info.world_size, info.local_world_size)
-        dist.broadcast_object_list(shared, src=0)
-        prefixes, peak = shared
         ctx = ParallelContext.create(parallel_dims(cfg), device=device)
     else:
         ctx = ParallelContext.single(device=device)
-        peak = peak or machine_peak(device, 1, 1)
+    peak = peak or machine_peak(device, info.world_size, info.local_world_size)
     if ctx.rank == 0:
-        print(f"apogee: {ctx.world_size} rank(s), {cfg.parallel.tp=} {cfg.parallel.pp=} {cfg.parallel.cp=} "
-              f"{cfg.parallel.dp=}; MFU peak: {peak.source}", flush=True)
+        meet = f" meeting at {info.master_addr}:{info.master_port}" if info.world_size > 1 else ""
+        print(f"apogee: {ctx.world_size} rank(s) via {info.launcher}{meet}, tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
+              f"cp={cfg.parallel.cp} dp={cfg.parallel.dp}; MFU peak: {peak.source}", flush=True)
     data = build_training_data(cfg, prefixes)
     trainer = Trainer(cfg, ctx, data, run_dir=Path(run_dir), peak=peak)
     trainer.fit()
