@@ -30,7 +30,7 @@ install_packages() {
     [ ${#missing[@]} -eq 0 ] && return 0
     echo "slurm-local: installing ${missing[*]}"
     apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
 }
 
 write_conf() {
