@@ -10,6 +10,7 @@ gradients (sequence-parallel norms), and a gather of full weights for parity tes
 """
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Callable, Optional
 
 import torch
@@ -20,7 +21,7 @@ from engine.model import LlamaModel, lm_loss
 from parallel.collectives import CommLedger, Group, all_gather_along, all_reduce
 from parallel.tensor_parallel import PARTIAL_GRAD_ATTR, apply_tensor_parallel, vocab_parallel_cross_entropy
 
-LLAMA_TP_PLAN = {
+LLAMA_TP_PLAN = MappingProxyType({
     # Megatron's layout of a pre-norm Llama block. Each norm's output enters the TP region once
     # (f, or the SP all-gather) for all the column-parallel projections it feeds; the final
     # norm's output feeds the vocab-parallel head, which the model applies functionally.
@@ -38,8 +39,8 @@ LLAMA_TP_PLAN = {
     "layers.*.mlp.down_proj": "rowwise",
     "norm": ("sequence_parallel", "enter_tp_region"),
     "lm_head": "vocab_head",
-}
-"""Module-name pattern -> tensor-parallel style(s) for `engine.model.LlamaModel`."""
+})
+"""Module-name pattern -> tensor-parallel style(s) for `engine.model.LlamaModel` (read-only)."""
 
 
 def _group(ctx, kind: str, ledger: CommLedger) -> Group:

@@ -46,7 +46,7 @@ pass them to the model explicitly), and each row-parallel layer reduce-scatters 
 from __future__ import annotations
 
 import fnmatch
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -278,7 +278,7 @@ def _apply_style(model: nn.Module, name: str, style: str, group: Group, sequence
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
 
 
-def apply_tensor_parallel(model: nn.Module, plan: dict[str, PlanValue], group: Group,
+def apply_tensor_parallel(model: nn.Module, plan: Mapping[str, PlanValue], group: Group,
                           sequence_parallel: bool = False) -> list[tuple[str, str]]:
     """Apply `plan` ({module-name pattern: style or tuple of styles}) in place; return the (name, style) applied.
 
