@@ -22,7 +22,7 @@ from engine.config import ApogeeConfig
 from engine.events import EventLog
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
 from engine.model import LlamaModel, init_parameters
-from engine.optim import build_optimizer, lr_at
+from engine.optim import MasterWeightOptimizer, lr_at
 from engine.parallelize import (counts_in_norm, finish_sequence_parallel_grads, grad_norm_sq_reduce, loss_function,
                                 parallelize_model)
 from parallel.collectives import CommLedger, Group, all_reduce
@@ -58,20 +58,37 @@ class Trainer:
         self.dp = comm_group(ctx, "dp", self.ledger)
         self.tp = comm_group(ctx, "tp", self.ledger)
         self.dtype = DTYPES[cfg.precision.dtype]
-        # Tensor parallelism is applied before init so that each shard receives its slice.
-        self.model = parallelize_model(LlamaModel(cfg.model), cfg, ctx, self.ledger)
-        init_parameters(self.model, cfg.seed)
-        self.model.to(device=ctx.device, dtype=self.dtype)
+        self.chunks = self.build_model_chunks()
         self.loss_fn = loss_function(cfg, ctx, self.ledger)
-        self.grads = GradBuffer(self.model.named_parameters(), self.dp,
+        self.grads = GradBuffer(self.named_parameters(), self.dp,
                                 bucket_bytes=int(cfg.parallel.grad_bucket_mb * 2**20))
-        self.optimizer = build_optimizer(self.model, cfg.optim, counts_in_norm=counts_in_norm(ctx))
+        self.optimizer = MasterWeightOptimizer(self.named_parameters(), cfg.optim, counts_in_norm(ctx))
         self.grad_norm_sq_reduce = grad_norm_sq_reduce(ctx, self.ledger)
         # Sequence parallelism shards the residual stream, so RoPE is given the full positions.
         self.positions = torch.arange(cfg.model.seq_length, device=ctx.device)
         self.peak = peak
         self.step_flops = flops_per_step(cfg.model, cfg.train.global_batch_size)
         self.global_tokens = cfg.train.global_batch_size * cfg.model.seq_length
+
+    def build_model_chunks(self) -> list[torch.nn.Module]:
+        """This rank's model chunks (one, or several with interleaved pipeline stages), parallelised
+        and initialised. Tensor parallelism is applied before init so each shard gets its slice."""
+        model = parallelize_model(LlamaModel(self.cfg.model), self.cfg, self.ctx, self.ledger)
+        init_parameters(model, self.cfg.seed)
+        model.to(device=self.ctx.device, dtype=self.dtype)
+        return [model]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model chunk of a rank that holds one (every layout but interleaved pipelines)."""
+        if len(self.chunks) != 1:
+            raise AttributeError(f"this rank holds {len(self.chunks)} model chunks; use trainer.chunks")
+        return self.chunks[0]
+
+    def named_parameters(self):
+        """(name, parameter) over every chunk; names are global, so they never collide across chunks."""
+        for chunk in self.chunks:
+            yield from chunk.named_parameters()
 
     @property
     def num_microbatches(self) -> int:
@@ -84,14 +101,19 @@ class Trainer:
         return [self.data.microbatch(step, j, self.dp.rank, self.dp.size, self.cfg.data.skip_steps)
                 for j in range(self.num_microbatches)]
 
+    def prepare_microbatch(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[mbs, seq+1] tokens -> (inputs [mbs, s], targets [mbs, s], RoPE positions [s]) for this rank."""
+        tokens = tokens.to(self.ctx.device, non_blocking=True)
+        return tokens[:, :-1], tokens[:, 1:], self.positions[:tokens.shape[1] - 1]
+
     def forward_backward(self, microbatches: list[torch.Tensor]) -> torch.Tensor:
         """Forward and backward over this rank's microbatches; returns the local loss sum (fp32)."""
         loss_total = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         for j, tokens in enumerate(microbatches):
-            tokens = tokens.to(self.ctx.device, non_blocking=True)
+            inputs, targets, positions = self.prepare_microbatch(tokens)
             self.grads.is_last_microbatch = j == len(microbatches) - 1
-            logits = self.model(tokens[:, :-1], positions=self.positions[:tokens.shape[1] - 1])
-            loss_sum, _ = self.loss_fn(logits, tokens[:, 1:])
+            logits = self.model(inputs, positions=positions)
+            loss_sum, _ = self.loss_fn(logits, targets)
             # Dividing by the global token count makes the DP sum of gradients the global mean.
             (loss_sum / self.global_tokens).backward()
             loss_total += loss_sum.detach()
@@ -106,13 +128,18 @@ class Trainer:
         self.grads.start_step()
         loss_total = self.forward_backward(microbatches)
         self.grads.finish()
-        finish_sequence_parallel_grads(self.model, self.tp)
-        lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
-        grad_norm = self.optimizer.step(lr, self.grad_norm_sq_reduce)
+        lr, grad_norm = self.optimizer_step(step)
         # Every TP rank computed the full loss of its batch: the sum over DP is the global sum.
         all_reduce(loss_total, self.dp, purpose="metrics")
         loss = loss_total.item() / self.global_tokens
         return StepResult(step, loss, float(grad_norm), lr, time.perf_counter() - start)
+
+    def optimizer_step(self, step: int) -> tuple[float, float]:
+        """After the gradients are complete: finish partial (SP) grads, clip, AdamW; (lr, grad norm)."""
+        for chunk in self.chunks:
+            finish_sequence_parallel_grads(chunk, self.tp)
+        lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
+        return lr, self.optimizer.step(lr, self.grad_norm_sq_reduce)
 
     def record(self, result: StepResult) -> dict:
         """The metrics.jsonl record of a step."""
