@@ -120,6 +120,21 @@ def broadcast(tensor: torch.Tensor, src_index: int, group: Group, global_src: in
     return dist.broadcast(tensor, src=global_src, group=group.process_group)
 
 
+def isend(tensor: torch.Tensor, dst_index: int, group: Group, purpose: str = "p2p", tag: int = 0):
+    """Start sending contiguous `tensor` to the group member at `dst_index`; returns the work handle.
+
+    A point-to-point message is booked once, by its sender, so a ledger's total is the bytes that
+    left this rank.
+    """
+    group._record(purpose, tensor)
+    return dist.isend(tensor, group=group.process_group, group_dst=dst_index, tag=tag)
+
+
+def irecv(tensor: torch.Tensor, src_index: int, group: Group, tag: int = 0):
+    """Start receiving into contiguous `tensor` from the group member at `src_index` (not booked: the sender books it)."""
+    return dist.irecv(tensor, group=group.process_group, group_src=src_index, tag=tag)
+
+
 # torch 2.13 renamed the single-tensor collectives; older releases only have the old names.
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
