@@ -1,0 +1,262 @@
+"""Context parallelism: the sequence split over the 'cp' group, attention computed as a ring.
+
+Ring attention (Liu et al. 2023, "Ring Attention with Blockwise Transformers") in the
+load-balanced form of Megatron-Core / Transformer Engine's context parallelism: the sequence of
+s tokens is cut into 2*cp chunks of n = s / (2*cp) tokens and CP rank r holds chunks r and
+2*cp-1-r ("zigzag"). Under a causal mask an early chunk attends to few keys and a late one to
+many, so pairing the i-th chunk from the front with the i-th from the back gives every rank the
+same work. Everything outside attention is token-wise, so only attention communicates: each
+rank keeps its queries and passes its K/V block around the ring (send to the next rank, receive
+from the previous), cp-1 times.
+
+Which keys a query chunk sees depends only on chunk order. At ring step i rank r holds the K/V
+of source rank j = (r - i) mod cp, i.e. chunks j and 2cp-1-j:
+- j == r (step 0): my own chunks. Local token order is increasing in position, so this is plain
+  causal attention over the 2n local tokens.
+- j <  r: j < r < 2cp-1-r < 2cp-1-j. The source's first chunk precedes both of mine, its second
+  follows both: both my chunks see the first half of the K/V block fully, none of the second.
+- j >  r: r < j <= cp-1 < 2cp-1-j < 2cp-1-r. Both source chunks follow my first chunk and precede
+  my second: my second chunk (the second half of my queries) sees the whole K/V block fully.
+So every off-diagonal block is an unmasked n x 2n or 2n x n attention: half the work of the
+diagonal, equal on every rank.
+
+Partial results are merged with their log-sum-exp (online softmax) in fp32. The backward is
+written by hand (FlashAttention's: dS = P * (dP - rowsum(dO * O))), with the saved final LSE, and
+runs the ring again: K/V travel as in forward, and a dK/dV accumulator for each block travels
+with it, picking up every other rank's contribution and arriving back at its owner after cp-1
+hops. Only the rank's own q, k, v, output and LSE are saved; autograd through the ring would keep
+every rank's K/V, which is exactly what ring attention avoids.
+
+Traffic per attention call on each rank (booked under group 'cp', sender side), with
+B_kv = b * (s/cp) * kv_heads * d * element_size the bytes of the local K (or V):
+    forward   'ring_kv'           (cp-1) * 2 * B_kv
+    backward  'ring_kv_backward'  (cp-1) * 2 * B_kv     (K/V again)
+              'ring_dkv'          (cp-1) * 2 * B_kv * 4 / element_size   (fp32 accumulators)
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from parallel.collectives import Group, irecv, isend
+
+
+# ---------------------------------------------------------------------------------------------
+# The load-balanced (zigzag) split of the sequence
+
+
+def zigzag_chunks(cp_rank: int, cp_size: int) -> tuple[int, int]:
+    """Indices of the two sequence chunks (of 2*cp_size) that CP rank `cp_rank` holds."""
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank={cp_rank} must be in 0..{cp_size - 1} (cp_size={cp_size})")
+    return cp_rank, 2 * cp_size - 1 - cp_rank
+
+
+def split_for_context_parallel(tensor: Tensor, dim: int, cp_rank: int, cp_size: int) -> Tensor:
+    """This CP rank's part of `tensor` along `dim`: chunks r and 2*cp-1-r of 2*cp, concatenated."""
+    if cp_size == 1:
+        return tensor
+    length = tensor.shape[dim]
+    if length % (2 * cp_size):
+        raise ValueError(f"context-parallel split along dim {dim}: length {length} is not divisible "
+                         f"by 2*cp = {2 * cp_size} (load-balanced chunks)")
+    chunks = tensor.chunk(2 * cp_size, dim=dim)
+    first, second = zigzag_chunks(cp_rank, cp_size)
+    return torch.cat((chunks[first], chunks[second]), dim=dim)
+
+
+def context_parallel_positions(seq_length: int, cp_rank: int, cp_size: int,
+                               device: torch.device | str = "cpu") -> Tensor:
+    """Global token positions [2 * seq_length / (2*cp)] of this CP rank's tokens (for RoPE)."""
+    return split_for_context_parallel(torch.arange(seq_length, device=device), 0, cp_rank, cp_size)
+
+
+def merge_context_parallel_shards(shards: Sequence[Tensor], dim: int) -> Tensor:
+    """Inverse of `split_for_context_parallel`: every CP rank's part, in rank order -> the full tensor."""
+    cp_size = len(shards)
+    chunks: list = [None] * (2 * cp_size)
+    for rank, shard in enumerate(shards):
+        first, second = zigzag_chunks(rank, cp_size)
+        chunks[first], chunks[second] = shard.chunk(2, dim=dim)
+    return torch.cat(chunks, dim=dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block attention math (fp32), queries grouped by their K/V head: q [b, hkv, g, sq, d]
+
+
+def _scores(q: Tensor, k: Tensor, scale: float, causal: bool) -> Tensor:
+    """Scaled scores [b, hkv, g, sq, sk]; with `causal`, query i sees keys 0..i (sq == sk)."""
+    scores = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)).mul_(scale)
+    if causal:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu_(1)
+        scores.masked_fill_(future, float("-inf"))
+    return scores
+
+
+def _block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """(softmax(scores) @ v, logsumexp of the scores) of one block; every row sees >= 1 key."""
+    scores = _scores(q, k, scale, causal)
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(scores.sub_(lse.unsqueeze(-1)).exp_(), v.unsqueeze(2))
+    return out, lse
+
+
+def _merge_into(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """Online softmax: fold a block's normalised output and LSE into the running (out, lse) in place."""
+    new_lse = torch.logaddexp(lse, block_lse)
+    out.mul_((lse - new_lse).exp_().unsqueeze(-1)).add_(block_out * (block_lse - new_lse).exp_().unsqueeze(-1))
+    lse.copy_(new_lse)
+
+
+def _block_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse: Tensor, delta: Tensor,
+                    scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of one block given the final LSE and delta = rowsum(dO * O) (FlashAttention-2)."""
+    probs = _scores(q, k, scale, causal).sub_(lse.unsqueeze(-1)).exp_()
+    grad_v = torch.matmul(probs.transpose(-1, -2), grad_out).sum(2)  # GQA: sum over the query group
+    grad_scores = torch.matmul(grad_out, v.unsqueeze(2).transpose(-1, -2)).sub_(delta.unsqueeze(-1)).mul_(probs)
+    grad_q = torch.matmul(grad_scores, k.unsqueeze(2)).mul_(scale)
+    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q).sum(2).mul_(scale)
+    return grad_q, grad_k, grad_v
+
+
+def _visible(step: int, cp_rank: int, cp_size: int, half: int) -> tuple[slice, slice, bool]:
+    """(query rows, key rows, causal) that see each other at ring `step` (see the module docstring)."""
+    source = (cp_rank - step) % cp_size
+    if source == cp_rank:
+        return slice(None), slice(None), True
+    if source < cp_rank:
+        return slice(None), slice(0, half), False
+    return slice(half, None), slice(None), False
+
+
+# ---------------------------------------------------------------------------------------------
+# The ring
+
+
+class _Ring:
+    """Send to the next CP rank, receive from the previous one; waits for both before handing over."""
+
+    def __init__(self, group: Group):
+        self.group = group
+        self.next, self.prev = (group.rank + 1) % group.size, (group.rank - 1) % group.size
+        self._works: list = []
+
+    def start(self, send: Tensor, purpose: str, tag: int) -> Tensor:
+        """Start passing `send` on; returns the buffer that will hold the previous rank's tensor."""
+        received = torch.empty_like(send)
+        # Post the receive first: on a two-rank ring next == prev, and both messages are in flight.
+        self._works.append(irecv(received, self.prev, self.group, tag=tag))
+        self._works.append(isend(send, self.next, self.group, purpose=purpose, tag=tag))
+        return received
+
+    def wait(self) -> None:
+        """Block until every started transfer has completed."""
+        for work in self._works:
+            work.wait()
+        self._works.clear()
+
+
+_KV_TAG, _DKV_TAG = 0, 1  # K/V and dK/dV travel to the same neighbour in the same step
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: Group) -> Tensor:
+        b, hq, s_local, d = q.shape
+        hkv = k.shape[1]
+        scale = 1.0 / math.sqrt(d)
+        half = s_local // 2
+        q32 = q.float().reshape(b, hkv, hq // hkv, s_local, d)
+        kv = torch.stack((k, v)).contiguous()  # one message per step
+        ring = _Ring(group)
+        out = lse = None
+        for step in range(group.size):
+            if step < group.size - 1:
+                next_kv = ring.start(kv, "ring_kv", _KV_TAG)  # overlaps with this block's math
+            rows, keys, causal = _visible(step, group.rank, group.size, half)
+            block_out, block_lse = _block_forward(q32[..., rows, :], kv[0, :, :, keys].float(),
+                                                  kv[1, :, :, keys].float(), scale, causal)
+            if out is None:
+                out, lse = block_out, block_lse
+            else:
+                _merge_into(out[..., rows, :], lse[..., rows], block_out, block_lse)
+            if step < group.size - 1:
+                ring.wait()
+                kv = next_kv
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.scale = group, scale
+        return out.reshape(b, hq, s_local, d).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, scale = ctx.group, ctx.scale
+        b, hq, s_local, d = q.shape
+        hkv = k.shape[1]
+        half = s_local // 2
+        q32 = q.float().reshape(b, hkv, hq // hkv, s_local, d)
+        grad_out32 = grad_out.float().reshape(b, hkv, hq // hkv, s_local, d)
+        delta = (grad_out32 * out).sum(-1)
+        grad_q = torch.zeros_like(q32)
+        kv = torch.stack((k, v)).contiguous()
+        own_grad_kv = traveling = None
+        ring = _Ring(group)
+        for step in range(group.size):
+            if step < group.size - 1:
+                next_kv = ring.start(kv, "ring_kv_backward", _KV_TAG)
+            rows, keys, causal = _visible(step, group.rank, group.size, half)
+            block_dq, block_dk, block_dv = _block_backward(
+                q32[..., rows, :], kv[0, :, :, keys].float(), kv[1, :, :, keys].float(),
+                grad_out32[..., rows, :], lse[..., rows], delta[..., rows], scale, causal)
+            grad_q[..., rows, :] += block_dq
+            # dK/dV of the K/V block held at this step: [2, b, hkv, s_local, d] in fp32.
+            grad_kv = torch.zeros((2, *k.shape), dtype=torch.float32, device=k.device)
+            grad_kv[0, :, :, keys] = block_dk
+            grad_kv[1, :, :, keys] = block_dv
+            if step == 0:
+                own_grad_kv = grad_kv
+            else:
+                # The accumulator of this block arrived from the previous rank (none at step 1,
+                # where the block is first seen by a non-owner); add to it and pass it on. After
+                # the last step it reaches the block's owner.
+                if traveling is not None:
+                    grad_kv += traveling
+                traveling = ring.start(grad_kv, "ring_dkv", _DKV_TAG)
+            ring.wait()
+            if step < group.size - 1:
+                kv = next_kv
+        if traveling is not None:
+            own_grad_kv += traveling
+        grad_q = grad_q.reshape(b, hq, s_local, d).to(q.dtype)
+        return grad_q, own_grad_kv[0].to(k.dtype), own_grad_kv[1].to(v.dtype), None
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: Group) -> Tensor:
+    """Causal attention of this CP rank's zigzag tokens over the whole sequence, as a ring.
+
+    q [b, hq, s/cp, d], k/v [b, hkv, s/cp, d] (hq a multiple of hkv: grouped-query attention),
+    holding chunks r and 2cp-1-r of the sequence in that order (`split_for_context_parallel`).
+    Returns [b, hq, s/cp, d], equal to those rows of causal attention over the full sequence.
+    """
+    if q.shape[2] % 2:
+        raise ValueError(f"ring attention needs an even local sequence (two zigzag chunks), got {q.shape[2]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
+    return _RingAttention.apply(q, k, v, group)
+
+
+class RingAttention:
+    """Attention core (engine.model.Attention.core) bound to a CP group: `core(q, k, v)`."""
+
+    def __init__(self, group: Group):
+        self.group = group
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return ring_attention(q, k, v, self.group)
+
+    def __repr__(self) -> str:
+        return f"RingAttention(cp={self.group.size})"
