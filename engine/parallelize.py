@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from engine.config import ApogeeConfig
-from engine.model import LlamaModel, lm_loss
+from engine.model import Attention, LlamaModel, lm_loss
 from parallel.collectives import CommLedger, Group, all_gather_along, all_reduce
+from parallel.context_parallel import RingAttention
 from parallel.tensor_parallel import PARTIAL_GRAD_ATTR, apply_tensor_parallel, vocab_parallel_cross_entropy
 
 LLAMA_TP_PLAN = MappingProxyType({
@@ -48,11 +49,18 @@ def _group(ctx, kind: str, ledger: CommLedger) -> Group:
 
 
 def parallelize_model(model: LlamaModel, cfg: ApogeeConfig, ctx, ledger: CommLedger) -> LlamaModel:
-    """Apply LLAMA_TP_PLAN over ctx's TP group (SP per cfg.parallel.sequence_parallel); no-op at tp=1.
+    """Apply LLAMA_TP_PLAN over ctx's TP group (SP per cfg.parallel.sequence_parallel) and ring attention over CP.
 
     Call before `init_parameters`. With sequence parallelism the residual stream holds s/t tokens,
     so the forward must be given the full sequence's RoPE positions (`model(x, positions=...)`).
+    At cp > 1 every attention core becomes ring attention over the CP group; the rest of the
+    model is token-wise and runs unchanged on this rank's zigzag chunks of the sequence.
     """
+    cp = _group(ctx, "cp", ledger)
+    if cp.size > 1:
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.core = RingAttention(cp)
     tp = _group(ctx, "tp", ledger)
     if tp.size == 1:
         return model
@@ -73,6 +81,16 @@ def counts_in_norm(ctx) -> Callable[[str, nn.Parameter], bool]:
     """Optimizer filter: a TP-sharded parameter counts on every TP rank, a replicated one only on TP rank 0."""
     tp_rank = ctx.tp_rank
     return lambda name, param: getattr(param, "tp_shard", None) is not None or tp_rank == 0
+
+
+def gradient_reduction_group(ctx, ledger: CommLedger) -> Group:
+    """The group over which gradients (and the step's loss sum) are summed: 'dp', or 'dp-cp' at cp > 1.
+
+    CP ranks hold the same weights but different tokens of each sample, so their gradients are
+    partial sums over the sequence, reduced together with the DP ones (as Megatron does over dp x cp).
+    Data is still sharded by dp rank: the CP ranks of one DP rank read the same samples.
+    """
+    return _group(ctx, "dp-cp" if ctx.cp_size > 1 else "dp", ledger)
 
 
 def grad_norm_sq_reduce(ctx, ledger: CommLedger) -> Optional[Callable[[Tensor], Tensor]]:
