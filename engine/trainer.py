@@ -23,9 +23,10 @@ from engine.events import EventLog
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
 from engine.model import LlamaModel, init_parameters
 from engine.optim import MasterWeightOptimizer, lr_at
-from engine.parallelize import (counts_in_norm, finish_sequence_parallel_grads, grad_norm_sq_reduce, loss_function,
-                                parallelize_model)
+from engine.parallelize import (counts_in_norm, finish_sequence_parallel_grads, grad_norm_sq_reduce,
+                                gradient_reduction_group, loss_function, parallelize_model)
 from parallel.collectives import CommLedger, Group, all_reduce
+from parallel.context_parallel import split_for_context_parallel
 from parallel.data_parallel import GradBuffer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
@@ -57,10 +58,13 @@ class Trainer:
         self.ledger = CommLedger()
         self.dp = comm_group(ctx, "dp", self.ledger)
         self.tp = comm_group(ctx, "tp", self.ledger)
+        self.cp = comm_group(ctx, "cp", self.ledger)
+        # Gradients and the loss sum are reduced over dp x cp; data is sharded over dp only.
+        self.grad_group = gradient_reduction_group(ctx, self.ledger)
         self.dtype = DTYPES[cfg.precision.dtype]
         self.chunks = self.build_model_chunks()
         self.loss_fn = loss_function(cfg, ctx, self.ledger)
-        self.grads = GradBuffer(self.named_parameters(), self.dp,
+        self.grads = GradBuffer(self.named_parameters(), self.grad_group,
                                 bucket_bytes=int(cfg.parallel.grad_bucket_mb * 2**20))
         self.optimizer = MasterWeightOptimizer(self.named_parameters(), cfg.optim, counts_in_norm(ctx))
         self.grad_norm_sq_reduce = grad_norm_sq_reduce(ctx, self.ledger)
@@ -102,9 +106,16 @@ class Trainer:
                 for j in range(self.num_microbatches)]
 
     def prepare_microbatch(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[mbs, seq+1] tokens -> (inputs [mbs, s], targets [mbs, s], RoPE positions [s]) for this rank."""
+        """[mbs, seq+1] tokens -> (inputs [mbs, s], targets [mbs, s], RoPE positions [s]) for this rank.
+
+        With context parallelism s is this CP rank's s/cp tokens (zigzag chunks r and 2cp-1-r).
+        """
         tokens = tokens.to(self.ctx.device, non_blocking=True)
-        return tokens[:, :-1], tokens[:, 1:], self.positions[:tokens.shape[1] - 1]
+        inputs, targets, positions = tokens[:, :-1], tokens[:, 1:], self.positions[:tokens.shape[1] - 1]
+        if self.cp.size > 1:  # this CP rank's two load-balanced chunks, with their true positions
+            inputs, targets, positions = (split_for_context_parallel(t, t.dim() - 1, self.cp.rank, self.cp.size)
+                                          for t in (inputs, targets, positions))
+        return inputs, targets, positions
 
     def forward_backward(self, microbatches: list[torch.Tensor]) -> torch.Tensor:
         """Forward and backward over this rank's microbatches; returns the local loss sum (fp32)."""
@@ -129,8 +140,8 @@ class Trainer:
         loss_total = self.forward_backward(microbatches)
         self.grads.finish()
         lr, grad_norm = self.optimizer_step(step)
-        # Every TP rank computed the full loss of its batch: the sum over DP is the global sum.
-        all_reduce(loss_total, self.dp, purpose="metrics")
+        # Every TP rank computed the full loss of its tokens: the sum over DP x CP is the global sum.
+        all_reduce(loss_total, self.grad_group, purpose="metrics")
         loss = loss_total.item() / self.global_tokens
         return StepResult(step, loss, float(grad_norm), lr, time.perf_counter() - start)
 
