@@ -36,8 +36,12 @@ EXPERT_KINDS = {"ep": "ep", "expert-tp": "tp", "expert-dp": "dp", "expert-tp-ep"
 """Group kinds that live on the expert grid, mapped to the axes they span there."""
 
 CONTEXT_KINDS = ("tp", "cp", "dp", "pp", "dp-cp", "tp-pp", "ep", "expert-tp", "expert-dp",
-                 "expert-tp-ep")
+                 "expert-tp-ep", "embedding")
 """Kinds for which `ParallelContext` builds a process group (plus 'world')."""
+
+EMBEDDING_KIND = "embedding"
+"""Megatron's embedding group: the first and last stage of each PP group, which hold the two copies
+of tied input/output embeddings. A middle stage is alone in its own (size-1) embedding group."""
 
 
 class TopologyError(ValueError):
@@ -141,12 +145,16 @@ class ParallelDims:
         return self.dense_grid(), kind
 
     def groups(self, kind: str) -> list[list[int]]:
-        """Every group of `kind` ('tp', 'dp-cp', 'ep', 'expert-dp', ...), members ascending."""
+        """Every group of `kind` ('tp', 'dp-cp', 'ep', 'expert-dp', 'embedding', ...), members ascending."""
+        if kind == EMBEDDING_KIND:
+            return [sorted({pp[0], pp[-1]}) for pp in self.groups("pp")]
         grid, axes = self._grid_and_axes(kind)
         return grid.groups(axes)
 
     def group_of(self, kind: str, rank: int) -> list[int]:
         """The global ranks of `rank`'s group of `kind`, ascending."""
+        if kind == EMBEDDING_KIND:
+            return next((g for g in self.groups(kind) if rank in g), [rank])
         grid, axes = self._grid_and_axes(kind)
         return grid.group_of(axes, rank)
 
@@ -247,7 +255,7 @@ class ParallelContext:
 
     Passed explicitly to everything that communicates; there is no global parallel state.
     Kinds: 'tp', 'cp', 'dp', 'pp', 'dp-cp', 'tp-pp' (dense grid), 'ep', 'expert-tp',
-    'expert-dp', 'expert-tp-ep' (expert grid) and 'world'.
+    'expert-dp', 'expert-tp-ep' (expert grid), 'embedding' (first and last stage) and 'world'.
     """
 
     dims: ParallelDims
@@ -283,6 +291,8 @@ class ParallelContext:
                 if rank in ranks:
                     members[kind] = ranks
                     process_groups[kind] = by_members[key]
+        if EMBEDDING_KIND not in members:  # a middle pipeline stage holds no embedding copy
+            members[EMBEDDING_KIND], process_groups[EMBEDDING_KIND] = [rank], None
         device = torch.device(device) if device is not None else _default_device()
         return cls(dims=dims, rank=rank, world_size=world_size, device=device,
                    coords=dims.coordinates(rank), _members=members, _process_groups=process_groups)
