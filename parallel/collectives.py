@@ -120,20 +120,6 @@ def broadcast(tensor: torch.Tensor, src_index: int, group: Group, global_src: in
     return dist.broadcast(tensor, src=global_src, group=group.process_group)
 
 
-def isend(tensor: torch.Tensor, peer: int, group: Group, tag: int = 0, purpose: str = "send"):
-    """Start sending `tensor` to global rank `peer` (a member of the group); returns the work handle.
-
-    Point-to-point traffic (pipeline stages) is booked once, on the sender, as the tensor's bytes.
-    """
-    group._record(purpose, tensor)
-    return dist.isend(tensor, dst=peer, group=group.process_group, tag=tag)
-
-
-def recv(tensor: torch.Tensor, peer: int, group: Group, tag: int = 0) -> None:
-    """Receive into `tensor` from global rank `peer`, blocking until it has arrived (booked by the sender)."""
-    dist.irecv(tensor, src=peer, group=group.process_group, tag=tag).wait()
-
-
 def isend(tensor: torch.Tensor, dst_index: int, group: Group, purpose: str = "p2p", tag: int = 0):
     """Start sending contiguous `tensor` to the group member at `dst_index`; returns the work handle.
 
