@@ -25,6 +25,7 @@ run the same lines as parallel ones.
 """
 from __future__ import annotations
 
+import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -133,6 +134,19 @@ def isend(tensor: torch.Tensor, dst_index: int, group: Group, purpose: str = "p2
 def irecv(tensor: torch.Tensor, src_index: int, group: Group, tag: int = 0):
     """Start receiving into contiguous `tensor` from the group member at `src_index` (not booked: the sender books it)."""
     return dist.irecv(tensor, group=group.process_group, group_src=src_index, tag=tag)
+
+
+def all_gather_objects(obj, group: Group, purpose: str = "all_gather_object") -> list:
+    """Every group member's picklable `obj`, in group order (for exports and tests, not the step).
+
+    Booked as the pickled bytes of the gathered list.
+    """
+    if group.size == 1:
+        return [obj]
+    gathered = [None] * group.size
+    dist.all_gather_object(gathered, obj, group=group.process_group)
+    group.ledger.record(group.name, purpose, len(pickle.dumps(gathered)))
+    return gathered
 
 
 # torch 2.13 renamed the single-tensor collectives; older releases only have the old names.
