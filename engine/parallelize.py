@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from engine.config import ApogeeConfig
 from engine.model import Attention, LlamaModel, lm_loss
-from parallel.collectives import CommLedger, Group, all_gather_along, all_reduce
+from parallel.collectives import CommLedger, Group, all_gather_along, all_gather_objects, all_reduce
 from parallel.context_parallel import RingAttention
 from parallel.tensor_parallel import PARTIAL_GRAD_ATTR, apply_tensor_parallel, vocab_parallel_cross_entropy
 
@@ -77,10 +77,31 @@ def loss_function(cfg: ApogeeConfig, ctx, ledger: CommLedger) -> Callable[..., t
     return lambda logits, targets, loss_mask=None: vocab_parallel_cross_entropy(logits, targets, tp, z, loss_mask)
 
 
-def counts_in_norm(ctx) -> Callable[[str, nn.Parameter], bool]:
-    """Optimizer filter: a TP-sharded parameter counts on every TP rank, a replicated one only on TP rank 0."""
+def counts_in_norm(ctx, tie_embeddings: bool = False) -> Callable[[str, nn.Parameter], bool]:
+    """Optimizer filter: a TP-sharded parameter counts on every TP rank, a replicated one only on TP rank 0.
+
+    With tied embeddings under pipeline parallelism the last stage's `lm_head` is a copy of the
+    first stage's embedding (`all_reduce_tied_embedding_grads` keeps them equal): it counts once, there.
+    """
     tp_rank = ctx.tp_rank
-    return lambda name, param: getattr(param, "tp_shard", None) is not None or tp_rank == 0
+    tied_copy = "lm_head.weight" if tie_embeddings and ctx.pp_size > 1 else None
+    return lambda name, param: name != tied_copy and (getattr(param, "tp_shard", None) is not None or tp_rank == 0)
+
+
+def all_reduce_tied_embedding_grads(chunks: list[nn.Module], ctx, ledger: CommLedger) -> None:
+    """Sum the first stage's embedding gradient with the last stage's tied lm_head gradient.
+
+    Megatron's embedding group: with tie_embeddings and pp > 1 the two stages hold separate copies
+    of one matrix, initialised equal; adding their gradients gives both the single-model gradient,
+    so the copies stay bitwise equal. Run after the DP reduction. Booked as 'tied_embedding_grads'.
+    """
+    group = _group(ctx, "embedding", ledger)
+    if group.size == 1 or not chunks[0].cfg.tie_embeddings:
+        return
+    for chunk in chunks:
+        module = chunk.embed_tokens if chunk.embed_tokens is not None else chunk.lm_head
+        if module is not None:
+            all_reduce(module.weight.main_grad, group, purpose="tied_embedding_grads")
 
 
 def gradient_reduction_group(ctx, ledger: CommLedger) -> Group:
@@ -136,18 +157,25 @@ def finish_sequence_parallel_grads(model: nn.Module, group: Group) -> None:
 
 
 @torch.no_grad()
-def gather_full_state_dict(model: nn.Module, ctx) -> dict[str, Tensor]:
-    """Full (unsharded) parameters by name on every TP rank: tp_shard slices concatenated in TP order.
+def gather_full_state_dict(model: nn.Module | list[nn.Module], ctx) -> dict[str, Tensor]:
+    """Full (unsharded) parameters by name on every rank: tp_shard slices concatenated in TP order,
+    and the parameters of every pipeline stage's chunks (a model or this rank's list of chunks).
 
-    Collective over the TP group (every TP rank must call it). The gather is booked in a ledger
-    of its own, so it never shows in the training step's traffic.
+    Collective over the TP and PP groups (every rank must call it). The gather is booked in a
+    ledger of its own, so it never shows in the training step's traffic. With tied embeddings
+    under pipeline parallelism the last stage's `lm_head.weight` copy is included.
     """
-    tp = _group(ctx, "tp", CommLedger())
+    ledger = CommLedger()
+    tp = _group(ctx, "tp", ledger)
     full = {}
-    for name, param in model.named_parameters():
-        shard = getattr(param, "tp_shard", None)
-        value = param.detach()
-        if shard is not None and tp.size > 1:
-            value = all_gather_along(value, shard[0], tp, purpose="export")
-        full[name] = value.clone()
+    for chunk in (model if isinstance(model, (list, tuple)) else [model]):
+        for name, param in chunk.named_parameters():
+            shard = getattr(param, "tp_shard", None)
+            value = param.detach()
+            if shard is not None and tp.size > 1:
+                value = all_gather_along(value, shard[0], tp, purpose="export")
+            full[name] = value.clone()
+    if ctx.pp_size > 1:  # each stage holds different names (layers by global index)
+        for stage_state in all_gather_objects(full, _group(ctx, "pp", ledger), purpose="export"):
+            full.update(stage_state)
     return full
