@@ -23,11 +23,13 @@ from engine.events import EventLog
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
 from engine.model import LlamaModel, init_parameters
 from engine.optim import MasterWeightOptimizer, lr_at
-from engine.parallelize import (counts_in_norm, finish_sequence_parallel_grads, grad_norm_sq_reduce,
+from engine.parallelize import (all_reduce_tied_embedding_grads, counts_in_norm, finish_sequence_parallel_grads,
+                                grad_norm_sq_reduce,
                                 gradient_reduction_group, loss_function, parallelize_model)
 from parallel.collectives import CommLedger, Group, all_reduce
 from parallel.context_parallel import split_for_context_parallel
 from parallel.data_parallel import GradBuffer
+from parallel.pipeline import StageComm, run_schedule, schedule_order, stage_layer_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
@@ -59,6 +61,8 @@ class Trainer:
         self.dp = comm_group(ctx, "dp", self.ledger)
         self.tp = comm_group(ctx, "tp", self.ledger)
         self.cp = comm_group(ctx, "cp", self.ledger)
+        self.pp = comm_group(ctx, "pp", self.ledger)
+        self.stage_comm: Optional[StageComm] = None  # the last step's p2p (its wait time is the bubble)
         # Gradients and the loss sum are reduced over dp x cp; data is sharded over dp only.
         self.grad_group = gradient_reduction_group(ctx, self.ledger)
         self.dtype = DTYPES[cfg.precision.dtype]
@@ -66,7 +70,7 @@ class Trainer:
         self.loss_fn = loss_function(cfg, ctx, self.ledger)
         self.grads = GradBuffer(self.named_parameters(), self.grad_group,
                                 bucket_bytes=int(cfg.parallel.grad_bucket_mb * 2**20))
-        self.optimizer = MasterWeightOptimizer(self.named_parameters(), cfg.optim, counts_in_norm(ctx))
+        self.optimizer = MasterWeightOptimizer(self.named_parameters(), cfg.optim, counts_in_norm(ctx, cfg.model.tie_embeddings))
         self.grad_norm_sq_reduce = grad_norm_sq_reduce(ctx, self.ledger)
         # Sequence parallelism shards the residual stream, so RoPE is given the full positions.
         self.positions = torch.arange(cfg.model.seq_length, device=ctx.device)
@@ -77,10 +81,22 @@ class Trainer:
     def build_model_chunks(self) -> list[torch.nn.Module]:
         """This rank's model chunks (one, or several with interleaved pipeline stages), parallelised
         and initialised. Tensor parallelism is applied before init so each shard gets its slice."""
-        model = parallelize_model(LlamaModel(self.cfg.model), self.cfg, self.ctx, self.ledger)
+        p = self.cfg.parallel
+        if p.pp == 1:
+            return [self._build_chunk(None, pre_process=True, post_process=True)]
+        # Chunk c of stage r is model chunk c*pp + r: the embedding lives in model chunk 0 (first
+        # stage, chunk 0), the head and loss in the last one (last stage, last chunk).
+        layer_ids = stage_layer_ids(self.cfg.model.num_layers, p.pp, p.virtual_stages, self.ctx.pp_rank)
+        last = len(layer_ids) - 1
+        return [self._build_chunk(ids, pre_process=self.ctx.is_first_stage and c == 0,
+                                  post_process=self.ctx.is_last_stage and c == last)
+                for c, ids in enumerate(layer_ids)]
+
+    def _build_chunk(self, layer_ids, pre_process: bool, post_process: bool) -> torch.nn.Module:
+        model = LlamaModel(self.cfg.model, layer_ids, pre_process=pre_process, post_process=post_process)
+        model = parallelize_model(model, self.cfg, self.ctx, self.ledger)
         init_parameters(model, self.cfg.seed)
-        model.to(device=self.ctx.device, dtype=self.dtype)
-        return [model]
+        return model.to(device=self.ctx.device, dtype=self.dtype)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -119,6 +135,8 @@ class Trainer:
 
     def forward_backward(self, microbatches: list[torch.Tensor]) -> torch.Tensor:
         """Forward and backward over this rank's microbatches; returns the local loss sum (fp32)."""
+        if self.pp.size > 1:
+            return self.pipeline_forward_backward(microbatches)
         loss_total = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         for j, tokens in enumerate(microbatches):
             inputs, targets, positions = self.prepare_microbatch(tokens)
@@ -128,6 +146,36 @@ class Trainer:
             # Dividing by the global token count makes the DP sum of gradients the global mean.
             (loss_sum / self.global_tokens).backward()
             loss_total += loss_sum.detach()
+        return loss_total
+
+    def pipeline_forward_backward(self, microbatches: list[torch.Tensor]) -> torch.Tensor:
+        """Run this stage's pipeline schedule (1F1B, or interleaved with virtual stages); returns the
+        loss sum of this DP rank's microbatches (computed on the last stage, summed over the PP group)."""
+        p, m = self.cfg.parallel, len(microbatches)
+        loss_total = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
+        # Activations between stages are [b, s, h] with s sharded over CP and, under SP, over TP.
+        local_seq = self.cfg.model.seq_length // self.cp.size // (self.tp.size if p.sequence_parallel else 1)
+        shape = (self.cfg.train.micro_batch_size, local_seq, self.cfg.model.hidden_size)
+        self.stage_comm = StageComm(self.pp, len(self.chunks), shape, self.dtype, self.ctx.device)
+
+        def forward_step(chunk: int, j: int, stage_input: Optional[torch.Tensor]) -> torch.Tensor:
+            inputs, targets, positions = self.prepare_microbatch(microbatches[j])
+            model = self.chunks[chunk]
+            output = model(inputs if model.pre_process else stage_input, positions=positions)
+            if not model.post_process:
+                return output
+            loss_sum, _ = self.loss_fn(output, targets)
+            loss_total.add_(loss_sum.detach())
+            return loss_sum / self.global_tokens
+
+        def before_backward(chunk: int, j: int) -> None:
+            # Each chunk runs its microbatches in order, so its parameters' gradients are complete
+            # after its backward of the last one: DP buckets may launch then, overlapping the rest.
+            self.grads.is_last_microbatch = j == m - 1
+
+        run_schedule(schedule_order(p.pp, self.ctx.pp_rank, m, p.virtual_stages), self.stage_comm,
+                     forward_step, before_backward)
+        all_reduce(loss_total, self.pp, purpose="metrics")
         return loss_total
 
     def train_step(self, step: int, microbatches: Optional[list[torch.Tensor]] = None) -> StepResult:
@@ -149,6 +197,7 @@ class Trainer:
         """After the gradients are complete: finish partial (SP) grads, clip, AdamW; (lr, grad norm)."""
         for chunk in self.chunks:
             finish_sequence_parallel_grads(chunk, self.tp)
+        all_reduce_tied_embedding_grads(self.chunks, self.ctx, self.ledger)
         lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
         return lr, self.optimizer.step(lr, self.grad_norm_sq_reduce)
 
