@@ -111,7 +111,7 @@ def _run_layout(overrides: list[str], world_size: int, steps: int, ctx_factory) 
     trainer = Trainer(cfg, ctx, FakeData.for_config(cfg))
     losses = [trainer.train_step(step).loss for step in range(steps)]
     ledger = dict(trainer.ledger.bytes), dict(trainer.ledger.calls)
-    state = gather_full_state_dict(trainer.model, ctx)
+    state = gather_full_state_dict(trainer.chunks, ctx)
     return LayoutRun(losses, state if ctx.rank == 0 else None, [ledger[0]], [ledger[1]], [trainer.grads.num_bytes],
                      trainer.num_microbatches, len(trainer.grads.buckets))
 
