@@ -20,7 +20,8 @@ of source rank j = (r - i) mod cp, i.e. chunks j and 2cp-1-j:
 So every off-diagonal block is an unmasked n x 2n or 2n x n attention: half the work of the
 diagonal, equal on every rank.
 
-Partial results are merged with their log-sum-exp (online softmax) in fp32. The backward is
+Partial results are merged with their log-sum-exp (online softmax) in fp32 (fp64 inputs stay
+fp64, which lets tests compare with the full-sequence attention to ~1e-12). The backward is
 written by hand (FlashAttention's: dS = P * (dP - rowsum(dO * O))), with the saved final LSE, and
 runs the ring again: K/V travel as in forward, and a dK/dV accumulator for each block travels
 with it, picking up every other rank's contribution and arriving back at its owner after cp-1
@@ -31,7 +32,8 @@ Traffic per attention call on each rank (booked under group 'cp', sender side), 
 B_kv = b * (s/cp) * kv_heads * d * element_size the bytes of the local K (or V):
     forward   'ring_kv'           (cp-1) * 2 * B_kv
     backward  'ring_kv_backward'  (cp-1) * 2 * B_kv     (K/V again)
-              'ring_dkv'          (cp-1) * 2 * B_kv * 4 / element_size   (fp32 accumulators)
+              'ring_dkv'          (cp-1) * 2 * B_kv * max(4, element_size) / element_size
+                                  (the accumulators are fp32, or fp64 for fp64 inputs)
 """
 from __future__ import annotations
 
@@ -86,6 +88,11 @@ def merge_context_parallel_shards(shards: Sequence[Tensor], dim: int) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # Block attention math (fp32), queries grouped by their K/V head: q [b, hkv, g, sq, d]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _scores(q: Tensor, k: Tensor, scale: float, causal: bool) -> Tensor:
@@ -170,7 +177,8 @@ class _RingAttention(torch.autograd.Function):
         hkv = k.shape[1]
         scale = 1.0 / math.sqrt(d)
         half = s_local // 2
-        q32 = q.float().reshape(b, hkv, hq // hkv, s_local, d)
+        compute = _compute_dtype(q.dtype)
+        q_c = q.to(compute).reshape(b, hkv, hq // hkv, s_local, d)
         kv = torch.stack((k, v)).contiguous()  # one message per step
         ring = _Ring(group)
         out = lse = None
@@ -178,8 +186,8 @@ class _RingAttention(torch.autograd.Function):
             if step < group.size - 1:
                 next_kv = ring.start(kv, "ring_kv", _KV_TAG)  # overlaps with this block's math
             rows, keys, causal = _visible(step, group.rank, group.size, half)
-            block_out, block_lse = _block_forward(q32[..., rows, :], kv[0, :, :, keys].float(),
-                                                  kv[1, :, :, keys].float(), scale, causal)
+            block_out, block_lse = _block_forward(q_c[..., rows, :], kv[0, :, :, keys].to(compute),
+                                                  kv[1, :, :, keys].to(compute), scale, causal)
             if out is None:
                 out, lse = block_out, block_lse
             else:
@@ -198,10 +206,11 @@ class _RingAttention(torch.autograd.Function):
         b, hq, s_local, d = q.shape
         hkv = k.shape[1]
         half = s_local // 2
-        q32 = q.float().reshape(b, hkv, hq // hkv, s_local, d)
-        grad_out32 = grad_out.float().reshape(b, hkv, hq // hkv, s_local, d)
-        delta = (grad_out32 * out).sum(-1)
-        grad_q = torch.zeros_like(q32)
+        compute = _compute_dtype(q.dtype)
+        q_c = q.to(compute).reshape(b, hkv, hq // hkv, s_local, d)
+        grad_out_c = grad_out.to(compute).reshape(b, hkv, hq // hkv, s_local, d)
+        delta = (grad_out_c * out).sum(-1)
+        grad_q = torch.zeros_like(q_c)
         kv = torch.stack((k, v)).contiguous()
         own_grad_kv = traveling = None
         ring = _Ring(group)
@@ -210,11 +219,11 @@ class _RingAttention(torch.autograd.Function):
                 next_kv = ring.start(kv, "ring_kv_backward", _KV_TAG)
             rows, keys, causal = _visible(step, group.rank, group.size, half)
             block_dq, block_dk, block_dv = _block_backward(
-                q32[..., rows, :], kv[0, :, :, keys].float(), kv[1, :, :, keys].float(),
-                grad_out32[..., rows, :], lse[..., rows], delta[..., rows], scale, causal)
+                q_c[..., rows, :], kv[0, :, :, keys].to(compute), kv[1, :, :, keys].to(compute),
+                grad_out_c[..., rows, :], lse[..., rows], delta[..., rows], scale, causal)
             grad_q[..., rows, :] += block_dq
-            # dK/dV of the K/V block held at this step: [2, b, hkv, s_local, d] in fp32.
-            grad_kv = torch.zeros((2, *k.shape), dtype=torch.float32, device=k.device)
+            # dK/dV of the K/V block held at this step: [2, b, hkv, s_local, d], accumulated in fp32.
+            grad_kv = torch.zeros((2, *k.shape), dtype=compute, device=k.device)
             grad_kv[0, :, :, keys] = block_dk
             grad_kv[1, :, :, keys] = block_dv
             if step == 0:
