@@ -1,0 +1,209 @@
+"""Context parallelism: the zigzag split, ring attention against full-sequence attention, parity and traffic.
+
+Ring attention is checked on real gloo rings of 2 and 4 ranks against F.scaled_dot_product_attention
+over the whole sequence: in fp64 to ~1e-12 (the math is exact, not just close), in fp32 to fp32
+rounding, and in bf16 loosely; forward and the gradients of q, k and v; GQA and MHA.
+
+Parity: cp=2, cp=4, cp=2 x tp=2 with sequence parallelism and cp=2 x dp=2 reproduce the
+single-rank run over ten fp32 steps of the tiny parity model: per-step loss within 1e-5 relative,
+final weights within 1e-5 (max abs, as the TP/DP parity tests) and within 1e-5 relative (norm of
+the difference over the norm, per parameter).
+
+Traffic of one attention call on each rank (ledger group 'cp', booked by the sender), with
+B_kv = b * (s/cp) * kv_heads * d * element_size the bytes of the local K (or V):
+    ring_kv          = 2 * (cp-1) * B_kv         forward: K and V passed cp-1 times
+    ring_kv_backward = 2 * (cp-1) * B_kv         backward: K and V passed around again
+    ring_dkv         = 2 * (cp-1) * B_kv * 4 / element_size   dK/dV fp32 accumulators, cp-1 hops home
+each in cp-1 messages. Per training step that is L layers x m microbatches of it; the gradients
+(dp-cp/all_reduce, the whole buffer once) and the loss sum (dp-cp/metrics, 4 bytes) are reduced
+over dp x cp, and TP terms are those of tests/test_parity_tp_dp.py on the s/cp local tokens.
+"""
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parallel.context_parallel import (context_parallel_positions, merge_context_parallel_shards,
+                                       split_for_context_parallel, zigzag_chunks)
+from tests.distributed import run_distributed
+from tests.parity import max_relative_loss_diff, max_weight_diff, parity_config, train_layouts
+from tests.test_parity_tp_dp import _local_parameter_count, expected_step_traffic
+
+STEPS = 10
+TWO_RANK_LAYOUTS = {"cp2": ["parallel.cp=2"]}
+FOUR_RANK_LAYOUTS = {
+    "cp4": ["parallel.cp=4"],
+    "cp2_tp2_sp": ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
+    "cp2_dp2": ["parallel.cp=2", "parallel.dp=2"],
+}
+LAYOUTS = {**{k: (v, 2) for k, v in TWO_RANK_LAYOUTS.items()}, **{k: (v, 4) for k, v in FOUR_RANK_LAYOUTS.items()}}
+# (dtype, q heads, kv heads, tolerance) of the ring-attention checks; b=2, s=32, d=8.
+RING_CASES = [(torch.float64, 4, 2, 1e-12), (torch.float64, 4, 4, 1e-12), (torch.float32, 4, 2, 2e-6),
+              (torch.bfloat16, 4, 2, 3e-2)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The load-balanced split
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_zigzag_split_reassembles_the_sequence_and_its_positions(cp):
+    seq = 16
+    x = torch.randn(3, seq, 5)
+    shards = [split_for_context_parallel(x, 1, r, cp) for r in range(cp)]
+    assert all(s.shape == (3, seq // cp, 5) for s in shards)
+    assert torch.equal(merge_context_parallel_shards(shards, 1), x)
+    positions = [context_parallel_positions(seq, r, cp) for r in range(cp)]
+    assert torch.equal(torch.sort(torch.cat(positions)).values, torch.arange(seq))
+    n = seq // (2 * cp)
+    for r in range(cp):
+        first, second = zigzag_chunks(r, cp)
+        assert (first, second) == (r, 2 * cp - 1 - r)
+        expected = torch.cat((torch.arange(first * n, (first + 1) * n), torch.arange(second * n, (second + 1) * n)))
+        assert torch.equal(positions[r], expected)
+        assert torch.equal(shards[r], x[:, expected])  # the tokens are the ones at those positions
+
+
+def test_zigzag_split_balances_causal_work():
+    # Token at position p attends to p + 1 keys: every CP rank gets the same total.
+    seq, cp = 64, 4
+    work = [int((context_parallel_positions(seq, r, cp) + 1).sum()) for r in range(cp)]
+    assert len(set(work)) == 1 and sum(work) == seq * (seq + 1) // 2
+    contiguous = [int((torch.arange(seq).chunk(cp)[r] + 1).sum()) for r in range(cp)]
+    assert len(set(contiguous)) == cp  # a plain split would not be balanced
+
+
+def test_split_rejects_a_length_not_divisible_by_twice_cp():
+    with pytest.raises(ValueError, match="not divisible by 2\\*cp = 4"):
+        split_for_context_parallel(torch.zeros(2, 6), 1, 0, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ring attention on real rings
+
+
+def _ring_attention_worker(rank: int, world_size: int, cases) -> list:
+    import torch.distributed as dist
+
+    from parallel.collectives import CommLedger, Group
+    from parallel.context_parallel import ring_attention
+
+    results = []
+    for dtype, hq, hkv, _ in cases:
+        gen = torch.Generator().manual_seed(hq * 10 + hkv)  # the same full tensors on every rank
+        b, s, d = 2, 32, 8
+        q, grad = (torch.randn(b, hq, s, d, generator=gen, dtype=torch.float64) for _ in range(2))
+        k, v = (torch.randn(b, hkv, s, d, generator=gen, dtype=torch.float64) for _ in range(2))
+        full = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        reference = F.scaled_dot_product_attention(*(t.double() for t in full), is_causal=True,
+                                                   enable_gqa=hq != hkv)
+        reference.backward(grad)
+
+        def local(t):
+            return split_for_context_parallel(t.detach(), 2, rank, world_size)
+
+        ledger = CommLedger()
+        group = Group("cp", dist.group.WORLD, world_size, rank, ledger)
+        q_l, k_l, v_l = (local(t).requires_grad_() for t in full)
+        out = ring_attention(q_l, k_l, v_l, group)
+        out.backward(local(grad).to(dtype))
+        errors = {"out": (out.double() - local(reference)).abs().max().item(), "dtype": out.dtype}
+        for name, mine, whole in (("dq", q_l, full[0]), ("dk", k_l, full[1]), ("dv", v_l, full[2])):
+            errors[name] = (mine.grad.double() - local(whole.grad)).abs().max().item()
+        results.append((errors, dict(ledger.bytes), dict(ledger.calls)))
+    return results
+
+
+@pytest.fixture(scope="module")
+def ring_results():
+    return {world: run_distributed(_ring_attention_worker, world, RING_CASES, timeout=120) for world in (2, 4)}
+
+
+def _case_id(case):
+    return f"{str(case[0]).split('.')[-1]}-hq{case[1]}-hkv{case[2]}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", range(len(RING_CASES)), ids=[_case_id(c) for c in RING_CASES])
+def test_ring_attention_equals_full_causal_attention_forward_and_backward(world, case, ring_results):
+    dtype, _, _, tolerance = RING_CASES[case]
+    for rank, rank_results in enumerate(ring_results[world]):
+        errors = dict(rank_results[case][0])
+        assert errors.pop("dtype") == dtype
+        assert max(errors.values()) <= tolerance, f"rank {rank}: {errors}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", range(len(RING_CASES)), ids=[_case_id(c) for c in RING_CASES])
+def test_ring_attention_traffic_per_call(world, case, ring_results):
+    dtype, _, hkv, _ = RING_CASES[case]
+    b, s, d = 2, 32, 8
+    size = torch.tensor([], dtype=dtype).element_size()
+    kv_bytes = b * (s // world) * hkv * d * size
+    accumulator_size = max(size, 4)
+    expected = {("cp", "ring_kv"): 2 * (world - 1) * kv_bytes,
+                ("cp", "ring_kv_backward"): 2 * (world - 1) * kv_bytes,
+                ("cp", "ring_dkv"): 2 * (world - 1) * kv_bytes * accumulator_size // size}
+    for rank, rank_results in enumerate(ring_results[world]):
+        _, ledger, calls = rank_results[case]
+        assert ledger == expected, f"rank {rank}"
+        assert calls == dict.fromkeys(expected, world - 1), f"rank {rank}"  # one message per hop
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with the single-rank run, and the step's traffic
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return train_layouts([[]], 1, STEPS)[0]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    two = train_layouts(list(TWO_RANK_LAYOUTS.values()), 2, STEPS)
+    four = train_layouts(list(FOUR_RANK_LAYOUTS.values()), 4, STEPS)
+    return {**dict(zip(TWO_RANK_LAYOUTS, two)), **dict(zip(FOUR_RANK_LAYOUTS, four))}
+
+
+def _max_relative_weight_diff(state: dict, reference: dict) -> float:
+    return max(((state[name] - ref).norm() / ref.norm()).item() for name, ref in reference.items())
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_context_parallel_matches_single_rank_loss_and_weights(layout, runs, reference):
+    run = runs[layout]
+    loss_diff = max_relative_loss_diff(run.losses, reference.losses)
+    weight_diff = max_weight_diff(run.state_dict, reference.state_dict)
+    relative_weight_diff = _max_relative_weight_diff(run.state_dict, reference.state_dict)
+    print(f"{layout}: max relative loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}, "
+          f"max relative weight diff {relative_weight_diff:.2e}")
+    assert reference.losses[-1] < reference.losses[0] - 0.3  # the run learns, so parity means something
+    assert loss_diff <= 1e-5, (run.losses, reference.losses)
+    assert weight_diff <= 1e-5
+    assert relative_weight_diff <= 1e-5
+
+
+def expected_cp_step_traffic(cfg) -> dict:
+    """{(group, op): bytes} of one training step with context parallelism (module docstring)."""
+    m, p, train = cfg.model, cfg.parallel, cfg.train
+    b, s_local, L = train.micro_batch_size, m.seq_length // p.cp, m.num_layers
+    microbatches = train.global_batch_size // (b * p.dp)
+    # TP and SP act on the s/cp local tokens exactly as on a shorter sequence; DP terms move to dp-cp.
+    local = replace(cfg, model=replace(m, seq_length=s_local))
+    expected = {key: n for key, n in expected_step_traffic(local).items() if key[0] != "dp"}
+    kv_bytes = b * s_local * (m.num_kv_heads // p.tp) * m.head_dim * 4
+    ring = L * microbatches * 2 * (p.cp - 1) * kv_bytes
+    expected.update({("cp", "ring_kv"): ring, ("cp", "ring_kv_backward"): ring, ("cp", "ring_dkv"): ring,
+                     ("dp-cp", "all_reduce"): _local_parameter_count(cfg) * 4, ("dp-cp", "metrics"): 4})
+    return expected
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_context_parallel_step_traffic_equals_the_formulas_exactly(layout, runs):
+    overrides, world = LAYOUTS[layout]
+    cfg = parity_config(overrides, world, STEPS)
+    expected = expected_cp_step_traffic(cfg)
+    for rank, ledger in enumerate(runs[layout].ledgers):
+        assert ledger == expected, f"rank {rank}"
