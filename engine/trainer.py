@@ -20,6 +20,7 @@ import torch
 
 from engine.config import ApogeeConfig
 from engine.events import EventLog
+from engine.grad_sync import build_grad_sync, memory_bytes
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
 from engine.model import LlamaModel, init_parameters
 from engine.optim import MasterWeightOptimizer, lr_at
@@ -68,9 +69,9 @@ class Trainer:
         self.dtype = DTYPES[cfg.precision.dtype]
         self.chunks = self.build_model_chunks()
         self.loss_fn = loss_function(cfg, ctx, self.ledger)
-        self.grads = GradBuffer(self.named_parameters(), self.grad_group,
-                                bucket_bytes=int(cfg.parallel.grad_bucket_mb * 2**20))
-        self.optimizer = MasterWeightOptimizer(self.named_parameters(), cfg.optim, counts_in_norm(ctx, cfg.model.tie_embeddings))
+        # parallel.zero selects plain DP (GradBuffer + MasterWeightOptimizer) or a ZeRO stage.
+        self.grads, self.optimizer = build_grad_sync(cfg, self.chunks, self.grad_group,
+                                                     counts_in_norm(ctx, cfg.model.tie_embeddings), self.tp)
         self.grad_norm_sq_reduce = grad_norm_sq_reduce(ctx, self.ledger)
         # Sequence parallelism shards the residual stream, so RoPE is given the full positions.
         self.positions = torch.arange(cfg.model.seq_length, device=ctx.device)
@@ -209,7 +210,13 @@ class Trainer:
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "iteration_time": result.iteration_time,
                 "batch_size": self.cfg.train.global_batch_size,
                 "throughput": self.step_flops / result.iteration_time / 1e12 / max(1, self.ctx.world_size),
-                "comm_bytes": self.ledger.summary()}
+                "comm_bytes": self.ledger.summary(), **self.memory_metrics()}
+
+    def memory_metrics(self) -> dict:
+        """This rank's persistent bytes of parameters, gradients and optimizer state (metrics keys)."""
+        mem = memory_bytes(self.grads, self.optimizer)
+        return {"mem_params_bytes": mem["params"], "mem_grads_bytes": mem["grads"],
+                "mem_optim_bytes": mem["optimizer"]}
 
     def fit(self, start_step: int = 0, on_step: Optional[Callable[[StepResult], None]] = None) -> list[StepResult]:
         """Train from `start_step` to cfg.train.steps, logging each step on the logging rank."""
