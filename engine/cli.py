@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pre-train a model")
     add_run_arguments(p)
+
+    from engine import export
+    p = sub.add_parser("export", help="write a checkpoint in another format (Hugging Face Llama)")
+    export.add_cli_arguments(p)
     return parser
 
 
@@ -52,6 +56,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "topology":
         from parallel import topology
         return topology.run_cli(args) or 0
+    if args.command == "export":
+        from engine import export
+        return export.run_cli(args)
     if args.command == "pretrain":
         from stages import pretrain
         args.overrides = _flatten(args.overrides)

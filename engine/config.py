@@ -152,6 +152,9 @@ class TrainConfig:
     """Samples per optimizer step across all data-parallel ranks."""
     log_interval: int = 1
     """Steps between console log lines."""
+    compile: bool = False
+    """torch.compile each decoder layer (engine/compile.py): fuses the element-wise work around the
+    matmuls; costs a one-off compile at start (about a minute on CPU)."""
 
 
 @dataclass
@@ -174,6 +177,8 @@ class CheckpointConfig:
     """Checkpoints kept on disk."""
     async_save: bool = True
     """Write in the background while training continues."""
+    allow_other_run: bool = False
+    """Accept a checkpoint written by another run (branching, fine-tuning from a base model)."""
 
 
 @dataclass

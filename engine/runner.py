@@ -16,6 +16,9 @@ from typing import Optional
 
 import torch
 
+from engine.checkpoint import Checkpointer
+from engine.checkpoint_store import CheckpointError
+from engine.resume import check_compatible, checkpoint_store, choose_checkpoint, run_id
 from engine.config import ApogeeConfig, ConfigError, config_from_dict, save_config, validate
 from engine.launch import cpu_threads_per_rank, detect_launcher, init_distributed, launch_local
 from engine.metrics import PeakFlops, machine_peak
@@ -76,7 +79,7 @@ def run_job(cfg: ApogeeConfig, run_dir: Optional[str] = None, nproc: Optional[in
     out = resolve_run_dir(cfg, run_dir)
     if info.launcher != "none":
         return _join_outside_launch(cfg, out, resume, info)
-    prefixes = _prepare_run(cfg, out)
+    prefixes = _prepare_run(cfg, out, resume)
     if world == 1:
         worker_main(cfg.to_dict(), str(out), prefixes, resume, None)
         return 0
@@ -85,8 +88,12 @@ def run_job(cfg: ApogeeConfig, run_dir: Optional[str] = None, nproc: Optional[in
     return launch_local(world, local_rank_main, (cfg.to_dict(), str(out), prefixes, resume, peak))
 
 
-def _prepare_run(cfg: ApogeeConfig, out: Path) -> list[str]:
+def _prepare_run(cfg: ApogeeConfig, out: Path, resume: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
+    # A checkpoint of another model or run is refused here, before any rank starts.
+    info = choose_checkpoint(resume, checkpoint_store(cfg, out))
+    if info is not None:
+        check_compatible(info, cfg, run_id(out))
     save_config(cfg, out / "config.yaml")
     return prepare_data(cfg)
 
@@ -108,7 +115,7 @@ def _join_outside_launch(cfg: ApogeeConfig, out: Path, resume: str, info) -> int
         failure = None
         if info.rank == 0:
             try:
-                shared[0] = _prepare_run(cfg, out)
+                shared[0] = _prepare_run(cfg, out, resume)
                 # The peak is the node's, measured with all its cores (torchrun sets OMP_NUM_THREADS=1).
                 torch.set_num_threads(os.cpu_count() or 1)
                 shared[1] = machine_peak(device, info.world_size, info.local_world_size)
@@ -119,7 +126,8 @@ def _join_outside_launch(cfg: ApogeeConfig, out: Path, resume: str, info) -> int
         if failure is not None:
             raise failure
         if error is not None:
-            kind = {"DataError": DataError, "ConfigError": ConfigError, "LaunchError": ConfigError}.get(error[0])
+            kind = {"DataError": DataError, "ConfigError": ConfigError, "LaunchError": ConfigError,
+                    "CheckpointError": CheckpointError}.get(error[0])
             if kind is None:
                 raise RuntimeError(f"rank 0 failed while preparing the run: {error[0]}: {error[1]}")
             raise kind(error[1])
@@ -161,9 +169,38 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
               f"cp={cfg.parallel.cp} dp={cfg.parallel.dp}; MFU peak: {peak.source}", flush=True)
     data = build_training_data(cfg, prefixes)
     trainer = Trainer(cfg, ctx, data, run_dir=Path(run_dir), peak=peak)
-    trainer.fit()
+    checkpointer = Checkpointer(checkpoint_store(cfg, Path(run_dir)), ctx.rank, ctx.world_size,
+                                run_id(Path(run_dir)), on_event=trainer.events.record)
+    start_step = resume_trainer(trainer, checkpointer, cfg, resume, Path(run_dir))
+    trainer.fit(start_step, checkpointer)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def resume_trainer(trainer, checkpointer: Checkpointer, cfg: ApogeeConfig, resume: str, run_dir: Path) -> int:
+    """Load the checkpoint `--resume` selects into `trainer`; returns the step to start from.
+
+    Rank 0 picks (and verifies) the checkpoint and tells the others, so every rank loads the same one.
+    """
+    import torch.distributed as dist
+
+    choice = [None]
+    if trainer.ctx.rank == 0:
+        info = choose_checkpoint(resume, checkpointer.store)
+        if info is not None:
+            check_compatible(info, cfg, run_id(run_dir))
+            choice[0] = (str(info.path), info.step)
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return 0
+    path, step = choice[0]
+    extra = checkpointer.load(trainer, Path(path))
+    cfg.data.skip_steps = list(extra.get("skip_steps", []))
+    if trainer.ctx.rank == 0:
+        trainer.events.record("resume", step=step, path=path)
+        print(f"apogee: resumed from {path} (step {step})", flush=True)
+    return step
 
 
 def exit_on_config_error(fn, *args, **kwargs) -> int:
@@ -173,6 +210,6 @@ def exit_on_config_error(fn, *args, **kwargs) -> int:
 
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, TopologyError, DataError) as err:
+    except (ConfigError, TopologyError, DataError, CheckpointError) as err:
         print(f"apogee: error: {err}", file=sys.stderr)
         return 2

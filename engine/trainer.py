@@ -11,6 +11,7 @@ AdamW with the scheduled learning rate -> log.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ class Trainer:
                  peak: Optional[PeakFlops] = None):
         self.cfg, self.ctx, self.data = cfg, ctx, data
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.events = EventLog(self.run_dir, ctx.rank) if self.run_dir is not None else None
         self.ledger = CommLedger()
         self.dp = comm_group(ctx, "dp", self.ledger)
         self.tp = comm_group(ctx, "tp", self.ledger)
@@ -218,24 +220,41 @@ class Trainer:
         return {"mem_params_bytes": mem["params"], "mem_grads_bytes": mem["grads"],
                 "mem_optim_bytes": mem["optimizer"]}
 
-    def fit(self, start_step: int = 0, on_step: Optional[Callable[[StepResult], None]] = None) -> list[StepResult]:
-        """Train from `start_step` to cfg.train.steps, logging each step on the logging rank."""
+    def checkpoint_extra_state(self) -> dict:
+        """Non-tensor state a checkpoint carries besides weights and optimizer (see engine.checkpoint)."""
+        return {"skip_steps": list(self.cfg.data.skip_steps), "seed": self.cfg.seed}
+
+    def checkpoint_metadata(self) -> dict:
+        """What a checkpoint's manifest records about the run (checked when resuming)."""
+        return {"model": dataclasses.asdict(self.cfg.model), "seed": self.cfg.seed,
+                "parallel": dataclasses.asdict(self.cfg.parallel), "precision": self.cfg.precision.dtype}
+
+    def fit(self, start_step: int = 0, checkpointer=None,
+            on_step: Optional[Callable[[StepResult], None]] = None) -> list[StepResult]:
+        """Train from `start_step` to cfg.train.steps; log every step on the logging rank and, with a
+        checkpointer, save every checkpoint.interval steps and at the end."""
         logs = self.ctx.rank == 0 and self.run_dir is not None
         writer = MetricsWriter(self.run_dir, self.cfg.train.steps, self.cfg.logging.tensorboard) if logs else None
-        events = EventLog(self.run_dir, self.ctx.rank) if self.run_dir is not None else None
-        if events is not None and self.ctx.rank == 0:
-            events.record("start", step=start_step, world_size=self.ctx.world_size)
+        if self.events is not None and self.ctx.rank == 0:
+            self.events.record("start", step=start_step, world_size=self.ctx.world_size)
+        interval, last = self.cfg.checkpoint.interval, self.cfg.train.steps
         results = []
         try:
-            for step in range(start_step, self.cfg.train.steps):
+            for step in range(start_step, last):
                 result = self.train_step(step)
                 results.append(result)
                 if writer is not None:
                     samples = (step + 1) * self.cfg.train.global_batch_size
-                    console = (step + 1) % self.cfg.train.log_interval == 0 or step + 1 == self.cfg.train.steps
+                    console = (step + 1) % self.cfg.train.log_interval == 0 or step + 1 == last
                     writer.write(self.record(result), samples, console=console)
                 if on_step is not None:
                     on_step(result)
+                done = step + 1
+                if checkpointer is not None and ((interval and done % interval == 0) or done == last):
+                    checkpointer.save(self, done, self.checkpoint_metadata(),
+                                      blocking=not self.cfg.checkpoint.async_save)
+            if checkpointer is not None:
+                checkpointer.wait()
         finally:
             if writer is not None:
                 writer.close()

@@ -1,0 +1,241 @@
+"""Sharded, asynchronous, reshardable checkpoints on torch.distributed.checkpoint (DCP).
+
+Every tensor is saved under its global name and shape, as the rectangles ("pieces") this rank
+holds: a column-parallel weight is one piece at row offset tp_rank * rows; a replicated tensor is
+one piece at offset 0, written once however many ranks hold it (DCP deduplicates identical
+pieces); a ZeRO shard of a flattened parameter is a few rectangles. DCP records the pieces of all
+ranks in its metadata and, on load, reads for each rank the overlap of what was saved with what
+the new layout asks for, so a checkpoint saved at tp=2 x pp=2 loads at tp=1 x dp=4 unchanged.
+
+Saving is asynchronous: the step pauses only to copy this rank's pieces to host memory (the
+"snapshot", at most one in flight); a background thread then runs DCP's save on a dedicated gloo
+group (collectives on the training group from two threads could interleave), and rank 0
+publishes the directory atomically (engine.checkpoint_store).
+"""
+from __future__ import annotations
+
+import contextlib
+import pickle
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+from engine.checkpoint_store import CheckpointError, CheckpointStore
+
+
+class GlobalShards(torch.Tensor):
+    """A checkpoint view of a globally-shaped tensor: this rank's pieces and their offsets.
+
+    It implements DCP's checkpointable protocol (__create_write_items__, __create_chunk_list__,
+    __get_tensor_shard__), so DCP saves and loads the pieces in place; it supports no tensor math.
+    """
+
+    @staticmethod
+    def __new__(cls, global_shape, pieces: list[tuple[tuple[int, ...], torch.Tensor]]):
+        first = pieces[0][1]
+        view = torch.Tensor._make_wrapper_subclass(cls, torch.Size(global_shape), dtype=first.dtype, device=first.device)
+        view._pieces = [(torch.Size(offset), tensor) for offset, tensor in pieces]
+        view._properties = TensorProperties.create_from_tensor(first)
+        return view
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"GlobalShards is a checkpoint view; {func} is not supported")
+
+    def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
+        return [WriteItem(index=MetadataIndex(fqn, offset), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=offset, sizes=t.shape),
+                                                      properties=self._properties, size=self.shape))
+                for offset, t in self._pieces]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets=offset, sizes=t.shape) for offset, t in self._pieces]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        for offset, t in self._pieces:
+            if offset == index.offset:
+                return t
+        raise ValueError(f"{index.fqn}: this rank holds no piece at offset {tuple(index.offset)}")
+
+    @property
+    def pieces(self) -> list[tuple[torch.Size, torch.Tensor]]:
+        """(global offset, local tensor) of every piece held here."""
+        return self._pieces
+
+    def snapshot(self) -> "GlobalShards":
+        """The same view over host-memory copies (what an asynchronous save writes)."""
+        return GlobalShards(self.shape, [(o, t.detach().to("cpu", copy=True)) for o, t in self._pieces])
+
+
+def param_view(param: torch.Tensor, tensor: Optional[torch.Tensor] = None) -> GlobalShards:
+    """`tensor` (default: the parameter itself), placed like `param` in the global tensor.
+
+    A tensor-parallel shard (`param.tp_shard = (dim, rank, world)`) sits at offset rank * size
+    along dim; anything else is the whole tensor at offset 0.
+    """
+    tensor = param.data if tensor is None else tensor
+    shape, offset = list(tensor.shape), [0] * tensor.dim()
+    shard = getattr(param, "tp_shard", None)
+    if shard is not None:
+        dim, rank, world = shard
+        offset[dim] = rank * shape[dim]
+        shape[dim] *= world
+    return GlobalShards(shape, [(tuple(offset), tensor)])
+
+
+def model_views(named_params) -> dict[str, GlobalShards]:
+    """'model/<name>' -> view of each parameter (tied duplicates appear once, under the first name)."""
+    views, seen = {}, set()
+    for name, p in named_params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            views[f"model/{name}"] = param_view(p)
+    return views
+
+
+def _ensure_adam_state(optimizer) -> None:
+    """Create AdamW's moments (zeros) before the first step, so there is state to save or load into."""
+    torch_opt = optimizer.optimizer
+    for group in torch_opt.param_groups:
+        for master in group["params"]:
+            state = torch_opt.state[master]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+
+
+def optimizer_views(optimizer) -> dict[str, Any]:
+    """'optim/<name>/{exp_avg,exp_avg_sq,master}' views and the shared step count.
+
+    A ZeRO optimizer supplies its own views (`checkpoint_views()`); the plain one keeps state
+    shaped like each parameter's local shard, so the state sits where its parameter sits.
+    """
+    if hasattr(optimizer, "checkpoint_views"):
+        return optimizer.checkpoint_views()
+    _ensure_adam_state(optimizer)
+    views: dict[str, Any] = {}
+    step = 0.0
+    for name, p, master in zip(optimizer.names, optimizer.params, optimizer.masters):
+        state = optimizer.optimizer.state[master]
+        views[f"optim/{name}/exp_avg"] = param_view(p, state["exp_avg"])
+        views[f"optim/{name}/exp_avg_sq"] = param_view(p, state["exp_avg_sq"])
+        if master is not p:
+            views[f"optim/{name}/master"] = param_view(p, master)
+        step = float(state["step"])
+    views["optim/step"] = torch.tensor(step)
+    return views
+
+
+def load_optimizer_step(optimizer, step_tensor: torch.Tensor) -> None:
+    """Set AdamW's per-parameter step count (one shared value) after a load."""
+    if hasattr(optimizer, "load_checkpoint_step"):
+        optimizer.load_checkpoint_step(float(step_tensor))
+        return
+    for state in optimizer.optimizer.state.values():
+        state["step"].fill_(float(step_tensor))
+
+
+@contextlib.contextmanager
+def single_process_quietly():
+    """Silence DCP's warning that a one-process save/load is one process: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+class Checkpointer:
+    """Saves and loads one rank's share of the training state; one asynchronous save in flight."""
+
+    def __init__(self, store: CheckpointStore, rank: int, world_size: int, run_id: str,
+                 on_event: Callable[..., None] = lambda *a, **k: None):
+        self.store, self.rank, self.world_size, self.run_id = store, rank, world_size, run_id
+        self.on_event = on_event
+        # DCP's collectives run in a background thread; a group of their own keeps them from
+        # interleaving with the training step's collectives on the default group.
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def state_views(self, trainer) -> dict[str, Any]:
+        """Everything a checkpoint holds for `trainer`, as DCP-savable views (no copies)."""
+        views = model_views(trainer.named_parameters())
+        views.update(optimizer_views(trainer.optimizer))
+        return views
+
+    def save(self, trainer, step: int, metadata: dict, blocking: bool = False) -> float:
+        """Checkpoint the state after `step` steps; returns the pause the step saw (seconds)."""
+        self.wait()  # bound staging memory: at most one checkpoint in flight
+        start = time.perf_counter()
+        snapshot = {k: (v.snapshot() if isinstance(v, GlobalShards) else v.detach().clone())
+                    for k, v in self.state_views(trainer).items()}
+        snapshot["trainer"] = pickle.dumps({**trainer.checkpoint_extra_state(), "step": step})
+        snapshot[f"rng/{self.rank}"] = pickle.dumps(torch.get_rng_state())
+        pause = time.perf_counter() - start
+        token = f"{self.run_id}-{step}"
+        self._thread = threading.Thread(target=self._write, args=(snapshot, step, token, metadata, pause),
+                                        name=f"checkpoint-step-{step}", daemon=True)
+        self._thread.start()
+        if blocking:
+            self.wait()
+        return pause
+
+    def _write(self, snapshot: dict, step: int, token: str, metadata: dict, pause: float) -> None:
+        try:
+            start = time.perf_counter()
+            partial = self.store.root / f"step_{step:08d}.partial-{token}"
+            if self.rank == 0:
+                partial = self.store.new_partial(step, token)
+            self._barrier()
+            with single_process_quietly():
+                dcp.save(snapshot, storage_writer=dcp.FileSystemWriter(str(partial), sync_files=True),
+                         process_group=self.group, no_dist=self.group is None)
+            self._barrier()
+            if self.rank == 0:
+                info = self.store.publish(partial, step, {**metadata, "run_id": self.run_id,
+                                                          "world_size": self.world_size})
+                size = sum(p.stat().st_size for p in info.path.rglob("*") if p.is_file())
+                self.on_event("checkpoint_saved", step=step, path=str(info.path), bytes=size,
+                              pause_s=pause, write_s=time.perf_counter() - start)
+        except BaseException as err:  # surfaced to the training thread by wait()
+            self._error = err
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    def wait(self) -> None:
+        """Block until the checkpoint in flight (if any) is published; re-raise its failure."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            if isinstance(err, CheckpointError):
+                raise err
+            raise CheckpointError(f"saving a checkpoint failed: {err}") from err
+
+    def load(self, trainer, path: Path) -> dict:
+        """Load the checkpoint at `path` into `trainer` (any saved layout); returns its extra state."""
+        views = self.state_views(trainer)
+        holder = {**views, "trainer": b""}
+        rng_key = f"rng/{self.rank}"
+        holder[rng_key] = b""
+        with single_process_quietly():
+            dcp.load(holder, checkpoint_id=str(path), process_group=self.group, no_dist=self.group is None,
+                     planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        if "optim/step" in views:
+            load_optimizer_step(trainer.optimizer, holder["optim/step"])
+        if hasattr(trainer.optimizer, "after_checkpoint_load"):  # e.g. ZeRO re-gathers parameters
+            trainer.optimizer.after_checkpoint_load()
+        if isinstance(holder[rng_key], bytes) and holder[rng_key]:
+            torch.set_rng_state(pickle.loads(holder[rng_key]))
+        return pickle.loads(holder["trainer"])

@@ -1,0 +1,54 @@
+"""`apogee export --checkpoint DIR --to hf --out DIR`: a checkpoint of any layout -> Hugging Face Llama.
+
+The checkpoint's model tensors are saved under global names and shapes, so one process loads them
+into a whole single-rank model whatever layout wrote them; hf_interop then writes the HF layout.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from engine.checkpoint import model_views, single_process_quietly
+from engine.checkpoint_store import CheckpointError, read_manifest, verify
+from engine.config import ModelConfig
+from engine.model import LlamaModel
+
+
+def load_model(checkpoint: str | Path) -> LlamaModel:
+    """The whole model (fp32, one process) held by a checkpoint directory of any layout."""
+    path = Path(checkpoint)
+    problem = verify(path) if path.is_dir() else "no such directory"
+    if problem is not None:
+        raise CheckpointError(f"--checkpoint {checkpoint}: {problem}")
+    cfg = ModelConfig(**read_manifest(path)["metadata"]["model"])
+    model = LlamaModel(cfg)
+    views = model_views(model.named_parameters())
+    with single_process_quietly():
+        dcp.load(views, checkpoint_id=str(path), no_dist=True, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    return model
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `apogee export`."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (runs/NAME/checkpoints/step_...)")
+    parser.add_argument("--to", choices=["hf"], default="hf", help="target format (hf: Hugging Face Llama)")
+    parser.add_argument("--out", required=True, help="output directory")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Export; a bad checkpoint exits 2 with the reason."""
+    from engine.hf_interop import save_hf
+
+    try:
+        model = load_model(args.checkpoint)
+        save_hf(model, model.cfg, args.out)
+    except (CheckpointError, ValueError) as err:
+        print(f"apogee: error: {err}", file=sys.stderr)
+        return 2
+    print(f"apogee: exported {args.checkpoint} -> {args.out} (Hugging Face Llama, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters)")
+    return 0

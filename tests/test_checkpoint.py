@@ -1,0 +1,173 @@
+"""Checkpoints: bitwise resume, resharding across layouts, export, and refusing what must not load."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.parity import FakeData, max_relative_loss_diff, max_weight_diff, parity_config, train_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Interrupted(Exception):
+    """Stands in for a crash right after a step."""
+
+
+def _segment(rank, world_size, overrides, steps, run_dir, stop_after=None):
+    """Train (resuming from run_dir's checkpoints if any) until `stop_after` steps or the end.
+
+    Returns ({step: loss} of the steps run here, full state dict at the end (rank 0), resumed-from step).
+    """
+    from engine.checkpoint import Checkpointer
+    from engine.parallelize import gather_full_state_dict
+    from engine.resume import checkpoint_store, run_id
+    from engine.runner import parallel_dims, resume_trainer
+    from engine.trainer import Trainer
+    from parallel.topology import ParallelContext
+
+    cfg = parity_config(overrides, world_size, steps)
+    ctx = ParallelContext.single() if world_size == 1 else ParallelContext.create(parallel_dims(cfg))
+    run_dir = Path(run_dir)
+    trainer = Trainer(cfg, ctx, FakeData.for_config(cfg), run_dir=run_dir)
+    checkpointer = Checkpointer(checkpoint_store(cfg, run_dir), ctx.rank, ctx.world_size, run_id(run_dir),
+                                on_event=trainer.events.record)
+    start = resume_trainer(trainer, checkpointer, cfg, "auto", run_dir)
+    losses = {}
+
+    def on_step(result):
+        losses[result.step] = result.loss
+        if stop_after is not None and result.step + 1 == stop_after:
+            raise Interrupted()
+
+    try:
+        trainer.fit(start, checkpointer, on_step=on_step)
+    except Interrupted:
+        checkpointer.wait()
+    state = gather_full_state_dict(trainer.model, ctx)
+    return losses, ({k: v.numpy() for k, v in state.items()} if ctx.rank == 0 else None), start
+
+
+def _run(world_size, *args):
+    if world_size == 1:
+        return _segment(0, 1, *args)
+    from tests.distributed import run_distributed
+    return run_distributed(_segment, world_size, *args, timeout=300)[0]
+
+
+def _new_run_dir(tmp_path, name):
+    from engine.resume import run_id
+    run_dir = tmp_path / name
+    run_id(run_dir)  # created once here, so ranks only read it
+    return run_dir
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path):
+    overrides = ["checkpoint.interval=2"]
+    clean_losses, clean_state, _ = _run(1, overrides, 7, _new_run_dir(tmp_path, "clean"))
+    run_dir = _new_run_dir(tmp_path, "crashy")
+    first, _, _ = _run(1, overrides, 7, run_dir, 5)  # crash after step 5 (checkpoint of step 4 exists)
+    second, state, resumed_from = _run(1, overrides, 7, run_dir)
+    assert resumed_from == 4
+    merged = {**first, **second}  # steps 4 (index) onward were re-run after the resume
+    assert [merged[s] for s in range(7)] == [clean_losses[s] for s in range(7)]
+    assert second[4] == first[4]
+    for name, value in clean_state.items():
+        assert (state[name] == value).all(), name
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    saved = [e for e in events if e["type"] == "checkpoint_saved"]
+    assert [e["step"] for e in saved] == [2, 4, 6, 7] and all(e["pause_s"] > 0 for e in saved)
+    assert any(e["type"] == "resume" and e["step"] == 4 for e in events)
+
+
+@pytest.mark.distributed
+def test_resume_at_tp2_dp2_is_bitwise_and_reshards_to_dp4_and_one_rank(tmp_path):
+    steps = 8
+    reference, reference_state = train_layout([], 1, steps)
+    layout_a = ["parallel.tp=2", "checkpoint.interval=3"]
+    run_dir = _new_run_dir(tmp_path, "a")
+    first, _, _ = _run(4, layout_a, steps, run_dir, 4)          # tp=2 x dp=2, crash after step 4
+    clean, clean_state, _ = _run(4, layout_a, steps, _new_run_dir(tmp_path, "a-clean"))
+    resumed, state, start = _run(4, layout_a, steps, run_dir)   # same layout: bitwise
+    assert start == 3 and [resumed[s] for s in range(3, steps)] == [clean[s] for s in range(3, steps)]
+    assert all((state[k] == v).all() for k, v in clean_state.items())
+
+    for world, layout in ((4, ["parallel.tp=1"]), (1, [])):      # reshard the step-3 checkpoint
+        target = _new_run_dir(tmp_path, f"reshard-{world}")
+        (target / "checkpoints").mkdir()
+        source = run_dir / "checkpoints" / "step_00000003"
+        subprocess.run(["cp", "-r", str(source), str(target / "checkpoints")], check=True)
+        (target / "checkpoints" / "latest").write_text("step_00000003\n")
+        (target / "run_id").write_text((run_dir / "run_id").read_text())
+        losses, state, start = _run(world, layout, steps, target)
+        assert start == 3
+        curve = [first[s] for s in range(3)] + [losses[s] for s in range(3, steps)]
+        assert max_relative_loss_diff(curve, reference) < 1e-5, layout
+        assert max_weight_diff({k: torch.from_numpy(v) for k, v in state.items()}, reference_state) < 1e-5
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from tests.corpus import make_dataset
+    return make_dataset(tmp_path_factory.mktemp("corpus"))
+
+
+def _pretrain(run_dir, dataset, *sets):
+    small = ["model.hidden_size=64", "model.num_layers=2", "model.seq_length=32", "train.micro_batch_size=2",
+             "train.global_batch_size=4", "train.steps=2", "checkpoint.interval=1", f"data.inputs=[{dataset}]",
+             f"data.cache_dir={Path(run_dir).parent}/cache"]
+    return _cli("pretrain", "--run-dir", str(run_dir), "--set", *small, *sets)
+
+
+def test_resuming_with_another_model_names_the_differing_fields(tmp_path, dataset):
+    assert _pretrain(tmp_path / "run", dataset).returncode == 0
+    result = _pretrain(tmp_path / "run", dataset, "model.hidden_size=32", "model.ffn_hidden_size=96")
+    assert result.returncode == 2
+    assert "model.hidden_size: checkpoint 64, config 32" in result.stderr
+    assert "model.ffn_hidden_size: checkpoint 352, config 96" in result.stderr
+
+
+def test_a_checkpoint_of_another_run_is_refused_unless_allowed(tmp_path, dataset):
+    assert _pretrain(tmp_path / "base", dataset).returncode == 0
+    other = str(tmp_path / "base" / "checkpoints" / "step_00000002")
+    refused = _pretrain(tmp_path / "branch", dataset, "train.steps=3", "--resume", other)
+    assert refused.returncode == 2 and "set checkpoint.allow_other_run=true" in refused.stderr
+    allowed = _pretrain(tmp_path / "branch", dataset, "train.steps=3", "checkpoint.allow_other_run=true",
+                        "--resume", other)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "resumed from" in allowed.stdout
+
+
+def test_a_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, dataset):
+    run = tmp_path / "run"
+    assert _pretrain(run, dataset).returncode == 0
+    newest = run / "checkpoints" / "step_00000002"
+    data_file = next(p for p in newest.iterdir() if p.suffix == ".distcp")
+    data_file.write_bytes(data_file.read_bytes()[:-7] + b"garbage")
+    result = _pretrain(run, dataset, "train.steps=3")
+    assert result.returncode == 0, result.stderr
+    assert "step_00000002 is not usable" in result.stdout and "does not match its checksum" in result.stdout
+    assert "resumed from" in result.stdout and "step_00000001 (step 1)" in result.stdout
+
+
+def test_export_to_hugging_face_gives_the_same_logits(tmp_path, dataset):
+    from transformers import LlamaForCausalLM
+
+    from engine.export import load_model
+    run = tmp_path / "run"
+    assert _pretrain(run, dataset).returncode == 0
+    checkpoint = run / "checkpoints" / "step_00000002"
+    result = _cli("export", "--checkpoint", str(checkpoint), "--to", "hf", "--out", str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    ours = load_model(checkpoint).eval()
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, 258, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(tokens) - theirs(tokens).logits).abs().max().item()
+    assert diff < 1e-5
