@@ -91,13 +91,18 @@ def param_view(param: torch.Tensor, tensor: Optional[torch.Tensor] = None) -> Gl
     return GlobalShards(shape, [(tuple(offset), tensor)])
 
 
-def model_views(named_params) -> dict[str, GlobalShards]:
-    """'model/<name>' -> view of each parameter (tied duplicates appear once, under the first name)."""
+def model_views(named_params, tie_embeddings: bool = False) -> dict[str, GlobalShards]:
+    """'model/<name>' -> view of each parameter (tied duplicates appear once, under the first name).
+
+    With tied embeddings, a last pipeline stage's own copy of the output matrix is the embedding:
+    it is saved and loaded under 'model/embed_tokens.weight', so any layout finds it.
+    """
     views, seen = {}, set()
     for name, p in named_params:
         if id(p) not in seen:
             seen.add(id(p))
-            views[f"model/{name}"] = param_view(p)
+            key = "embed_tokens.weight" if tie_embeddings and name == "lm_head.weight" else name
+            views[f"model/{key}"] = param_view(p)
     return views
 
 
@@ -167,7 +172,7 @@ class Checkpointer:
 
     def state_views(self, trainer) -> dict[str, Any]:
         """Everything a checkpoint holds for `trainer`, as DCP-savable views (no copies)."""
-        views = model_views(trainer.named_parameters())
+        views = model_views(trainer.named_parameters(), trainer.cfg.model.tie_embeddings)
         views.update(optimizer_views(trainer.optimizer))
         return views
 
@@ -226,6 +231,16 @@ class Checkpointer:
     def load(self, trainer, path: Path) -> dict:
         """Load the checkpoint at `path` into `trainer` (any saved layout); returns its extra state."""
         views = self.state_views(trainer)
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        # fp32 masters are absent from an fp32 run's checkpoint: a bf16 run re-reads them from the
+        # loaded weights. Anything else missing means the checkpoint does not hold this model.
+        masters_missing = [k for k in views if k.endswith("/master") and k not in saved]
+        for key in masters_missing:
+            del views[key]
+        missing = [k for k in views if k not in saved]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors this layout needs, e.g. "
+                                  f"{', '.join(missing[:3])}")
         holder = {**views, "trainer": b""}
         rng_key = f"rng/{self.rank}"
         holder[rng_key] = b""
@@ -234,6 +249,8 @@ class Checkpointer:
                      planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
         if "optim/step" in views:
             load_optimizer_step(trainer.optimizer, holder["optim/step"])
+        if masters_missing:
+            trainer.optimizer.sync_masters_from_params()
         if hasattr(trainer.optimizer, "after_checkpoint_load"):  # e.g. ZeRO re-gathers parameters
             trainer.optimizer.after_checkpoint_load()
         if isinstance(holder[rng_key], bytes) and holder[rng_key]:

@@ -26,7 +26,7 @@ def load_model(checkpoint: str | Path) -> LlamaModel:
         raise CheckpointError(f"--checkpoint {checkpoint}: {problem}")
     cfg = ModelConfig(**read_manifest(path)["metadata"]["model"])
     model = LlamaModel(cfg)
-    views = model_views(model.named_parameters())
+    views = model_views(model.named_parameters(), cfg.tie_embeddings)
     with single_process_quietly():
         dcp.load(views, checkpoint_id=str(path), no_dist=True, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     return model
