@@ -92,6 +92,8 @@ class LayoutRun:
     """Microbatches per step on each DP rank."""
     num_buckets: int = 0
     """Buckets of the DP gradient buffer."""
+    buckets: list[int] = field(default_factory=list)
+    """Per rank: buckets of its DP gradient buffer (pipeline stages hold different parameters)."""
 
 
 def parity_config(overrides: list[str], world_size: int, steps: int):
@@ -113,7 +115,7 @@ def _run_layout(overrides: list[str], world_size: int, steps: int, ctx_factory) 
     ledger = dict(trainer.ledger.bytes), dict(trainer.ledger.calls)
     state = gather_full_state_dict(trainer.chunks, ctx)
     return LayoutRun(losses, state if ctx.rank == 0 else None, [ledger[0]], [ledger[1]], [trainer.grads.num_bytes],
-                     trainer.num_microbatches, len(trainer.grads.buckets))
+                     trainer.num_microbatches, len(trainer.grads.buckets), [len(trainer.grads.buckets)])
 
 
 def _distributed_context(cfg):
@@ -152,7 +154,7 @@ def train_layouts(layouts: list[list[str]], world_size: int, steps: int, timeout
         state = {name: torch.from_numpy(value) for name, value in runs[0].state_dict.items()}
         merged.append(LayoutRun(runs[0].losses, state, [r.ledgers[0] for r in runs],
                                 [r.calls[0] for r in runs], [r.grad_buffer_bytes[0] for r in runs],
-                                runs[0].num_microbatches, runs[0].num_buckets))
+                                runs[0].num_microbatches, runs[0].num_buckets, [r.buckets[0] for r in runs]))
     return merged
 
 
