@@ -198,7 +198,7 @@ class StageComm:
     to the first for the next virtual chunk). Each (boundary, direction) has its own tag, so
     messages between the same two ranks never match the wrong receive, and every send is booked
     in the 'pp' ledger as 'send_forward' or 'send_backward'. `wait_seconds` accumulates the time
-    spent blocked in receives: the rank's bubble.
+    spent blocked in receives, `compute_seconds` (kept by `run_schedule`) the forwards and backwards.
     """
 
     def __init__(self, group: Group, virtual_stages: int, shape: Sequence[int], dtype: torch.dtype,
@@ -209,6 +209,7 @@ class StageComm:
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
         self.num_model_chunks = group.size * virtual_stages
         self.wait_seconds = 0.0
+        self.compute_seconds = 0.0
         self._pending: list = []
 
     def model_chunk(self, chunk: int) -> int:
@@ -295,7 +296,9 @@ def run_schedule(order: Sequence[Action], comm: StageComm, forward_step: Forward
         key = (action.chunk, action.microbatch)
         if action.kind == FORWARD:
             stage_input = comm.recv_forward(action.chunk)
+            start = time.perf_counter()
             output = forward_step(action.chunk, action.microbatch, stage_input)
+            comm.compute_seconds += time.perf_counter() - start
             comm.send_forward(output, action.chunk)
             in_flight[key] = (stage_input, output)
             continue
@@ -303,7 +306,9 @@ def run_schedule(order: Sequence[Action], comm: StageComm, forward_step: Forward
         output_grad = comm.recv_backward(action.chunk)
         if before_backward is not None:
             before_backward(action.chunk, action.microbatch)
+        start = time.perf_counter()
         torch.autograd.backward(output, output_grad)
+        comm.compute_seconds += time.perf_counter() - start
         comm.send_backward(None if stage_input is None else stage_input.grad, action.chunk)
     if in_flight:
         raise PipelineError(f"schedule ended with forwards never run backward: {sorted(in_flight)}")
