@@ -4,8 +4,8 @@ Ring attention is checked on real gloo rings of 2 and 4 ranks against F.scaled_d
 over the whole sequence: in fp64 to ~1e-12 (the math is exact, not just close), in fp32 to fp32
 rounding, and in bf16 loosely; forward and the gradients of q, k and v; GQA and MHA.
 
-Parity: cp=2, cp=4, cp=2 x tp=2 with sequence parallelism and cp=2 x dp=2 reproduce the
-single-rank run over ten fp32 steps of the tiny parity model: per-step loss within 1e-5 relative,
+Parity: cp=2, cp=4, cp=2 x tp=2 with sequence parallelism, cp=2 x dp=2 and (8 ranks, marked slow)
+tp=2 x pp=2 x cp=2 reproduce the single-rank run over ten fp32 steps of the tiny parity model: per-step loss within 1e-5 relative,
 final weights within 1e-5 (max abs, as the TP/DP parity tests) and within 1e-5 relative (norm of
 the difference over the norm, per parameter).
 
@@ -17,6 +17,7 @@ B_kv = b * (s/cp) * kv_heads * d * element_size the bytes of the local K (or V):
 each in cp-1 messages. Per training step that is L layers x m microbatches of it; the gradients
 (dp-cp/all_reduce, the whole buffer once) and the loss sum (dp-cp/metrics, 4 bytes) are reduced
 over dp x cp, and TP terms are those of tests/test_parity_tp_dp.py on the s/cp local tokens.
+Under pipeline parallelism a stage runs L/pp layers, so its ring traffic is L/pp x m x the above.
 """
 from dataclasses import replace
 
@@ -38,6 +39,7 @@ FOUR_RANK_LAYOUTS = {
     "cp2_dp2": ["parallel.cp=2", "parallel.dp=2"],
 }
 LAYOUTS = {**{k: (v, 2) for k, v in TWO_RANK_LAYOUTS.items()}, **{k: (v, 4) for k, v in FOUR_RANK_LAYOUTS.items()}}
+FULL_4D = ["parallel.tp=2", "parallel.pp=2", "parallel.cp=2"]  # 8 ranks: ~50 s here, so marked slow
 # (dtype, q heads, kv heads, tolerance) of the ring-attention checks; b=2, s=32, d=8.
 RING_CASES = [(torch.float64, 4, 2, 1e-12), (torch.float64, 4, 4, 1e-12), (torch.float32, 4, 2, 2e-6),
               (torch.bfloat16, 4, 2, 3e-2)]
@@ -124,6 +126,7 @@ def _case_id(case):
     return f"{str(case[0]).split('.')[-1]}-hq{case[1]}-hkv{case[2]}"
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", range(len(RING_CASES)), ids=[_case_id(c) for c in RING_CASES])
 def test_ring_attention_equals_full_causal_attention_forward_and_backward(world, case, ring_results):
@@ -134,6 +137,7 @@ def test_ring_attention_equals_full_causal_attention_forward_and_backward(world,
         assert max(errors.values()) <= tolerance, f"rank {rank}: {errors}"
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", range(len(RING_CASES)), ids=[_case_id(c) for c in RING_CASES])
 def test_ring_attention_traffic_per_call(world, case, ring_results):
@@ -171,6 +175,7 @@ def _max_relative_weight_diff(state: dict, reference: dict) -> float:
     return max(((state[name] - ref).norm() / ref.norm()).item() for name, ref in reference.items())
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_context_parallel_matches_single_rank_loss_and_weights(layout, runs, reference):
     run = runs[layout]
@@ -188,18 +193,16 @@ def test_context_parallel_matches_single_rank_loss_and_weights(layout, runs, ref
 def expected_cp_step_traffic(cfg) -> dict:
     """{(group, op): bytes} of one training step with context parallelism (module docstring)."""
     m, p, train = cfg.model, cfg.parallel, cfg.train
-    b, s_local, L = train.micro_batch_size, m.seq_length // p.cp, m.num_layers
-    microbatches = train.global_batch_size // (b * p.dp)
+    s_local = m.seq_length // p.cp
     # TP and SP act on the s/cp local tokens exactly as on a shorter sequence; DP terms move to dp-cp.
     local = replace(cfg, model=replace(m, seq_length=s_local))
     expected = {key: n for key, n in expected_step_traffic(local).items() if key[0] != "dp"}
-    kv_bytes = b * s_local * (m.num_kv_heads // p.tp) * m.head_dim * 4
-    ring = L * microbatches * 2 * (p.cp - 1) * kv_bytes
-    expected.update({("cp", "ring_kv"): ring, ("cp", "ring_kv_backward"): ring, ("cp", "ring_dkv"): ring,
-                     ("dp-cp", "all_reduce"): _local_parameter_count(cfg) * 4, ("dp-cp", "metrics"): 4})
+    expected.update(expected_ring_traffic(cfg))
+    expected.update({("dp-cp", "all_reduce"): _local_parameter_count(cfg) * 4, ("dp-cp", "metrics"): 4})
     return expected
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_context_parallel_step_traffic_equals_the_formulas_exactly(layout, runs):
     overrides, world = LAYOUTS[layout]
@@ -207,3 +210,33 @@ def test_context_parallel_step_traffic_equals_the_formulas_exactly(layout, runs)
     expected = expected_cp_step_traffic(cfg)
     for rank, ledger in enumerate(runs[layout].ledgers):
         assert ledger == expected, f"rank {rank}"
+
+
+def expected_ring_traffic(cfg) -> dict:
+    """{('cp', op): bytes} of one step on any rank: L/pp layers x m microbatches x one call's ring traffic."""
+    m, p, train = cfg.model, cfg.parallel, cfg.train
+    b, s_local = train.micro_batch_size, m.seq_length // p.cp
+    microbatches = train.global_batch_size // (b * p.dp)
+    kv_bytes = b * s_local * (m.num_kv_heads // p.tp) * m.head_dim * 4
+    ring = m.num_layers // p.pp * microbatches * 2 * (p.cp - 1) * kv_bytes
+    return {("cp", "ring_kv"): ring, ("cp", "ring_kv_backward"): ring, ("cp", "ring_dkv"): ring}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tp2_pp2_cp2_matches_single_rank_and_moves_the_ring_bytes(reference):
+    run = train_layouts([FULL_4D], 8, STEPS)[0]
+    loss_diff = max_relative_loss_diff(run.losses, reference.losses)
+    weight_diff = max_weight_diff(run.state_dict, reference.state_dict)
+    relative_weight_diff = _max_relative_weight_diff(run.state_dict, reference.state_dict)
+    print(f"tp2_pp2_cp2: max relative loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}, "
+          f"max relative weight diff {relative_weight_diff:.2e}")
+    assert loss_diff <= 1e-5, (run.losses, reference.losses)
+    assert weight_diff <= 1e-5
+    assert relative_weight_diff <= 1e-5
+    expected = expected_ring_traffic(parity_config(FULL_4D, 8, STEPS))
+    for rank, ledger in enumerate(run.ledgers):
+        assert {k: v for k, v in ledger.items() if k[0] == "cp"} == expected, f"rank {rank}"
+        # Gradients over dp x cp: the whole (stage's) buffer once; the loss sum once.
+        assert ledger[("dp-cp", "all_reduce")] == run.grad_buffer_bytes[rank]
+        assert ledger[("dp-cp", "metrics")] == 4
