@@ -103,13 +103,15 @@ class ShardedParameters:
     def _wrap_chunk(self, chunk: nn.Module, first_index: int) -> list[_Unit]:
         layers = list(getattr(chunk, "layers", {}).values()) if hasattr(chunk, "layers") else []
         in_layer = {id(p) for layer in layers for p in layer.parameters()}
-        root_params = [(n, p) for n, p in unique_trainable(chunk.named_parameters()) if id(p) not in in_layer]
+        named = unique_trainable(chunk.named_parameters())
+        global_name = {id(p): n for n, p in named}  # optimizer state is keyed by the chunk's names
+        root_params = [(n, p) for n, p in named if id(p) not in in_layer]
         units, layer_units = [], []
         root = _Unit(first_index, root_params) if root_params else None
         if root is not None:
             units.append(root)
         for layer in layers:
-            params = unique_trainable(layer.named_parameters())
+            params = [(global_name[id(p)], p) for _, p in unique_trainable(layer.named_parameters())]
             if not params:
                 continue
             unit = _Unit(first_index + len(units), params)
