@@ -14,8 +14,8 @@ all-reduced over TP here (every TP rank has the same layout, so the pieces line 
 
 Optimizer state is exposed layout-free (`sharded_state_dict`): per parameter name, `FlatShard`s
 of its master, exp_avg and exp_avg_sq giving the parameter's shape and the flat offset of this
-rank's piece, which is what a checkpoint needs to save and reshard it (`to_sharded_tensor` gives
-torch.distributed.checkpoint a ShardedTensor).
+rank's piece, which is what a checkpoint needs to save and reshard it (`to_sharded_tensors` gives
+torch.distributed.checkpoint ShardedTensors).
 """
 from __future__ import annotations
 
@@ -181,25 +181,35 @@ class ShardedOptimizer:
         return {**(self._memory() if self._memory else {}), "optimizer": optimizer}
 
 
-def to_sharded_tensor(pieces: list[tuple[int, FlatShard]], group_ranks: list[int], my_index: int):
-    """A 1-D ShardedTensor of a flattened parameter from every owner's (dp index, FlatShard).
+def to_sharded_tensors(sharded_state: dict, layout, group_ranks: list[int], my_index: int) -> dict:
+    """{'<param>.<key>': 1-D ShardedTensor of the flattened parameter-shaped state} for DCP.
 
-    `pieces` lists every DP rank's piece (each rank computes them from the layout, so no
-    communication is needed); `group_ranks` maps DP index to global rank. DCP saves it with its
-    global size and reads any overlapping pieces on load, which is what lets a checkpoint written
-    at one DP size be loaded at another.
+    Every DP rank's piece of every parameter comes from the layout (`layout.segments(r)`), so
+    the global metadata is built without communication; `group_ranks` maps DP index to global
+    rank. DCP saves each tensor with its global size and on load reads whatever saved pieces
+    overlap the requested ones, so state written at one DP size loads at another.
     """
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
     from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
-    numel = math.prod(pieces[0][1].global_shape)
-    metadata, local = [], []
-    for index, piece in pieces:
-        placement = f"rank:{group_ranks[index]}/{piece.local.device}"
-        metadata.append(ShardMetadata([piece.offset], [piece.local.numel()], placement))
-        if index == my_index:
-            local.append(Shard(piece.local, metadata[-1]))
-    props = TensorProperties(dtype=pieces[0][1].local.dtype)
-    global_metadata = ShardedTensorMetadata(metadata, torch.Size([numel]), props)
-    return ShardedTensor._init_from_local_shards_and_global_metadata(local, global_metadata)
+    owners: dict[str, list] = {}
+    for index in range(layout.dp_size):
+        for segment in layout.segments(index):
+            owners.setdefault(segment.name, []).append((index, segment.param_offset, segment.length))
+    out = {}
+    for name, entry in sharded_state.items():
+        for key, value in entry.items():
+            if not isinstance(value, FlatShard):
+                continue
+            metadata, local = [], []
+            for index, offset, length in owners[name]:
+                meta = ShardMetadata([offset], [length], f"rank:{group_ranks[index]}/{value.local.device}")
+                metadata.append(meta)
+                if index == my_index:
+                    local.append(Shard(value.local, meta))
+            props = TensorProperties(dtype=value.local.dtype)
+            numel = math.prod(value.global_shape)
+            out[f"{name}.{key}"] = ShardedTensor._init_from_local_shards_and_global_metadata(
+                local, ShardedTensorMetadata(metadata, torch.Size([numel]), props))
+    return out
