@@ -70,9 +70,17 @@ class GlobalShards(torch.Tensor):
         """(global offset, local tensor) of every piece held here."""
         return self._pieces
 
-    def snapshot(self) -> "GlobalShards":
-        """The same view over host-memory copies (what an asynchronous save writes)."""
-        return GlobalShards(self.shape, [(o, t.detach().to("cpu", copy=True)) for o, t in self._pieces])
+    def snapshot(self, staging: Optional["GlobalShards"] = None) -> "GlobalShards":
+        """The same view over host-memory copies (what an asynchronous save writes).
+
+        `staging`, a previous snapshot of the same view, is reused: copying into memory that is
+        already mapped costs a fraction of allocating it anew each time.
+        """
+        if staging is None or [t.shape for _, t in staging.pieces] != [t.shape for _, t in self._pieces]:
+            return GlobalShards(self.shape, [(o, t.detach().to("cpu", copy=True)) for o, t in self._pieces])
+        for (_, target), (_, source) in zip(staging.pieces, self._pieces):
+            target.copy_(source.detach())
+        return staging
 
 
 def param_view(param: torch.Tensor, tensor: Optional[torch.Tensor] = None) -> GlobalShards:
@@ -169,6 +177,7 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        self._staging: dict[str, Any] = {}  # host copies reused by every save (one in flight)
 
     def state_views(self, trainer) -> dict[str, Any]:
         """Everything a checkpoint holds for `trainer`, as DCP-savable views (no copies)."""
@@ -180,8 +189,9 @@ class Checkpointer:
         """Checkpoint the state after `step` steps; returns the pause the step saw (seconds)."""
         self.wait()  # bound staging memory: at most one checkpoint in flight
         start = time.perf_counter()
-        snapshot = {k: (v.snapshot() if isinstance(v, GlobalShards) else v.detach().clone())
+        snapshot = {k: (v.snapshot(self._staging.get(k)) if isinstance(v, GlobalShards) else v.detach().clone())
                     for k, v in self.state_views(trainer).items()}
+        self._staging = {k: v for k, v in snapshot.items() if isinstance(v, GlobalShards)}
         snapshot["trainer"] = pickle.dumps({**trainer.checkpoint_extra_state(), "step": step})
         snapshot[f"rng/{self.rank}"] = pickle.dumps(torch.get_rng_state())
         pause = time.perf_counter() - start
