@@ -194,7 +194,26 @@ class ResilienceConfig:
     """Fault detection and recovery."""
 
     inject: list = field(default_factory=list)
-    """Faults to rehearse, e.g. 'kill:rank=1:step=7'."""
+    """Faults to rehearse, one string each: 'kill:rank=1:step=7', 'raise:rank=0:step=4',
+    'hang:rank=0:step=5', 'bitflip:target=grad:rank=1:step=9:bit=30', 'garbage_batch:step=12'."""
+    max_restarts: int = 3
+    """Times the launcher restarts all ranks after a failure before giving up."""
+    hang_timeout_s: float = 300.0
+    """Seconds without progress after which the watchdog dumps stacks and exits (0 disables it)."""
+    check_interval: int = 10
+    """Steps between cross-replica fingerprint checks of gradients and parameters (0 disables)."""
+    audit_interval: int = 0
+    """Steps between deterministic-replay audits of a whole step (0 disables)."""
+    spike_factor: float = 1.5
+    """A loss above spike_factor x the median of the last spike_window losses is a spike."""
+    grad_spike_factor: float = 20.0
+    """A grad norm above grad_spike_factor x the median of the last spike_window norms is a spike."""
+    spike_window: int = 20
+    """Losses (and grad norms) the spike statistics are taken over; no spike check before that many."""
+    max_rewinds: int = 3
+    """Rewinds tolerated within rewind_window steps before the run stops with an error."""
+    rewind_window: int = 100
+    """Window (steps) over which rewinds are counted."""
 
 
 @dataclass
