@@ -17,8 +17,8 @@ of source rank j = (r - i) mod cp, i.e. chunks j and 2cp-1-j:
   follows both: both my chunks see the first half of the K/V block fully, none of the second.
 - j >  r: r < j <= cp-1 < 2cp-1-j < 2cp-1-r. Both source chunks follow my first chunk and precede
   my second: my second chunk (the second half of my queries) sees the whole K/V block fully.
-So every off-diagonal block is an unmasked n x 2n or 2n x n attention: half the work of the
-diagonal, equal on every rank.
+So every off-diagonal block is an unmasked n x 2n or 2n x n attention, 2n^2 query-key pairs,
+about as many as the causal diagonal block keeps, on every rank and at every step.
 
 Partial results are merged with their log-sum-exp (online softmax) in fp32 (fp64 inputs stay
 fp64, which lets tests compare with the full-sequence attention to ~1e-12). The backward is
