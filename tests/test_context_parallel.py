@@ -4,16 +4,17 @@ Ring attention is checked on real gloo rings of 2 and 4 ranks against F.scaled_d
 over the whole sequence: in fp64 to ~1e-12 (the math is exact, not just close), in fp32 to fp32
 rounding, and in bf16 loosely; forward and the gradients of q, k and v; GQA and MHA.
 
-Parity: cp=2, cp=4, cp=2 x tp=2 with sequence parallelism, cp=2 x dp=2 and (8 ranks, marked slow)
-tp=2 x pp=2 x cp=2 reproduce the single-rank run over ten fp32 steps of the tiny parity model: per-step loss within 1e-5 relative,
-final weights within 1e-5 (max abs, as the TP/DP parity tests) and within 1e-5 relative (norm of
-the difference over the norm, per parameter).
+Parity: cp=2, cp=4, cp=2 x tp=2 with sequence parallelism, cp=2 x dp=2 and (8 ranks, marked
+slow) tp=2 x pp=2 x cp=2 reproduce the single-rank run over ten fp32 steps of the tiny parity
+model: per-step loss within 1e-5 relative, final weights within 1e-5 (max abs, as the TP/DP
+parity tests) and within 1e-5 relative (norm of the difference over the norm, per parameter).
 
 Traffic of one attention call on each rank (ledger group 'cp', booked by the sender), with
 B_kv = b * (s/cp) * kv_heads * d * element_size the bytes of the local K (or V):
     ring_kv          = 2 * (cp-1) * B_kv         forward: K and V passed cp-1 times
     ring_kv_backward = 2 * (cp-1) * B_kv         backward: K and V passed around again
-    ring_dkv         = 2 * (cp-1) * B_kv * 4 / element_size   dK/dV fp32 accumulators, cp-1 hops home
+    ring_dkv         = 2 * (cp-1) * B_kv * max(4, element_size) / element_size
+                                                 dK/dV accumulators (fp32; fp64 for fp64), cp-1 hops home
 each in cp-1 messages. Per training step that is L layers x m microbatches of it; the gradients
 (dp-cp/all_reduce, the whole buffer once) and the loss sum (dp-cp/metrics, 4 bytes) are reduced
 over dp x cp, and TP terms are those of tests/test_parity_tp_dp.py on the s/cp local tokens.
