@@ -15,7 +15,7 @@ At dp=1 the same buffer and hooks give fp32 gradient accumulation; no collective
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -65,6 +65,9 @@ class GradBuffer:
         if members:
             self._add_bucket(start, offset, members)
         self.is_last_microbatch = True
+        # Called with (bucket index, local gradient) just before a bucket is reduced: the point
+        # where resilience fingerprints (and rehearses corruption of) this rank's own gradients.
+        self.before_reduce: Optional[Callable[[int, torch.Tensor], None]] = None
         # Parameters whose main_grad holds a previous step's values, to be overwritten (or zeroed in
         # finish) rather than added to; empty outside start_step..finish.
         self._unwritten: set[int] = set()
@@ -97,7 +100,12 @@ class GradBuffer:
             return
         bucket.pending.discard(id(param))
         if not bucket.pending:
-            bucket.handle = all_reduce(bucket.data, self.group, async_op=True)
+            self._launch(bucket)
+
+    def _launch(self, bucket: "_Bucket") -> None:
+        if self.before_reduce is not None:
+            self.before_reduce(self.buckets.index(bucket), bucket.data)
+        bucket.handle = all_reduce(bucket.data, self.group, async_op=True)
 
     def _rearm(self) -> None:
         for bucket in self.buckets:
@@ -123,12 +131,15 @@ class GradBuffer:
         """Wait for (or issue, for buckets whose parameters got no gradient) every reduction."""
         self._zero_unwritten()
         if self.group.size == 1:
+            if self.before_reduce is not None:
+                for index, bucket in enumerate(self.buckets):
+                    self.before_reduce(index, bucket.data)
             return
         for bucket in self.buckets:
             if bucket.handle is None:
                 # Parameters unused this step never fire their hook; their zero grads still join
                 # the reduction so that every rank issues the same collectives in the same order.
-                bucket.handle = all_reduce(bucket.data, self.group, async_op=True)
+                self._launch(bucket)
         for bucket in self.buckets:
             bucket.handle.wait()
         # Re-arm here too, not only in start_step: a caller that zeroes gradients another way

@@ -1,0 +1,221 @@
+"""The step guard: judges every step, and turns anomalies into rewinds, skips and named faulty ranks.
+
+After each step the guard decides, identically on every rank (one tiny all-reduce over the world):
+
+    NaN/Inf or spike in loss/grad norm        -> suspect: rewind to the last checkpoint, replay
+    replicas' parameter fingerprints differ   -> the odd rank is confirmed (majority); with no
+                                                 majority (dp=2), suspect both and replay
+    replaying a suspect step                  -> ranks whose local loss / gradient fingerprints
+                                                 (or parameters) changed had a transient fault:
+                                                 sdc_confirmed, their work is gone with the rewind;
+                                                 if every rank reproduced it, the arithmetic is
+                                                 real: rewind again and skip that data batch
+
+Checkpoints are only taken at steps whose replicas were just compared, so a rewind never lands on
+a checkpoint that already holds a corrupted replica. Too many rewinds within a window stop the run
+(`ResilienceError`). Faults rehearsed through `resilience.inject` (bit flips, garbage batches)
+enter here, at the points where real corruption would.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from engine.config import ResilienceConfig
+from engine.resilience.sdc import (StepFingerprints, fingerprint, gather_ints, loss_bits, odd_ones_out,
+                                   parameter_fingerprint)
+from engine.resilience.spikes import SpikeDetector
+from parallel.collectives import Group, all_reduce
+
+
+class ResilienceError(RuntimeError):
+    """The run cannot recover on its own (too many rewinds, nothing to rewind to)."""
+
+
+@dataclass
+class Rewind(Exception):
+    """Raised after a step: go back to the last good checkpoint (and maybe skip a data batch)."""
+
+    reason: str
+    skip_step: Optional[int] = None  # optimizer step whose data batch is never trained on again
+
+
+@dataclass
+class _Suspect:
+    step: int
+    kind: str  # 'anomaly' (replay compares local results) or 'replicas' (compares parameters)
+    reason: str
+    record: object
+
+
+def flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
+    """Flip bit `bit` of element `index` (flat) of a float tensor, in place: a rehearsed SDC."""
+    flat = tensor.detach().view(-1)
+    ints = flat.view({torch.float32: torch.int32, torch.bfloat16: torch.int16}[flat.dtype])
+    ints[index % flat.numel()] ^= (1 << bit) if bit < ints.element_size() * 8 - 1 else -(1 << bit)
+
+
+class StepGuard:
+    """Per-rank resilience logic around the trainer's steps (see the module docstring)."""
+
+    def __init__(self, cfg: ResilienceConfig, trainer, world: Group, injector=None, events=None):
+        self.cfg, self.trainer, self.world, self.injector, self.events = cfg, trainer, world, injector, events
+        self.detector = SpikeDetector(cfg.spike_window, cfg.spike_factor, cfg.grad_spike_factor)
+        self.fingerprints = StepFingerprints()
+        self.suspect: Optional[_Suspect] = None
+        self.rewind_steps: deque = deque()
+        self.garbage_batches: set[int] = set()
+        if hasattr(trainer.grads, "before_reduce"):
+            trainer.grads.before_reduce = self._before_reduce
+        first = trainer.chunks[0]
+        if first.layers:  # activations are corrupted at the output of this rank's first layer
+            next(iter(first.layers.values())).register_forward_hook(self._corrupt_activation)
+        self.step = -1
+
+    # -- rehearsed faults ------------------------------------------------------------------------
+
+    def _take(self, kind: str, step: int, target: Optional[str] = None):
+        if self.injector is None:
+            return None
+        for fault in self.injector.pending(kind, step):
+            if target is None or getattr(fault, "target", None) == target:
+                self.injector.mark_fired(fault)
+                return fault
+        return None
+
+    def _record(self, type: str, **fields) -> None:
+        if self.events is not None:
+            self.events.record(type, **fields)
+
+    def _record_once(self, type: str, **fields) -> None:
+        """An event every rank knows of, written once (by rank 0)."""
+        if self.trainer.ctx.rank == 0:
+            self._record(type, **fields)
+
+    def _before_reduce(self, index: int, local_grad: torch.Tensor) -> None:
+        fault = self._take("bitflip", self.step, "grad")
+        if fault is not None:
+            flip_bit(local_grad, 0, fault.bit)
+            self._record("fault_injected", kind="bitflip", target="grad", step=self.step, bit=fault.bit)
+        self.fingerprints.grad_buckets[index] = fingerprint(local_grad)
+
+    def _corrupt_activation(self, module, inputs, output):
+        fault = self._take("bitflip", self.step, "activation")
+        if fault is not None:
+            flip_bit(output, 0, fault.bit)
+            self._record("fault_injected", kind="bitflip", target="activation", step=self.step, bit=fault.bit)
+        return output
+
+    def garbage_batch(self, step: int, data_batch: int, microbatches: list[torch.Tensor],
+                      vocab_size: int) -> list[torch.Tensor]:
+        """The step's microbatches, replaced by uniform random tokens if a garbage batch is rehearsed.
+
+        A bad batch is data: once injected, data batch `data_batch` stays bad every time it is
+        read (a replay sees it again), until a rewind skips it.
+        """
+        if self._take("garbage_batch", step) is not None:
+            self.garbage_batches.add(data_batch)
+            self._record_once("fault_injected", kind="garbage_batch", step=step + 1, data_batch=data_batch)
+        if data_batch not in self.garbage_batches:
+            return microbatches
+        gen = torch.Generator().manual_seed(1000003 * (data_batch + 1))
+        return [torch.randint(0, vocab_size, mb.shape, generator=gen) for mb in microbatches]
+
+    # -- the decision after each step --------------------------------------------------------------
+
+    def begin_step(self, step: int) -> None:
+        """Reset the step's fingerprints (called before its forward/backward)."""
+        self.step = step
+        self.fingerprints = StepFingerprints()
+
+    def checks_replicas(self, step: int, saving: bool) -> bool:
+        """Whether step `step` compares replicas: every check_interval steps and before every save."""
+        interval = self.cfg.check_interval
+        return saving or bool(interval and (step + 1) % interval == 0)
+
+    def after_step(self, step: int, loss: float, grad_norm: float, local_loss: torch.Tensor,
+                   saving: bool = False) -> None:
+        """Judge step `step`; raise Rewind when the run must go back. Call on every rank."""
+        fault = self._take("bitflip", step, "param")
+        if fault is not None:  # memory corruption of this rank's copy, after the update
+            flip_bit(next(p for _, p in self.trainer.named_parameters()), 0, fault.bit)
+            self._record("fault_injected", kind="bitflip", target="param", step=step, bit=fault.bit)
+        self.fingerprints.loss_bits = loss_bits(local_loss)
+        suspect = self.suspect if self.suspect is not None and self.suspect.step == step else None
+        compare = suspect is not None or self.checks_replicas(step, saving)
+        params = parameter_fingerprint(self.trainer.named_parameters()) if compare else 0
+        if suspect is not None:
+            self._diagnose(suspect, params)
+        anomaly = self.detector.judge(loss, grad_norm)
+        flags = torch.tensor([1 if anomaly else 0], dtype=torch.int64)
+        all_reduce(flags, self.world, op=dist.ReduceOp.MAX, purpose="resilience")
+        if flags.item() and anomaly is None:
+            anomaly = "an anomaly on another rank"
+        if anomaly is not None:
+            if suspect is not None:  # every rank reproduced it: real arithmetic, not a fault
+                self._rewind(step, f"step {step + 1} reproduced on replay ({anomaly}); skipping its batch",
+                             skip=True)
+            self.suspect = _Suspect(step, "anomaly", anomaly, self.fingerprints)
+            self._record_once("sdc_suspect", step=step + 1, reason=anomaly)
+            self._rewind(step, f"step {step + 1}: {anomaly}; rewinding to replay it")
+        if compare:
+            self._compare_replicas(step, params)
+        self.detector.accept(loss, grad_norm)
+
+    def _compare_replicas(self, step: int, params: int) -> None:
+        group = self.trainer.grad_group
+        values = gather_ints([params], group)
+        odd = odd_ones_out([v[0] for v in values])
+        odd_flag = torch.tensor([1 if odd else 0], dtype=torch.int64)
+        all_reduce(odd_flag, self.world, op=dist.ReduceOp.MAX, purpose="resilience")
+        if not odd_flag.item():
+            return
+        ranks = dist.get_process_group_ranks(group.process_group) if group.size > 1 else [self.trainer.ctx.rank]
+        named = [ranks[i] for i in odd]
+        # Always settle it by replay, even with a majority: every rank then takes the same path
+        # (the same collectives), and the verdict rests on evidence, not on a vote.
+        likely = " (the majority points at them)" if odd and len(odd) < len(values) else ""
+        self.suspect = _Suspect(step, "replicas", f"replicas {named} disagree{likely}", params)
+        self._record_once("sdc_suspect", step=step + 1, reason=f"data-parallel replicas {named} disagree{likely}")
+        self._rewind(step, f"step {step + 1}: replicas {named} disagree{likely}; rewinding to replay")
+
+    def _diagnose(self, suspect: _Suspect, params: int) -> None:
+        """At the replay of a suspect step: which ranks computed something different this time?"""
+        if suspect.kind == "anomaly":
+            changed = self.fingerprints.differs_from(suspect.record)
+        else:
+            changed = "parameters" if params != suspect.record else None
+        flags = gather_ints([1 if changed else 0], self.world)
+        faulty = [rank for rank, (flag,) in enumerate(flags) if flag]
+        self.suspect = None
+        if faulty:
+            if changed:
+                self._record("sdc_confirmed", step=suspect.step + 1, faulty_rank=self.trainer.ctx.rank,
+                             evidence=f"{changed} not reproducible on replay ({suspect.reason})")
+            if self.trainer.ctx.rank == 0:
+                print(f"apogee: silent data corruption at step {suspect.step + 1} on rank(s) {faulty}: "
+                      f"not reproducible on replay; their work was discarded by the rewind", flush=True)
+
+    def _rewind(self, step: int, reason: str, skip: bool = False) -> None:
+        self.rewind_steps.append(step)
+        while self.rewind_steps and self.rewind_steps[0] <= step - self.cfg.rewind_window:
+            self.rewind_steps.popleft()
+        if len(self.rewind_steps) > self.cfg.max_rewinds:
+            raise ResilienceError(f"{len(self.rewind_steps)} rewinds within {self.cfg.rewind_window} steps "
+                                  f"(resilience.max_rewinds={self.cfg.max_rewinds}); last: {reason}. Stopping: "
+                                  f"inspect events.jsonl, then resume with --resume auto")
+        if skip:
+            self.suspect = None
+        raise Rewind(reason, skip_step=step if skip else None)
+
+    def state_dict(self) -> dict:
+        """Spike history, saved in checkpoints so a resumed run judges as the uninterrupted one."""
+        return {"detector": self.detector.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` (after a resume or a rewind)."""
+        self.detector.load_state_dict(state.get("detector", {}))

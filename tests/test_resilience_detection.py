@@ -1,0 +1,66 @@
+"""Detection building blocks: exact fingerprints, majority attribution, spike judgement."""
+import math
+
+import pytest
+import torch
+
+from engine.resilience.guard import flip_bit
+from engine.resilience.sdc import StepFingerprints, fingerprint, loss_bits, odd_ones_out
+from engine.resilience.spikes import SpikeDetector
+
+
+@pytest.mark.parametrize("dtype, bit", [(torch.float32, b) for b in (0, 7, 22, 30, 31)] +
+                         [(torch.bfloat16, b) for b in (0, 7, 14, 15)])
+def test_any_single_bit_flip_changes_the_fingerprint(dtype, bit):
+    t = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    before = fingerprint(t)
+    flip_bit(t, 123, bit)
+    assert fingerprint(t) != before
+    flip_bit(t, 123, bit)
+    assert fingerprint(t) == before  # flipping back restores it exactly
+
+
+def test_fingerprint_does_not_depend_on_order_but_on_bits():
+    t = torch.randn(4096, generator=torch.Generator().manual_seed(1))
+    assert fingerprint(t) == fingerprint(t.flip(0))
+    assert fingerprint(t) != fingerprint(t + 1e-7)
+
+
+def test_flipping_the_exponent_msb_makes_a_huge_value():
+    t = torch.tensor([1e-3])
+    flip_bit(t, 0, 30)
+    assert t.item() > 1e30
+
+
+def test_odd_ones_out_names_the_minority_or_everyone_in_a_tie():
+    assert odd_ones_out([5, 5, 7, 5]) == [2]
+    assert odd_ones_out([5, 5, 5]) == []
+    assert odd_ones_out([5, 7]) == [0, 1]
+
+
+def test_step_fingerprints_say_what_differs():
+    a = StepFingerprints(loss_bits(torch.tensor(2.5)), {0: 11, 1: 12})
+    assert a.differs_from(StepFingerprints(loss_bits(torch.tensor(2.5)), {0: 11, 1: 12})) is None
+    assert a.differs_from(StepFingerprints(loss_bits(torch.tensor(2.5)), {0: 11, 1: 13})) == "local gradient (bucket 1)"
+    assert a.differs_from(StepFingerprints(loss_bits(torch.tensor(2.25)), {0: 11, 1: 12})) == "local loss"
+
+
+def test_spike_detector_waits_for_its_window_then_judges_against_the_median():
+    det = SpikeDetector(window=5, loss_factor=1.5, grad_factor=10.0)
+    for loss in (9.0, 7.0, 5.0, 4.0, 3.5):  # the steep start never counts as a spike
+        assert det.judge(loss, 1.0) is None
+        det.accept(loss, 1.0)
+    assert det.judge(5.5, 1.0) is None              # 5.5 < 1.5 x median 5.0
+    assert "loss 8.0000 > 1.5 x median" in det.judge(8.0, 1.0)
+    assert "grad norm" in det.judge(3.0, 11.0)
+    assert det.judge(float("nan"), 1.0) == "loss is nan"
+    assert det.judge(3.0, math.inf) == "grad norm is inf"
+
+
+def test_spike_detector_state_round_trips():
+    det = SpikeDetector(window=3)
+    for x in (3.0, 2.0, 1.0, 0.5):
+        det.accept(x, x)
+    again = SpikeDetector(window=3)
+    again.load_state_dict(det.state_dict())
+    assert list(again.losses) == [2.0, 1.0, 0.5] and again.judge(10.0, 1.0) == det.judge(10.0, 1.0)
