@@ -1,0 +1,190 @@
+"""Fault injection: rehearse failures from the config (`resilience.inject`), once each.
+
+One string per fault, fields separated by ':'; a fault's step k is the k-th optimizer step, the
+one logged as `step: k` in metrics.jsonl (the trainer's 0-based index k-1):
+
+    kill:rank=R:step=K                     rank R dies by SIGKILL when it reaches step K
+    raise:rank=R:step=K                    rank R raises InjectedFault at step K
+    hang:rank=R:step=K                     rank R stops making progress at step K (the watchdog ends it)
+    bitflip:target=T:rank=R:step=K:bit=B   flip bit B of one element of T (grad|param|activation)
+                                           on rank R at step K; optional element=E (flat index, default 0)
+    garbage_batch:step=K                   replace step K's batch with garbage tokens; optional rank=R
+
+kill, raise and hang fire in `FaultInjector.before_step`; bitflip and garbage_batch are fired by
+the code that owns those tensors, through `pending()` and `mark_fired()`.
+
+A fault fires once per run directory: it is recorded durably ('fault_injected' in events.jsonl,
+fsynced) before it fires, and a restarted run that passes step K again skips it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from engine.config import ConfigError
+from engine.events import EventLog
+from engine.resilience.recovery import record_durably
+
+# kind -> (required fields, optional fields)
+KINDS = {
+    "kill": (("rank", "step"), ()),
+    "raise": (("rank", "step"), ()),
+    "hang": (("rank", "step"), ()),
+    "bitflip": (("target", "rank", "step", "bit"), ("element",)),
+    "garbage_batch": (("step",), ("rank",)),
+}
+TARGETS = ("grad", "param", "activation")
+MAX_BIT = 31  # fp32, the widest element the engine trains with; narrower dtypes are checked where they flip
+FORMS = ("kill:rank=R:step=K, raise:rank=R:step=K, hang:rank=R:step=K, "
+         "bitflip:target=grad|param|activation:rank=R:step=K:bit=B[:element=E], garbage_batch:step=K[:rank=R]")
+STEP_FAULTS = ("kill", "raise", "hang")  # the kinds before_step fires
+
+
+class InjectedFault(RuntimeError):
+    """The exception a `raise:` fault throws (a stand-in for any bug that kills one rank)."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One parsed `resilience.inject` entry."""
+
+    index: int  # position in resilience.inject: with the text, identifies the fault across restarts
+    spec: str  # the entry as written
+    kind: str
+    step: int  # 1-based, as in metrics.jsonl
+    rank: Optional[int] = None  # None: every rank (garbage_batch without rank=)
+    target: Optional[str] = None
+    bit: Optional[int] = None
+    element: int = 0
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """Identity of the fault in the fired records."""
+        return (self.index, self.spec)
+
+    def applies_to(self, rank: int) -> bool:
+        """Whether this fault fires on `rank`."""
+        return self.rank is None or self.rank == rank
+
+
+def parse_fault(text: str, index: int, world_size: Optional[int] = None) -> Fault:
+    """Parse entry `index` of resilience.inject; ConfigError naming the entry, the value and the forms."""
+    def bad(problem: str) -> ConfigError:
+        return ConfigError(f"resilience.inject[{index}]={text!r}: {problem}; valid forms: {FORMS}")
+
+    if not isinstance(text, str) or not text.strip():
+        raise bad("expected a string such as 'kill:rank=1:step=7'")
+    kind, *parts = text.strip().split(":")
+    if kind not in KINDS:
+        raise bad(f"unknown fault kind {kind!r} (kinds: {', '.join(KINDS)})")
+    required, optional = KINDS[kind]
+    fields: dict[str, str] = {}
+    for part in parts:
+        name, sep, value = part.partition("=")
+        if not sep or not name or not value:
+            raise bad(f"{part!r} is not name=value")
+        if name not in required + optional:
+            raise bad(f"{kind} takes {', '.join(required + optional)}, not {name!r}")
+        if name in fields:
+            raise bad(f"{name} given twice")
+        fields[name] = value
+    missing = [name for name in required if name not in fields]
+    if missing:
+        raise bad(f"{kind} needs {', '.join(missing)}")
+    values: dict = {}
+    for name, value in fields.items():
+        if name == "target":
+            if value not in TARGETS:
+                raise bad(f"target={value!r}: expected one of {', '.join(TARGETS)}")
+            values[name] = value
+            continue
+        try:
+            values[name] = int(value)
+        except ValueError:
+            raise bad(f"{name}={value!r}: expected an integer") from None
+    if values["step"] < 1:
+        raise bad(f"step={values['step']}: steps count from 1 (as in metrics.jsonl)")
+    if "rank" in values and values["rank"] < 0:
+        raise bad(f"rank={values['rank']}: expected >= 0")
+    if "rank" in values and world_size is not None and values["rank"] >= world_size:
+        raise bad(f"rank={values['rank']}: expected 0..{world_size - 1} ({world_size} ranks)")
+    if "bit" in values and not 0 <= values["bit"] <= MAX_BIT:
+        raise bad(f"bit={values['bit']}: expected 0..{MAX_BIT}")
+    if values.get("element", 0) < 0:
+        raise bad(f"element={values['element']}: expected >= 0")
+    return Fault(index=index, spec=text.strip(), kind=kind, **values)
+
+
+def parse_faults(entries, world_size: Optional[int] = None) -> list[Fault]:
+    """Every fault of resilience.inject (a list of strings), validated for `world_size` ranks."""
+    if not isinstance(entries, (list, tuple)):
+        raise ConfigError(f"resilience.inject={entries!r}: expected a list of strings, e.g. "
+                          "['kill:rank=1:step=7']")
+    return [parse_fault(text, i, world_size) for i, text in enumerate(entries)]
+
+
+class FaultInjector:
+    """This rank's faults and the hooks that fire them; each fault fires once per run directory.
+
+    The trainer calls `before_step(step)` with its 0-based step index (kill, raise, hang fire
+    there). Code that owns gradients, parameters, activations or batches asks
+    `pending(kind, step)` for the faults due on this rank at that step and calls `mark_fired`
+    on each BEFORE corrupting anything, so that a crash right after still counts it as fired.
+    """
+
+    def __init__(self, faults: list[Fault], rank: int, run_dir: Optional[str | Path]):
+        self.rank = rank
+        self.faults = [f for f in faults if f.applies_to(rank)]
+        self.events = EventLog(run_dir, rank) if run_dir is not None else None
+        self._fired: set[tuple[int, str]] = set()
+        if self.events is not None:
+            self._fired = {(e["index"], e["fault"]) for e in self.events.read()
+                           if e.get("type") == "fault_injected" and e.get("rank") == rank}
+
+    @classmethod
+    def from_config(cls, cfg, rank: int, run_dir: Optional[str | Path]) -> "FaultInjector":
+        """The injector of `rank` for cfg.resilience.inject (empty when nothing is injected)."""
+        return cls(parse_faults(cfg.resilience.inject), rank, run_dir)
+
+    def pending(self, kind: str, step: int) -> list[Fault]:
+        """Faults of `kind` due on this rank at trainer step index `step` (0-based) not fired yet."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        return [f for f in self.faults if f.kind == kind and f.step == step + 1 and f.key not in self._fired]
+
+    def fired(self, fault: Fault) -> bool:
+        """Whether `fault` has fired on this rank (in this attempt or an earlier one)."""
+        return fault.key in self._fired
+
+    def mark_fired(self, fault: Fault, **details) -> dict:
+        """Record durably that `fault` fires now on this rank (call just before firing it)."""
+        self._fired.add(fault.key)
+        event = {"fault": fault.spec, "index": fault.index, "kind": fault.kind, "step": fault.step, **details}
+        if self.events is None:
+            return event
+        # fsynced: the restarted run must see it even if the whole node goes down with this rank
+        return record_durably(self.events, "fault_injected", **event)
+
+    def before_step(self, step: int) -> None:
+        """Fire this rank's kill/raise/hang faults due at trainer step index `step` (0-based)."""
+        for fault in [f for kind in STEP_FAULTS for f in self.pending(kind, step)]:
+            self.mark_fired(fault)
+            print(f"apogee: rank {self.rank}: injecting fault {fault.spec!r}", file=sys.stderr, flush=True)
+            if fault.kind == "kill":
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)  # a real signal death: no cleanup, no exit handlers
+            elif fault.kind == "raise":
+                raise InjectedFault(f"injected fault {fault.spec!r} (resilience.inject[{fault.index}])")
+            else:
+                hang_forever()
+
+
+def hang_forever() -> None:
+    """Stop making progress, as a deadlocked rank would; the hang watchdog (or a signal) ends it."""
+    while True:
+        time.sleep(1.0)

@@ -1,0 +1,90 @@
+"""Hang watchdog: a heartbeat per rank; no progress for hang_timeout_s ends the rank with status 18.
+
+The step loop beats after every step. A daemon thread checks the beat: after `timeout_s`
+seconds without one it writes every thread's stack to RUN_DIR/hang-rank{r}.txt, records a
+'hang' event, and exits the process with HANG_DETECTED (18) so that the launcher restarts the run
+from its latest checkpoint. Every rank dumps its own stacks: when one rank hangs the others block
+in its next collective, so all of them time out, and the dumps together show who waits for whom.
+
+The clock starts at the first beat (the trainer beats once when it starts stepping), so process
+start, rendezvous and checkpoint loading never count against the timeout; a long operation
+inside the loop (e.g. a rewind's checkpoint load) should call `beat` to say it is alive.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from engine.events import EventLog
+from engine.resilience.exit_codes import HANG_DETECTED
+from engine.resilience.recovery import record_durably
+
+
+class Watchdog:
+    """Heartbeat of one rank, watched by a daemon thread (no thread when timeout_s is 0)."""
+
+    def __init__(self, run_dir: Optional[str | Path], rank: int, timeout_s: float):
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.rank, self.timeout_s = rank, float(timeout_s)
+        # (steps completed, monotonic time of the beat); one tuple so the watcher reads a consistent pair
+        self._beat: Optional[tuple[int, float]] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "Watchdog":
+        """Start watching (a no-op when the timeout is 0: the watchdog is off)."""
+        if self.timeout_s > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name=f"hang-watchdog-rank{self.rank}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching (the run finished, or is handing over to something that has its own timeout)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def beat(self, steps_completed: int) -> None:
+        """Progress: `steps_completed` optimizer steps are done (the first beat arms the timeout)."""
+        self._beat = (steps_completed, time.monotonic())
+
+    @property
+    def steps_completed(self) -> Optional[int]:
+        """Steps completed at the last beat (None before the first)."""
+        return self._beat[0] if self._beat is not None else None
+
+    def _watch(self) -> None:
+        # Poll often enough that a hang is caught within ~5% of the timeout.
+        poll = min(1.0, max(0.05, self.timeout_s / 20))
+        while not self._stop.wait(poll):
+            beat = self._beat
+            if beat is not None and time.monotonic() - beat[1] > self.timeout_s:
+                self._on_hang(*beat)
+
+    def _on_hang(self, steps_completed: int, beat_time: float) -> None:
+        silent_s = time.monotonic() - beat_time
+        dump = None
+        if self.run_dir is not None:
+            dump = self.run_dir / f"hang-rank{self.rank}.txt"
+            with open(dump, "w") as f:
+                f.write(f"rank {self.rank} (pid {os.getpid()}): no progress for {silent_s:.1f} s after "
+                        f"step {steps_completed}; stacks of all threads:\n")
+                f.flush()
+                faulthandler.dump_traceback(file=f, all_threads=True)
+                f.flush()
+                os.fsync(f.fileno())
+            record_durably(EventLog(self.run_dir, self.rank), "hang", step=steps_completed + 1,
+                           steps_completed=steps_completed, silent_s=silent_s, timeout_s=self.timeout_s,
+                           stack_dump=str(dump), exit_code=HANG_DETECTED)
+        print(f"apogee: rank {self.rank}: no progress for {silent_s:.0f} s during step {steps_completed + 1} "
+              f"(resilience.hang_timeout_s={self.timeout_s:g}); stacks in {dump}; exiting with status "
+              f"{HANG_DETECTED}", file=sys.stderr, flush=True)
+        # os._exit: the main thread is stuck (in a collective, or the hang), so a normal exit would
+        # wait on it forever; no cleanup is owed, the restart resumes from the last checkpoint.
+        os._exit(HANG_DETECTED)
