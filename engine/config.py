@@ -458,5 +458,10 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
         _require(all(w >= 0 for w in cfg.data.weights) and sum(cfg.data.weights) > 0, "data.weights",
                  cfg.data.weights, "weights must be >= 0 with a positive sum")
     _require(len(cfg.data.inputs) >= 1, "data.inputs", cfg.data.inputs, "needs at least one input")
+    r = cfg.resilience
+    _require(r.max_restarts >= 0, "resilience.max_restarts", r.max_restarts, "must be >= 0")
+    _require(r.hang_timeout_s >= 0, "resilience.hang_timeout_s", r.hang_timeout_s, "must be >= 0 (0 disables the watchdog)")
+    from engine.resilience.faults import parse_faults  # here: faults.py imports this module
+    parse_faults(r.inject, world_size)
     cfg.parallel.dp = dp
     return cfg
