@@ -60,6 +60,10 @@ class Trainer:
         self.cfg, self.ctx, self.data = cfg, ctx, data
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.events = EventLog(self.run_dir, ctx.rank) if self.run_dir is not None else None
+        # Set by the runner when it wants them (engine.resilience): a FaultInjector whose
+        # before_step fires rehearsed faults, and a Watchdog that fit() beats after every step.
+        self.fault_injector = None
+        self.heartbeat = None
         self.ledger = CommLedger()
         self.dp = comm_group(ctx, "dp", self.ledger)
         self.tp = comm_group(ctx, "tp", self.ledger)
@@ -239,8 +243,12 @@ class Trainer:
             self.events.record("start", step=start_step, world_size=self.ctx.world_size)
         interval, last = self.cfg.checkpoint.interval, self.cfg.train.steps
         results = []
+        if self.heartbeat is not None:  # arms the hang timeout: start-up and resume do not count
+            self.heartbeat.beat(start_step)
         try:
             for step in range(start_step, last):
+                if self.fault_injector is not None:
+                    self.fault_injector.before_step(step)
                 result = self.train_step(step)
                 results.append(result)
                 if writer is not None:
@@ -253,6 +261,8 @@ class Trainer:
                 if checkpointer is not None and ((interval and done % interval == 0) or done == last):
                     checkpointer.save(self, done, self.checkpoint_metadata(),
                                       blocking=not self.cfg.checkpoint.async_save)
+                if self.heartbeat is not None:
+                    self.heartbeat.beat(done)
             if checkpointer is not None:
                 checkpointer.wait()
         finally:
