@@ -172,6 +172,8 @@ class ShardedGradBuffer:
             self.grad_buffer = None
             self.shard = torch.zeros(self.layout.shard_numel(), dtype=torch.float32, device=device)
         n = len(self.layout.buckets)
+        sizes = [self.layout.chunk_size(b) for b in range(n)]
+        self._shard_starts = [sum(sizes[:b]) for b in range(n)]  # where bucket b's chunk sits in the shard
         self._bucket_of = {id(p): b for b, bucket in enumerate(self.layout.buckets) for _, p in bucket}
         self._bucket_grads: list[Optional[Tensor]] = [None] * n  # stage 2: live only within a microbatch
         self._pending: list[set] = [set() for _ in range(n)]
@@ -253,7 +255,7 @@ class ShardedGradBuffer:
         self._in_flight[b] = None
 
     def _chunk_of_shard(self, b: int) -> Tensor:
-        start = sum(self.layout.chunk_size(i) for i in range(b))
+        start = self._shard_starts[b]
         return self.shard[start:start + self.layout.chunk_size(b)]
 
     def start_step(self) -> None:
@@ -280,8 +282,7 @@ class ShardedGradBuffer:
         """The reduced fp32 gradient of an owned segment (valid after finish)."""
         if self.stage == 1:
             return param_piece(self.grad_buffer, self.layout, segment)
-        start = sum(self.layout.chunk_size(i) for i in range(segment.bucket)) + segment.chunk_offset
-        return self.shard[start:start + segment.length]
+        return self.shard[segment.local_offset:segment.local_offset + segment.length]
 
     def param_shard(self, segment: Segment) -> Tensor:
         """The parameter values of an owned segment (a view the optimizer updates)."""

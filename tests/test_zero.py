@@ -115,3 +115,27 @@ def test_optimizer_state_saved_at_dp2_loads_whole_at_dp1(two_rank_zero1):
                 expected[offset:offset + local.size] = local
         assert not np.isnan(expected).any(), f"{key}: the two ranks' pieces leave a gap"
         np.testing.assert_array_equal(loaded.numpy(), expected, err_msg=key)
+
+
+def test_zero3_holds_at_most_two_layers_gathered_in_forward_and_frees_everything_after_the_step():
+    from engine.trainer import Trainer
+    from parallel.topology import ParallelContext
+
+    cfg = parity_config(["parallel.zero=3", "model.num_layers=4"], 1, 1)
+    trainer = Trainer(cfg, ParallelContext.single(), FakeData.for_config(cfg))
+    units = trainer.grads.units
+    root, layers = units[0], units[1:]
+    assert len(layers) == 4 and {n for n, _ in root.params} == {"embed_tokens.weight", "norm.weight", "lm_head.weight"}
+    gathered_layers = []  # in each layer's forward: how many layers are materialised
+
+    def count(_module, _args):
+        gathered_layers.append(sum(u.full.untyped_storage().nbytes() > 0 for u in layers))
+
+    for layer in trainer.model.layers.values():
+        layer.register_forward_pre_hook(count)  # after the unit's own pre-hook: it and the prefetch
+    trainer.train_step(0)
+    # Per microbatch: this layer and the next one (prefetched); the last layer has no next.
+    assert gathered_layers == [2, 2, 2, 1] * trainer.num_microbatches
+    assert all(u.full.untyped_storage().nbytes() == 0 for u in units)
+    shard_bytes = trainer.grads.param_shard_flat.numel() * 4
+    assert shard_bytes == sum(p.numel() for u in units for _, p in u.params) * 4  # one rank owns everything
