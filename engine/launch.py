@@ -164,7 +164,14 @@ def init_distributed(info: LaunchInfo, timeout_s: float = 600.0) -> torch.device
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    if info.world_size > 1 and not dist.is_initialized():
+    if info.world_size > 1 and not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # The elastic agent keeps one store for all restarts: without a prefix per attempt, restarted
+        # ranks would read the dead ranks' addresses (process-group keys repeat) and fail to connect.
+        store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False,
+                              timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"apogee/attempt_{info.restart_count}", store),
+                                rank=info.rank, world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
+    elif info.world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend, init_method=f"tcp://{info.master_addr}:{info.master_port}",
                                 rank=info.rank, world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
     return device
