@@ -22,6 +22,10 @@ from engine.resume import check_compatible, checkpoint_store, choose_checkpoint,
 from engine.config import ApogeeConfig, ConfigError, config_from_dict, save_config, validate
 from engine.launch import cpu_threads_per_rank, detect_launcher, init_distributed, launch_local
 from engine.metrics import PeakFlops, machine_peak
+from engine.resilience.faults import FaultInjector
+from engine.resilience.recovery import (record_final_failure, record_restart, report_exception,
+                                        restart_resume_choice, work_lost)
+from engine.resilience.watchdog import Watchdog
 
 
 def parallel_dims(cfg: ApogeeConfig):
@@ -85,7 +89,12 @@ def run_job(cfg: ApogeeConfig, run_dir: Optional[str] = None, nproc: Optional[in
         return 0
     # Measured here, while the cores are idle, and handed to the ranks.
     peak = machine_peak(torch.device("cpu"), world, world) if not torch.cuda.is_available() else None
-    return launch_local(world, local_rank_main, (cfg.to_dict(), str(out), prefixes, resume, peak))
+    # The agent restarts every rank after a failure; restarted ranks resume from the newest checkpoint.
+    status = launch_local(world, local_rank_main, (cfg.to_dict(), str(out), prefixes, resume, peak),
+                          max_restarts=cfg.resilience.max_restarts)
+    if status != 0:  # no restart left: no restarted rank will record this failure, so record it here
+        record_final_failure(out, status)
+    return status
 
 
 def _prepare_run(cfg: ApogeeConfig, out: Path, resume: str) -> list[str]:
@@ -163,24 +172,39 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
     else:
         ctx = ParallelContext.single(device=device)
     peak = peak or machine_peak(device, info.world_size, info.local_world_size)
+    failed_at = None
+    if info.restart_count > 0:  # an elastic restart or a Slurm requeue: continue this run
+        resume = restart_resume_choice(resume, checkpoint_store(cfg, Path(run_dir)))
+        if ctx.rank == 0:
+            failed_at = record_restart(run_dir, info.restart_count, info.launcher)
     if ctx.rank == 0:
         meet = f" meeting at {info.master_addr}:{info.master_port}" if info.world_size > 1 else ""
         print(f"apogee: {ctx.world_size} rank(s) via {info.launcher}{meet}, tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
               f"cp={cfg.parallel.cp} dp={cfg.parallel.dp}; MFU peak: {peak.source}", flush=True)
     data = build_training_data(cfg, prefixes)
     trainer = Trainer(cfg, ctx, data, run_dir=Path(run_dir), peak=peak)
+    trainer.fault_injector = FaultInjector.from_config(cfg, ctx.rank, run_dir)
+    trainer.heartbeat = Watchdog(run_dir, ctx.rank, cfg.resilience.hang_timeout_s).start()
     checkpointer = Checkpointer(checkpoint_store(cfg, Path(run_dir)), ctx.rank, ctx.world_size,
                                 run_id(Path(run_dir)), on_event=trainer.events.record)
-    start_step = resume_trainer(trainer, checkpointer, cfg, resume, Path(run_dir))
-    trainer.fit(start_step, checkpointer)
+    start_step = resume_trainer(trainer, checkpointer, cfg, resume, Path(run_dir), failed_at=failed_at)
+    try:
+        trainer.fit(start_step, checkpointer)
+    except Exception as err:  # leave the cause for the restart to read, then die as before
+        report_exception(run_dir, ctx.rank, (trainer.heartbeat.steps_completed or start_step) + 1, err)
+        raise
+    finally:
+        trainer.heartbeat.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def resume_trainer(trainer, checkpointer: Checkpointer, cfg: ApogeeConfig, resume: str, run_dir: Path) -> int:
+def resume_trainer(trainer, checkpointer: Checkpointer, cfg: ApogeeConfig, resume: str, run_dir: Path,
+                   failed_at: Optional[float] = None) -> int:
     """Load the checkpoint `--resume` selects into `trainer`; returns the step to start from.
 
     Rank 0 picks (and verifies) the checkpoint and tells the others, so every rank loads the same one.
+    After a failure (`failed_at`, its time), the 'resume' event also records the work lost.
     """
     import torch.distributed as dist
 
@@ -192,13 +216,16 @@ def resume_trainer(trainer, checkpointer: Checkpointer, cfg: ApogeeConfig, resum
             choice[0] = (str(info.path), info.step)
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
+    lost = work_lost(run_dir, choice[0][1] if choice[0] else 0, failed_at) if failed_at is not None else {}
     if choice[0] is None:
+        if lost and trainer.ctx.rank == 0:  # a restart with no checkpoint yet: from scratch
+            trainer.events.record("resume", step=0, path=None, **lost)
         return 0
     path, step = choice[0]
     extra = checkpointer.load(trainer, Path(path))
     cfg.data.skip_steps = list(extra.get("skip_steps", []))
     if trainer.ctx.rank == 0:
-        trainer.events.record("resume", step=step, path=path)
+        trainer.events.record("resume", step=step, path=path, **lost)
         print(f"apogee: resumed from {path} (step {step})", flush=True)
     return step
 
