@@ -192,6 +192,8 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
         trainer.fit(start_step, checkpointer)
     except Exception as err:  # leave the cause for the restart to read, then die as before
         report_exception(run_dir, ctx.rank, (trainer.heartbeat.steps_completed or start_step) + 1, err)
+        if dist.is_initialized():  # now: at interpreter exit, gloo's threads abort the process (SIGABRT)
+            dist.destroy_process_group()
         raise
     finally:
         trainer.heartbeat.stop()
