@@ -99,6 +99,74 @@ def param_view(param: torch.Tensor, tensor: Optional[torch.Tensor] = None) -> Gl
     return GlobalShards(shape, [(tuple(offset), tensor)])
 
 
+def flat_pieces(param: torch.Tensor, flat_offset: int, flat: torch.Tensor) -> list[tuple[tuple, torch.Tensor]]:
+    """Elements [flat_offset, +len) of `param`'s flattened local tensor as rectangles of the global tensor.
+
+    ZeRO cuts the flattened parameter anywhere, so a rank's piece of a matrix is a partial row,
+    whole rows and a partial row: three rectangles at most, each with its global offset (the
+    tensor-parallel shard's own offset added). Parameters are 1-D or 2-D.
+    """
+    shape = tuple(param.shape)
+    shard = getattr(param, "tp_shard", None)
+    base = [0] * len(shape)
+    if shard is not None:
+        base[shard[0]] = shard[1] * shape[shard[0]]
+    if len(shape) == 1:
+        return [((base[0] + flat_offset,), flat)]
+    rows, cols = shape
+    pieces, start, end = [], flat_offset, flat_offset + flat.numel()
+    while start < end:
+        row, col = divmod(start, cols)
+        if col or end - start < cols:  # a partial row
+            length = min(cols - col, end - start)
+            block = flat[start - flat_offset:start - flat_offset + length].view(1, length)
+        else:  # as many whole rows as remain
+            count = (end - start) // cols
+            length, block = count * cols, flat[start - flat_offset:start - flat_offset + count * cols].view(count, cols)
+        pieces.append(((base[0] + row, base[1] + col), block))
+        start += length
+    return pieces
+
+
+def _piece_views(entries: list[tuple[torch.Tensor, int, torch.Tensor]]) -> GlobalShards:
+    """One view of the pieces (param, flat offset, flat tensor) of one global tensor."""
+    param = entries[0][0]
+    global_shape = list(param.shape)
+    shard = getattr(param, "tp_shard", None)
+    if shard is not None:
+        global_shape[shard[0]] *= shard[2]
+    pieces = [piece for p, offset, flat in entries for piece in flat_pieces(p, offset, flat)]
+    return GlobalShards(global_shape, pieces)
+
+
+def zero_views(grads, optimizer, tie_embeddings: bool) -> dict[str, Any]:
+    """Views of a ZeRO rank's share: its pieces of every state tensor (and, at stage 3, of the weights).
+
+    Keys are those of the plain layout, so any stage and any layout can load them: fp32 pieces
+    are their own masters (saved as the weights), bf16 pieces add 'optim/<name>/master'.
+    """
+    views: dict[str, Any] = {}
+    _ensure_adam_state(optimizer)
+    state = optimizer.sharded_state_dict()
+    step = 0.0
+    by_key: dict[str, list] = {}
+    for segment, piece in zip(grads.segments, [grads.param_shard(s) for s in grads.segments]):
+        entry = state[segment.name]
+        name = "embed_tokens.weight" if tie_embeddings and segment.name == "lm_head.weight" else segment.name
+        keys = {f"optim/{name}/{k}": entry[k].local for k in ("exp_avg", "exp_avg_sq")}
+        if entry["master"].local.dtype != piece.dtype:
+            keys[f"optim/{name}/master"] = entry["master"].local
+        if not hasattr(grads, "all_gather_params"):  # stage 3: the weights exist only as pieces
+            keys[f"model/{name}"] = piece
+        for key, flat in keys.items():
+            by_key.setdefault(key, []).append((segment.param, segment.param_offset, flat))
+        step = entry.get("step", step)
+    for key, entries in by_key.items():
+        views[key] = _piece_views(entries)
+    views["optim/step"] = torch.tensor(float(step))
+    return views
+
+
 def model_views(named_params, tie_embeddings: bool = False) -> dict[str, GlobalShards]:
     """'model/<name>' -> view of each parameter (tied duplicates appear once, under the first name).
 
@@ -129,11 +197,9 @@ def _ensure_adam_state(optimizer) -> None:
 def optimizer_views(optimizer) -> dict[str, Any]:
     """'optim/<name>/{exp_avg,exp_avg_sq,master}' views and the shared step count.
 
-    A ZeRO optimizer supplies its own views (`checkpoint_views()`); the plain one keeps state
-    shaped like each parameter's local shard, so the state sits where its parameter sits.
+    The plain optimizer keeps state shaped like each parameter's local shard, so the state sits
+    where its parameter sits (ZeRO's flat pieces are mapped by `zero_views`).
     """
-    if hasattr(optimizer, "checkpoint_views"):
-        return optimizer.checkpoint_views()
     _ensure_adam_state(optimizer)
     views: dict[str, Any] = {}
     step = 0.0
@@ -148,11 +214,17 @@ def optimizer_views(optimizer) -> dict[str, Any]:
     return views
 
 
+@torch.no_grad()
+def _sync_masters(optimizer) -> None:
+    """fp32 masters re-read from the (loaded) low-precision weights, for any optimizer kind."""
+    params = getattr(optimizer, "param_pieces", None) or optimizer.params
+    for p, master in zip(params, optimizer.masters):
+        if p is not master:
+            master.copy_(p)
+
+
 def load_optimizer_step(optimizer, step_tensor: torch.Tensor) -> None:
     """Set AdamW's per-parameter step count (one shared value) after a load."""
-    if hasattr(optimizer, "load_checkpoint_step"):
-        optimizer.load_checkpoint_step(float(step_tensor))
-        return
     for state in optimizer.optimizer.state.values():
         state["step"].fill_(float(step_tensor))
 
@@ -181,8 +253,14 @@ class Checkpointer:
 
     def state_views(self, trainer) -> dict[str, Any]:
         """Everything a checkpoint holds for `trainer`, as DCP-savable views (no copies)."""
-        views = model_views(trainer.named_parameters(), trainer.cfg.model.tie_embeddings)
-        views.update(optimizer_views(trainer.optimizer))
+        tied = trainer.cfg.model.tie_embeddings
+        if trainer.cfg.parallel.zero == 0:
+            views = model_views(trainer.named_parameters(), tied)
+            views.update(optimizer_views(trainer.optimizer))
+            return views
+        views = zero_views(trainer.grads, trainer.optimizer, tied)
+        if hasattr(trainer.grads, "all_gather_params"):  # stages 1-2 hold every weight whole
+            views.update(model_views(trainer.named_parameters(), tied))
         return views
 
     def save(self, trainer, step: int, metadata: dict, blocking: bool = False) -> float:
@@ -260,7 +338,7 @@ class Checkpointer:
         if "optim/step" in views:
             load_optimizer_step(trainer.optimizer, holder["optim/step"])
         if masters_missing:
-            trainer.optimizer.sync_masters_from_params()
+            _sync_masters(trainer.optimizer)
         if hasattr(trainer.optimizer, "after_checkpoint_load"):  # e.g. ZeRO re-gathers parameters
             trainer.optimizer.after_checkpoint_load()
         if isinstance(holder[rng_key], bytes) and holder[rng_key]:

@@ -1,4 +1,5 @@
 """Checkpoints: bitwise resume, resharding across layouts, export, and refusing what must not load."""
+import contextlib
 import json
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def _segment(rank, world_size, overrides, steps, run_dir, stop_after=None):
         trainer.fit(start, checkpointer, on_step=on_step)
     except Interrupted:
         checkpointer.wait()
-    state = gather_full_state_dict(trainer.model, ctx)
+    with getattr(trainer.grads, "gathered", contextlib.nullcontext)():  # ZeRO-3 holds only pieces
+        state = gather_full_state_dict(trainer.chunks, ctx)
     return losses, ({k: v.numpy() for k, v in state.items()} if ctx.rank == 0 else None), start
 
 
@@ -83,28 +85,47 @@ def test_interrupted_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_on
 
 
 @pytest.mark.distributed
-def test_resume_at_tp2_dp2_is_bitwise_and_reshards_to_dp4_and_one_rank(tmp_path):
-    steps = 8
-    reference, reference_state = train_layout([], 1, steps)
-    layout_a = ["parallel.tp=2", "checkpoint.interval=3"]
+def test_resume_at_tp2_dp2_is_bitwise_identical(tmp_path):
+    steps, layout = 6, ["parallel.tp=2", "checkpoint.interval=3"]
     run_dir = _new_run_dir(tmp_path, "a")
-    first, _, _ = _run(4, layout_a, steps, run_dir, 4)          # tp=2 x dp=2, crash after step 4
-    clean, clean_state, _ = _run(4, layout_a, steps, _new_run_dir(tmp_path, "a-clean"))
-    resumed, state, start = _run(4, layout_a, steps, run_dir)   # same layout: bitwise
+    _run(4, layout, steps, run_dir, 4)                         # tp=2 x dp=2, crash after step 4
+    clean, clean_state, _ = _run(4, layout, steps, _new_run_dir(tmp_path, "a-clean"))
+    resumed, state, start = _run(4, layout, steps, run_dir)   # same layout: bitwise
     assert start == 3 and [resumed[s] for s in range(3, steps)] == [clean[s] for s in range(3, steps)]
     assert all((state[k] == v).all() for k, v in clean_state.items())
 
-    for world, layout in ((4, ["parallel.tp=1"]), (1, [])):      # reshard the step-3 checkpoint
-        target = _new_run_dir(tmp_path, f"reshard-{world}")
-        (target / "checkpoints").mkdir()
-        source = run_dir / "checkpoints" / "step_00000003"
-        subprocess.run(["cp", "-r", str(source), str(target / "checkpoints")], check=True)
-        (target / "checkpoints" / "latest").write_text("step_00000003\n")
-        (target / "run_id").write_text((run_dir / "run_id").read_text())
-        losses, state, start = _run(world, layout, steps, target)
+
+@pytest.fixture(scope="module")
+def reference_run():
+    return train_layout([], 1, 6)
+
+
+def _copy_checkpoint(source_run: Path, target: Path, step: int) -> None:
+    (target / "checkpoints").mkdir(parents=True)
+    name = f"step_{step:08d}"
+    subprocess.run(["cp", "-r", str(source_run / "checkpoints" / name), str(target / "checkpoints")], check=True)
+    (target / "checkpoints" / "latest").write_text(name + "\n")
+    (target / "run_id").write_text((source_run / "run_id").read_text())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("source_world, source_layout", [
+    (4, ["parallel.tp=2", "parallel.pp=2"]),
+    (2, ["parallel.zero=1"]),
+    (2, ["parallel.zero=3"]),
+], ids=["tp2xpp2", "zero1xdp2", "zero3xdp2"])
+def test_a_checkpoint_reshards_to_dp4_and_to_one_rank_and_continues_on_the_reference_curve(
+        tmp_path, reference_run, source_world, source_layout):
+    reference, reference_state = reference_run
+    source = _new_run_dir(tmp_path, "source")
+    saved, _, _ = _run(source_world, [*source_layout, "checkpoint.interval=3"], 6, source, 4)
+    for world, layout in ((4, ["parallel.tp=1"]), (1, [])):
+        target = tmp_path / f"target-{world}"
+        _copy_checkpoint(source, target, 3)
+        losses, state, start = _run(world, layout, 6, target)
         assert start == 3
-        curve = [first[s] for s in range(3)] + [losses[s] for s in range(3, steps)]
-        assert max_relative_loss_diff(curve, reference) < 1e-5, layout
+        curve = [saved[s] for s in range(3)] + [losses[s] for s in range(3, 6)]
+        assert max_relative_loss_diff(curve, reference) < 1e-5, (source_layout, layout)
         assert max_weight_diff({k: torch.from_numpy(v) for k, v in state.items()}, reference_state) < 1e-5
 
 
