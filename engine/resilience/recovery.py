@@ -151,7 +151,16 @@ def record_durably(events: EventLog, type: str, **fields) -> dict:
 
 
 def report_exception(run_dir: Optional[str | Path], rank: int, step: Optional[int], error: BaseException) -> None:
-    """A rank about to die of an exception leaves an 'exception' event for the restart to read."""
+    """A rank about to die of an exception prints it and leaves an 'exception' event for the restart.
+
+    Printed here because the elastic agent shows a rank's traceback only when no restart is left.
+    """
+    import sys
+    import traceback
+
+    print(f"apogee: rank {rank} failed during step {step}:", file=sys.stderr)
+    traceback.print_exception(error, file=sys.stderr)
+    sys.stderr.flush()
     if run_dir is not None:
         record_durably(EventLog(run_dir, rank), "exception", step=step, error=f"{type(error).__name__}: {error}",
                        exit_code=EXCEPTION)
