@@ -118,13 +118,15 @@ def work_lost(run_dir: str | Path, resumed_step: int, failed_at: float) -> dict:
     """Steps and seconds of training lost to a failure, resuming from the checkpoint of `resumed_step`.
 
     Steps: those completed after the checkpoint (they will be re-run). Seconds: from the
-    checkpoint's snapshot (or, without a checkpoint, the failed attempt's start) to the failure.
+    checkpoint's snapshot, or from the failed attempt's start if that is later (time spent down
+    before it was counted at the previous failure), to the failure.
     """
     events = EventLog(run_dir, 0).read()
-    since = snapshot_time(events, resumed_step) if resumed_step > 0 else None
-    if since is None:
-        starts = [e["time"] for e in events if e.get("type") == "start" and e["time"] <= failed_at]
-        since = starts[-1] if starts else failed_at
+    starts = [e["time"] for e in events if e.get("type") == "start" and e["time"] <= failed_at]
+    snapshot = snapshot_time(events, resumed_step) if resumed_step > 0 else None
+    since = max(t for t in (snapshot, starts[-1] if starts else None, -1.0) if t is not None)
+    if since < 0:
+        since = failed_at
     return {"work_lost_steps": max(0, last_logged_step(run_dir) - resumed_step),
             "work_lost_s": max(0.0, failed_at - since), "downtime_s": max(0.0, time.time() - failed_at)}
 
