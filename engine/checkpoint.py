@@ -343,4 +343,6 @@ class Checkpointer:
             trainer.optimizer.after_checkpoint_load()
         if isinstance(holder[rng_key], bytes) and holder[rng_key]:
             torch.set_rng_state(pickle.loads(holder[rng_key]))
-        return pickle.loads(holder["trainer"])
+        extra = pickle.loads(holder["trainer"])
+        trainer.load_extra_state(extra)
+        return extra

@@ -127,29 +127,32 @@ class MasterWeightOptimizer:
         (Megatron). A non-finite norm skips the update so NaNs never reach the weights.
         """
         grads, norm_grads = self._gather_grads()
-        if norm_grads:
-            norm_sq = torch.stack(torch._foreach_norm(norm_grads, 2.0)).square().sum()
-        else:
-            norm_sq = torch.zeros((), dtype=torch.float32)
-        if grad_norm_sq_reduce is not None:
-            norm_sq = grad_norm_sq_reduce(norm_sq)
-        norm = math.sqrt(float(norm_sq))
-        if not math.isfinite(norm):
+        try:
+            if norm_grads:
+                norm_sq = torch.stack(torch._foreach_norm(norm_grads, 2.0)).square().sum()
+            else:
+                norm_sq = torch.zeros((), dtype=torch.float32)
+            if grad_norm_sq_reduce is not None:
+                norm_sq = grad_norm_sq_reduce(norm_sq)
+            norm = math.sqrt(float(norm_sq))
+            if not math.isfinite(norm):
+                return norm
+            if self.cfg.clip_grad > 0 and norm > self.cfg.clip_grad:
+                torch._foreach_mul_(grads, self.cfg.clip_grad / (norm + 1e-6))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            low = [(p, m) for p, m in zip(self.params, self.masters) if p is not m]
+            if low:
+                with torch.no_grad():
+                    torch._foreach_copy_([p for p, _ in low], [m for _, m in low])
             return norm
-        if self.cfg.clip_grad > 0 and norm > self.cfg.clip_grad:
-            torch._foreach_mul_(grads, self.cfg.clip_grad / (norm + 1e-6))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        low = [(p, m) for p, m in zip(self.params, self.masters) if p is not m]
-        if low:
-            with torch.no_grad():
-                torch._foreach_copy_([p for p, _ in low], [m for _, m in low])
-        for m in self.masters:
-            # Drop the alias of main_grad: a .grad left on an fp32 parameter would make autograd
-            # accumulate into the buffer in place and the main_grad hook then count it twice.
-            m.grad = None
-        return norm
+        finally:
+            for m in self.masters:
+                # Drop the alias of main_grad, on every path (a skipped step included): a .grad
+                # left on an fp32 parameter would make autograd accumulate into the buffer in
+                # place and the main_grad hook then count it twice.
+                m.grad = None
 
     @torch.no_grad()
     def sync_masters_from_params(self) -> None:

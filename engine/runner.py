@@ -160,7 +160,9 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
     """One rank: join the process group (if not yet joined), build the context and the trainer, train."""
     import torch.distributed as dist
 
-    from engine.trainer import Trainer
+    from engine.resilience.exit_codes import FAULT_DIAGNOSED
+    from engine.resilience.guard import ResilienceError, StepGuard
+    from engine.trainer import Trainer, comm_group
     from parallel.topology import ParallelContext
 
     info = detect_launcher()
@@ -185,11 +187,20 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
     trainer = Trainer(cfg, ctx, data, run_dir=Path(run_dir), peak=peak)
     trainer.fault_injector = FaultInjector.from_config(cfg, ctx.rank, run_dir)
     trainer.heartbeat = Watchdog(run_dir, ctx.rank, cfg.resilience.hang_timeout_s).start()
+    trainer.guard = StepGuard(cfg.resilience, trainer, comm_group(ctx, "world", trainer.ledger),
+                              trainer.fault_injector, trainer.events)
     checkpointer = Checkpointer(checkpoint_store(cfg, Path(run_dir)), ctx.rank, ctx.world_size,
                                 run_id(Path(run_dir)), on_event=trainer.events.record)
     start_step = resume_trainer(trainer, checkpointer, cfg, resume, Path(run_dir), failed_at=failed_at)
     try:
         trainer.fit(start_step, checkpointer)
+    except ResilienceError as err:  # diagnosed: a restart would meet the same fault
+        if ctx.rank == 0:
+            trainer.events.record("stopped", step=trainer.heartbeat.steps_completed, reason=str(err))
+            print(f"apogee: stopping: {err}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(FAULT_DIAGNOSED)
     except Exception as err:  # leave the cause for the restart to read, then die as before
         report_exception(run_dir, ctx.rank, (trainer.heartbeat.steps_completed or start_step) + 1, err)
         if dist.is_initialized():  # now: at interpreter exit, gloo's threads abort the process (SIGABRT)
@@ -224,8 +235,7 @@ def resume_trainer(trainer, checkpointer: Checkpointer, cfg: ApogeeConfig, resum
             trainer.events.record("resume", step=0, path=None, **lost)
         return 0
     path, step = choice[0]
-    extra = checkpointer.load(trainer, Path(path))
-    cfg.data.skip_steps = list(extra.get("skip_steps", []))
+    checkpointer.load(trainer, Path(path))  # also restores the skip list and the guard's history
     if trainer.ctx.rank == 0:
         trainer.events.record("resume", step=step, path=path, **lost)
         print(f"apogee: resumed from {path} (step {step})", flush=True)

@@ -20,7 +20,9 @@ from typing import Callable, Optional
 import torch
 
 from engine.config import ApogeeConfig
+from data_pipeline.loader import data_batch_index
 from engine.events import EventLog
+from engine.resilience.guard import ResilienceError, Rewind
 from engine.grad_sync import build_grad_sync, memory_bytes
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
 from engine.model import LlamaModel, init_parameters
@@ -64,6 +66,8 @@ class Trainer:
         # before_step fires rehearsed faults, and a Watchdog that fit() beats after every step.
         self.fault_injector = None
         self.heartbeat = None
+        self.guard = None  # engine.resilience.guard.StepGuard, set by the runner
+        self.last_local_loss = torch.zeros(())  # this rank's loss sum of the last step, before reduction
         self.ledger = CommLedger()
         self.dp = comm_group(ctx, "dp", self.ledger)
         self.tp = comm_group(ctx, "tp", self.ledger)
@@ -191,8 +195,13 @@ class Trainer:
         self.ledger.reset()
         if microbatches is None:
             microbatches = self.microbatches(step)
+        if self.guard is not None:
+            self.guard.begin_step(step)
+            batch = data_batch_index(step, self.cfg.data.skip_steps)
+            microbatches = self.guard.garbage_batch(step, batch, microbatches, self.cfg.model.vocab_size)
         self.grads.start_step()
         loss_total = self.forward_backward(microbatches)
+        self.last_local_loss = loss_total.clone()
         self.grads.finish()
         lr, grad_norm = self.optimizer_step(step)
         # Every TP rank computed the full loss of its tokens: the sum over DP x CP is the global sum.
@@ -226,7 +235,14 @@ class Trainer:
 
     def checkpoint_extra_state(self) -> dict:
         """Non-tensor state a checkpoint carries besides weights and optimizer (see engine.checkpoint)."""
-        return {"skip_steps": list(self.cfg.data.skip_steps), "seed": self.cfg.seed}
+        return {"skip_steps": list(self.cfg.data.skip_steps), "seed": self.cfg.seed,
+                "resilience": self.guard.state_dict() if self.guard is not None else {}}
+
+    def load_extra_state(self, extra: dict) -> None:
+        """Restore what `checkpoint_extra_state` saved (skip list, the guard's history)."""
+        self.cfg.data.skip_steps = list(extra.get("skip_steps", []))
+        if self.guard is not None:
+            self.guard.load_state_dict(extra.get("resilience", {}))
 
     def checkpoint_metadata(self) -> dict:
         """What a checkpoint's manifest records about the run (checked when resuming)."""
@@ -235,8 +251,12 @@ class Trainer:
 
     def fit(self, start_step: int = 0, checkpointer=None,
             on_step: Optional[Callable[[StepResult], None]] = None) -> list[StepResult]:
-        """Train from `start_step` to cfg.train.steps; log every step on the logging rank and, with a
-        checkpointer, save every checkpoint.interval steps and at the end."""
+        """Train from `start_step` to cfg.train.steps; log every accepted step on the logging rank and,
+        with a checkpointer, save every checkpoint.interval steps and at the end.
+
+        With a step guard (engine.resilience.guard), each step is judged before it is logged or
+        checkpointed; a rejected step rewinds the run to the last good checkpoint (see `rewind`).
+        """
         logs = self.ctx.rank == 0 and self.run_dir is not None
         writer = MetricsWriter(self.run_dir, self.cfg.train.steps, self.cfg.logging.tensorboard) if logs else None
         if self.events is not None and self.ctx.rank == 0:
@@ -245,27 +265,64 @@ class Trainer:
         results = []
         if self.heartbeat is not None:  # arms the hang timeout: start-up and resume do not count
             self.heartbeat.beat(start_step)
+        if self.guard is not None and checkpointer is not None and not checkpointer.store.published():
+            # A rewind needs somewhere to go back to, even before the first periodic checkpoint.
+            checkpointer.save(self, start_step, self.checkpoint_metadata(), blocking=True)
         try:
-            for step in range(start_step, last):
+            step = start_step
+            while step < last:
                 if self.fault_injector is not None:
                     self.fault_injector.before_step(step)
                 result = self.train_step(step)
+                done = step + 1
+                saving = checkpointer is not None and ((interval and done % interval == 0) or done == last)
+                if self.guard is not None:
+                    try:
+                        self.guard.after_step(step, result.loss, result.grad_norm, self.last_local_loss, saving)
+                    except Rewind as rewind:
+                        step = self.rewind(checkpointer, rewind)
+                        continue
                 results.append(result)
                 if writer is not None:
-                    samples = (step + 1) * self.cfg.train.global_batch_size
-                    console = (step + 1) % self.cfg.train.log_interval == 0 or step + 1 == last
+                    samples = done * self.cfg.train.global_batch_size
+                    console = done % self.cfg.train.log_interval == 0 or done == last
                     writer.write(self.record(result), samples, console=console)
                 if on_step is not None:
                     on_step(result)
-                done = step + 1
-                if checkpointer is not None and ((interval and done % interval == 0) or done == last):
+                if saving:
                     checkpointer.save(self, done, self.checkpoint_metadata(),
                                       blocking=not self.cfg.checkpoint.async_save)
                 if self.heartbeat is not None:
                     self.heartbeat.beat(done)
+                step = done
             if checkpointer is not None:
                 checkpointer.wait()
         finally:
             if writer is not None:
                 writer.close()
         return results
+
+    def rewind(self, checkpointer, rewind: Rewind) -> int:
+        """Go back to the newest intact checkpoint (skipping a data batch if asked); returns its step."""
+        if checkpointer is None:
+            raise ResilienceError(f"{rewind.reason}, but there is no checkpointer to rewind with")
+        checkpointer.wait()
+        info = checkpointer.store.latest_good()
+        if info is None:
+            raise ResilienceError(f"{rewind.reason}, but no intact checkpoint exists to rewind to")
+        skips = set(self.cfg.data.skip_steps)
+        skipped = None
+        if rewind.skip_step is not None:
+            skipped = data_batch_index(rewind.skip_step, sorted(skips))
+            skips.add(skipped)
+        checkpointer.load(self, info.path)  # restores weights, optimizer and the guard's history
+        self.cfg.data.skip_steps = sorted(skips)  # skips decided since that checkpoint are kept
+        if self.ctx.rank == 0 and self.events is not None:
+            self.events.record("rewind", step=info.step, from_step=rewind.failed_step + 1, reason=rewind.reason,
+                               skipped_batch=skipped)
+            if skipped is not None:
+                self.events.record("skip", step=rewind.skip_step + 1, data_batch=skipped)
+            print(f"apogee: rewind to step {info.step}: {rewind.reason}", flush=True)
+        if self.heartbeat is not None:
+            self.heartbeat.beat(info.step)
+        return info.step

@@ -230,3 +230,30 @@ def test_sync_masters_after_loading_weights_into_a_bf16_model():
         model.proj.weight.fill_(0.5)
     opt.sync_masters_from_params()
     assert torch.equal(opt.master_params["proj.weight"], torch.full((8, 8), 0.5))
+
+
+def test_a_skipped_non_finite_step_leaves_no_grad_alias_behind():
+    """Regression: an early return on an inf grad norm left master.grad aliasing main_grad, so the
+    next backward accumulated into the buffer in place and the next step's gradient was doubled."""
+    from parallel.collectives import CommLedger, Group
+    from parallel.data_parallel import GradBuffer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    grads = GradBuffer(model.named_parameters(), Group("dp", None, 1, 0, CommLedger()))
+    opt = MasterWeightOptimizer(model.named_parameters(), OptimConfig(lr=0.1, warmup_steps=0))
+    x = torch.randn(5, 4)
+    grads.start_step()
+    model(x).sum().backward()
+    grads.finish()
+    model.weight.main_grad[0, 0] = float("inf")
+    before = model.weight.detach().clone()
+    assert not math.isfinite(opt.step(0.1))
+    assert torch.equal(model.weight, before) and model.weight.grad is None
+    grads.start_step()
+    model(x).sum().backward()
+    grads.finish()
+    reference = torch.nn.Linear(4, 3)
+    reference.load_state_dict(model.state_dict())
+    reference(x).sum().backward()
+    assert torch.equal(model.weight.main_grad, reference.weight.grad)

@@ -41,6 +41,7 @@ class Rewind(Exception):
     """Raised after a step: go back to the last good checkpoint (and maybe skip a data batch)."""
 
     reason: str
+    failed_step: int = 0  # the 0-based step that was rejected
     skip_step: Optional[int] = None  # optimizer step whose data batch is never trained on again
 
 
@@ -75,15 +76,18 @@ class StepGuard:
         if first.layers:  # activations are corrupted at the output of this rank's first layer
             next(iter(first.layers.values())).register_forward_hook(self._corrupt_activation)
         self.step = -1
+        # Replicas of a ZeRO-3 rank hold different parameter pieces: nothing to compare.
+        self.replicas_comparable = trainer.cfg.parallel.zero < 3
 
     # -- rehearsed faults ------------------------------------------------------------------------
 
-    def _take(self, kind: str, step: int, target: Optional[str] = None):
+    def _take(self, kind: str, step: int, target: Optional[str] = None, **details):
+        """The rehearsed fault of `kind` (and `target`) due now on this rank, marked fired; or None."""
         if self.injector is None:
             return None
         for fault in self.injector.pending(kind, step):
-            if target is None or getattr(fault, "target", None) == target:
-                self.injector.mark_fired(fault)
+            if target is None or fault.target == target:
+                self.injector.mark_fired(fault, **details)
                 return fault
         return None
 
@@ -97,17 +101,15 @@ class StepGuard:
             self._record(type, **fields)
 
     def _before_reduce(self, index: int, local_grad: torch.Tensor) -> None:
-        fault = self._take("bitflip", self.step, "grad")
+        fault = self._take("bitflip", self.step, "grad", bucket=index)
         if fault is not None:
-            flip_bit(local_grad, 0, fault.bit)
-            self._record("fault_injected", kind="bitflip", target="grad", step=self.step, bit=fault.bit)
+            flip_bit(local_grad, fault.element, fault.bit)
         self.fingerprints.grad_buckets[index] = fingerprint(local_grad)
 
     def _corrupt_activation(self, module, inputs, output):
         fault = self._take("bitflip", self.step, "activation")
         if fault is not None:
-            flip_bit(output, 0, fault.bit)
-            self._record("fault_injected", kind="bitflip", target="activation", step=self.step, bit=fault.bit)
+            flip_bit(output, fault.element, fault.bit)
         return output
 
     def garbage_batch(self, step: int, data_batch: int, microbatches: list[torch.Tensor],
@@ -117,9 +119,8 @@ class StepGuard:
         A bad batch is data: once injected, data batch `data_batch` stays bad every time it is
         read (a replay sees it again), until a rewind skips it.
         """
-        if self._take("garbage_batch", step) is not None:
+        if self._take("garbage_batch", step, data_batch=data_batch) is not None:
             self.garbage_batches.add(data_batch)
-            self._record_once("fault_injected", kind="garbage_batch", step=step + 1, data_batch=data_batch)
         if data_batch not in self.garbage_batches:
             return microbatches
         gen = torch.Generator().manual_seed(1000003 * (data_batch + 1))
@@ -135,15 +136,14 @@ class StepGuard:
     def checks_replicas(self, step: int, saving: bool) -> bool:
         """Whether step `step` compares replicas: every check_interval steps and before every save."""
         interval = self.cfg.check_interval
-        return saving or bool(interval and (step + 1) % interval == 0)
+        return self.replicas_comparable and (saving or bool(interval and (step + 1) % interval == 0))
 
     def after_step(self, step: int, loss: float, grad_norm: float, local_loss: torch.Tensor,
                    saving: bool = False) -> None:
         """Judge step `step`; raise Rewind when the run must go back. Call on every rank."""
         fault = self._take("bitflip", step, "param")
         if fault is not None:  # memory corruption of this rank's copy, after the update
-            flip_bit(next(p for _, p in self.trainer.named_parameters()), 0, fault.bit)
-            self._record("fault_injected", kind="bitflip", target="param", step=step, bit=fault.bit)
+            flip_bit(next(p for _, p in self.trainer.named_parameters()).data, fault.element, fault.bit)
         self.fingerprints.loss_bits = loss_bits(local_loss)
         suspect = self.suspect if self.suspect is not None and self.suspect.step == step else None
         compare = suspect is not None or self.checks_replicas(step, saving)
@@ -210,7 +210,7 @@ class StepGuard:
                                   f"inspect events.jsonl, then resume with --resume auto")
         if skip:
             self.suspect = None
-        raise Rewind(reason, skip_step=step if skip else None)
+        raise Rewind(reason, failed_step=step, skip_step=step if skip else None)
 
     def state_dict(self) -> dict:
         """Spike history, saved in checkpoints so a resumed run judges as the uninterrupted one."""

@@ -37,11 +37,11 @@ def fingerprint(tensor: torch.Tensor) -> int:
 
 
 def fingerprint_all(tensors: Iterable[torch.Tensor]) -> int:
-    """Fingerprint of several tensors (wrapping 64-bit sum of their fingerprints)."""
+    """Fingerprint of several tensors (wrapping 64-bit sum of their fingerprints, signed)."""
     total = 0
     for t in tensors:
         total = (total + fingerprint(t)) & 0xFFFFFFFFFFFFFFFF
-    return total
+    return total - (1 << 64) if total >= 1 << 63 else total  # as a signed int64, for collectives
 
 
 @dataclass
