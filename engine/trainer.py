@@ -23,6 +23,7 @@ from engine.config import ApogeeConfig
 from data_pipeline.loader import data_batch_index
 from engine.events import EventLog
 from engine.resilience.guard import ResilienceError, Rewind
+from engine.resilience.sdc import loss_bits
 from engine.grad_sync import build_grad_sync, memory_bytes
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
 from engine.model import LlamaModel, init_parameters
@@ -201,8 +202,17 @@ class Trainer:
             microbatches = self.guard.garbage_batch(step, batch, microbatches, self.cfg.model.vocab_size)
         self.grads.start_step()
         loss_total = self.forward_backward(microbatches)
-        self.last_local_loss = loss_total.clone()
         self.grads.finish()
+        if self.guard is not None and self.guard.audits(step):
+            # A periodic audit: the same step again, from the same state, must match bit for bit.
+            first = self.guard.fingerprints
+            first.loss_bits = loss_bits(loss_total)
+            self.guard.begin_step(step)
+            self.grads.start_step()
+            loss_total = self.forward_backward(microbatches)
+            self.grads.finish()
+            self.guard.audit(step, first, loss_total)
+        self.last_local_loss = loss_total.clone()
         lr, grad_norm = self.optimizer_step(step)
         # Every TP rank computed the full loss of its tokens: the sum over DP x CP is the global sum.
         all_reduce(loss_total, self.grad_group, purpose="metrics")
@@ -273,15 +283,15 @@ class Trainer:
             while step < last:
                 if self.fault_injector is not None:
                     self.fault_injector.before_step(step)
-                result = self.train_step(step)
                 done = step + 1
                 saving = checkpointer is not None and ((interval and done % interval == 0) or done == last)
-                if self.guard is not None:
-                    try:
+                try:
+                    result = self.train_step(step)
+                    if self.guard is not None:
                         self.guard.after_step(step, result.loss, result.grad_norm, self.last_local_loss, saving)
-                    except Rewind as rewind:
-                        step = self.rewind(checkpointer, rewind)
-                        continue
+                except Rewind as rewind:
+                    step = self.rewind(checkpointer, rewind)
+                    continue
                 results.append(result)
                 if writer is not None:
                     samples = done * self.cfg.train.global_batch_size

@@ -48,9 +48,8 @@ class Rewind(Exception):
 @dataclass
 class _Suspect:
     step: int
-    kind: str  # 'anomaly' (replay compares local results) or 'replicas' (compares parameters)
+    kind: str  # 'anomaly' (a loss/grad-norm anomaly) or 'replicas' (replicas' parameters differ)
     reason: str
-    record: object
 
 
 def flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
@@ -63,12 +62,15 @@ def flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
 class StepGuard:
     """Per-rank resilience logic around the trainer's steps (see the module docstring)."""
 
+    HISTORY = 4096  # steps of fingerprints kept (a few ints each): more than any rewind reaches back
+
     def __init__(self, cfg: ResilienceConfig, trainer, world: Group, injector=None, events=None):
         self.cfg, self.trainer, self.world, self.injector, self.events = cfg, trainer, world, injector, events
         self.detector = SpikeDetector(cfg.spike_window, cfg.spike_factor, cfg.grad_spike_factor)
         self.fingerprints = StepFingerprints()
         self.suspect: Optional[_Suspect] = None
         self.rewind_steps: deque = deque()
+        self.history: dict[int, StepFingerprints] = {}  # this rank's own results of recent steps
         self.garbage_batches: set[int] = set()
         if hasattr(trainer.grads, "before_reduce"):
             trainer.grads.before_reduce = self._before_reduce
@@ -144,61 +146,103 @@ class StepGuard:
         fault = self._take("bitflip", step, "param")
         if fault is not None:  # memory corruption of this rank's copy, after the update
             flip_bit(next(p for _, p in self.trainer.named_parameters()).data, fault.element, fault.bit)
+        replaying = self.suspect is not None and step <= self.suspect.step
+        compare = self.checks_replicas(step, saving)
         self.fingerprints.loss_bits = loss_bits(local_loss)
-        suspect = self.suspect if self.suspect is not None and self.suspect.step == step else None
-        compare = suspect is not None or self.checks_replicas(step, saving)
-        params = parameter_fingerprint(self.trainer.named_parameters()) if compare else 0
-        if suspect is not None:
-            self._diagnose(suspect, params)
+        if compare or (replaying and self.suspect.kind == "replicas"):
+            self.fingerprints.params = parameter_fingerprint(self.trainer.named_parameters())
+        if replaying:
+            self._diagnose(step)
+        self.history[step] = self.fingerprints
+        self.history.pop(step - self.HISTORY, None)
         anomaly = self.detector.judge(loss, grad_norm)
         flags = torch.tensor([1 if anomaly else 0], dtype=torch.int64)
         all_reduce(flags, self.world, op=dist.ReduceOp.MAX, purpose="resilience")
         if flags.item() and anomaly is None:
             anomaly = "an anomaly on another rank"
         if anomaly is not None:
-            if suspect is not None:  # every rank reproduced it: real arithmetic, not a fault
+            if self.suspect is not None and self.suspect.step == step:  # reproduced by every rank
                 self._rewind(step, f"step {step + 1} reproduced on replay ({anomaly}); skipping its batch",
                              skip=True)
-            self.suspect = _Suspect(step, "anomaly", anomaly, self.fingerprints)
-            self._record_once("sdc_suspect", step=step + 1, reason=anomaly)
-            self._rewind(step, f"step {step + 1}: {anomaly}; rewinding to replay it")
+            self._suspect(step, "anomaly", anomaly)
         if compare:
-            self._compare_replicas(step, params)
+            self._compare_replicas(step)
         self.detector.accept(loss, grad_norm)
 
-    def _compare_replicas(self, step: int, params: int) -> None:
+    def _suspect(self, step: int, kind: str, reason: str) -> None:
+        """Record a suspicion, then rewind: the replay of the steps up to `step` will settle it."""
+        self.suspect = _Suspect(step, kind, reason)
+        self._record_once("sdc_suspect", step=step + 1, reason=reason)
+        self._rewind(step, f"step {step + 1}: {reason}; rewinding to replay it")
+
+    def _compare_replicas(self, step: int) -> None:
         group = self.trainer.grad_group
-        values = gather_ints([params], group)
-        odd = odd_ones_out([v[0] for v in values])
+        values = [v[0] for v in gather_ints([self.fingerprints.params], group)]
+        odd = odd_ones_out(values)
         odd_flag = torch.tensor([1 if odd else 0], dtype=torch.int64)
         all_reduce(odd_flag, self.world, op=dist.ReduceOp.MAX, purpose="resilience")
         if not odd_flag.item():
             return
         ranks = dist.get_process_group_ranks(group.process_group) if group.size > 1 else [self.trainer.ctx.rank]
         named = [ranks[i] for i in odd]
-        # Always settle it by replay, even with a majority: every rank then takes the same path
-        # (the same collectives), and the verdict rests on evidence, not on a vote.
+        # Settled by replay even when a majority exists: every rank takes the same path (the same
+        # collectives), and the verdict rests on evidence rather than on a vote.
         likely = " (the majority points at them)" if odd and len(odd) < len(values) else ""
-        self.suspect = _Suspect(step, "replicas", f"replicas {named} disagree{likely}", params)
-        self._record_once("sdc_suspect", step=step + 1, reason=f"data-parallel replicas {named} disagree{likely}")
-        self._rewind(step, f"step {step + 1}: replicas {named} disagree{likely}; rewinding to replay")
+        if self.suspect is not None and self.suspect.step == step:
+            raise ResilienceError(f"step {step + 1}: data-parallel replicas {named} disagree again on replay"
+                                  f"{likely}: a persistent fault or a nondeterministic kernel; not continuing")
+        self._suspect(step, "replicas", f"data-parallel replicas {named} disagree{likely}")
 
-    def _diagnose(self, suspect: _Suspect, params: int) -> None:
-        """At the replay of a suspect step: which ranks computed something different this time?"""
-        if suspect.kind == "anomaly":
-            changed = self.fingerprints.differs_from(suspect.record)
-        else:
-            changed = "parameters" if params != suspect.record else None
+    def _diagnose(self, step: int) -> None:
+        """During a replay: did any rank compute step `step` differently from the first time?
+
+        The first step at which some rank's own results (local loss, local gradients, parameters
+        at check steps) differ from its record names the faulty rank(s): a fault that struck
+        once, spreading to the other replicas only through later reductions.
+        """
+        record = self.history.get(step)
+        changed = self.fingerprints.differs_from(record, params=False) if record is not None else None
+        faulty = self._ranks_with(changed)
+        if not faulty and record is not None:
+            # Parameters are evidence only when every rank computed the same local results this
+            # step: otherwise the update itself changed through the reduction, on every replica.
+            changed = self.fingerprints.differs_from(record, params=True)
+            faulty = self._ranks_with(changed)
+        if not faulty:
+            return
+        suspect, self.suspect = self.suspect, None
+        if changed:
+            self._record("sdc_confirmed", step=step + 1, faulty_rank=self.trainer.ctx.rank,
+                         evidence=f"{changed} at step {step + 1} not reproducible on replay "
+                                  f"(suspected at step {suspect.step + 1}: {suspect.reason})")
+        if self.trainer.ctx.rank == 0:
+            print(f"apogee: silent data corruption on rank(s) {faulty} at step {step + 1}: not reproducible "
+                  f"on replay; the rewind discarded their work", flush=True)
+
+    def _ranks_with(self, changed: Optional[str]) -> list[int]:
+        """World ranks whose `changed` is set (every rank calls this: it gathers)."""
         flags = gather_ints([1 if changed else 0], self.world)
-        faulty = [rank for rank, (flag,) in enumerate(flags) if flag]
-        self.suspect = None
-        if faulty:
-            if changed:
-                self._record("sdc_confirmed", step=suspect.step + 1, faulty_rank=self.trainer.ctx.rank,
-                             evidence=f"{changed} not reproducible on replay ({suspect.reason})")
-            if self.trainer.ctx.rank == 0:
-                print(f"apogee: silent data corruption at step {suspect.step + 1} on rank(s) {faulty}: "
-                      f"not reproducible on replay; their work was discarded by the rewind", flush=True)
+        return [rank for rank, (flag,) in enumerate(flags) if flag]
+
+    def audits(self, step: int) -> bool:
+        """Whether step `step` is a periodic audit (computed twice and compared bitwise)."""
+        return bool(self.cfg.audit_interval) and (step + 1) % self.cfg.audit_interval == 0
+
+    def audit(self, step: int, first: StepFingerprints, local_loss: torch.Tensor) -> None:
+        """Compare a step's second computation (now in self.fingerprints) with its first, on every rank.
+
+        A rank that computed the same step twice differently is faulty, whichever result was
+        the wrong one; its work is discarded by a rewind.
+        """
+        self.fingerprints.loss_bits = loss_bits(local_loss)
+        changed = self.fingerprints.differs_from(first, params=False)
+        faulty = self._ranks_with(changed)
+        if not faulty:
+            return
+        if changed:
+            self._record("sdc_confirmed", step=step + 1, faulty_rank=self.trainer.ctx.rank,
+                         evidence=f"{changed} differs between two computations of step {step + 1} (audit)")
+        self._rewind(step, f"step {step + 1}: audit found rank(s) {faulty} not reproducible")
 
     def _rewind(self, step: int, reason: str, skip: bool = False) -> None:
         self.rewind_steps.append(step)

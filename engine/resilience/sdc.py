@@ -50,14 +50,17 @@ class StepFingerprints:
 
     loss_bits: int = 0
     grad_buckets: dict = field(default_factory=dict)
+    params: Optional[int] = None  # at steps that compare replicas
 
-    def differs_from(self, other: "StepFingerprints") -> Optional[str]:
-        """None when equal, else which part differs."""
+    def differs_from(self, other: "StepFingerprints", params: bool = True) -> Optional[str]:
+        """None when equal, else which part differs (parameters only if asked and both recorded them)."""
         if self.loss_bits != other.loss_bits:
             return "local loss"
         changed = [b for b in self.grad_buckets if self.grad_buckets[b] != other.grad_buckets.get(b)]
         if changed:
             return f"local gradient (bucket {changed[0]})"
+        if params and self.params is not None and other.params is not None and self.params != other.params:
+            return "parameters"
         return None
 
 
