@@ -108,7 +108,11 @@ class Trainer:
         model = LlamaModel(self.cfg.model, layer_ids, pre_process=pre_process, post_process=post_process)
         model = parallelize_model(model, self.cfg, self.ctx, self.ledger)
         init_parameters(model, self.cfg.seed)
-        return model.to(device=self.ctx.device, dtype=self.dtype)
+        model = model.to(device=self.ctx.device, dtype=self.dtype)
+        if self.cfg.train.compile:  # opt-in: compiles each decoder layer in place (names unchanged)
+            from engine.compile import compile_layers
+            compile_layers(model)
+        return model
 
     @property
     def model(self) -> torch.nn.Module:
