@@ -28,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from engine.checkpoint_store import CheckpointError, CheckpointStore
+from engine.checkpoint_store import CheckpointError, CheckpointInfo, CheckpointStore
 
 
 class GlobalShards(torch.Tensor):
@@ -285,25 +285,47 @@ class Checkpointer:
         try:
             start = time.perf_counter()
             partial = self.store.root / f"step_{step:08d}.partial-{token}"
-            if self.rank == 0:
-                partial = self.store.new_partial(step, token)
-            self._barrier()
+            self._on_rank0_for_all(lambda: self.store.new_partial(step, token))
             with single_process_quietly():
                 dcp.save(snapshot, storage_writer=dcp.FileSystemWriter(str(partial), sync_files=True),
                          process_group=self.group, no_dist=self.group is None)
-            self._barrier()
-            if self.rank == 0:
+
+            def publish() -> None:
                 info = self.store.publish(partial, step, {**metadata, "run_id": self.run_id,
                                                           "world_size": self.world_size})
                 size = sum(p.stat().st_size for p in info.path.rglob("*") if p.is_file())
                 self.on_event("checkpoint_saved", step=step, path=str(info.path), bytes=size,
                               pause_s=pause, write_s=time.perf_counter() - start)
+            # Every rank returns from here only once the checkpoint is published (or has failed):
+            # after wait(), any rank may look for `latest` and must find this one.
+            self._on_rank0_for_all(publish)
         except BaseException as err:  # surfaced to the training thread by wait()
             self._error = err
 
-    def _barrier(self) -> None:
+    def _on_rank0_for_all(self, action: Callable[[], Any]) -> None:
+        """Run `action` on rank 0; every rank waits for it and raises if it failed."""
+        outcome: list = [None]
+        if self.rank == 0:
+            try:
+                action()
+            except CheckpointError as err:
+                outcome[0] = str(err)
+            except OSError as err:
+                outcome[0] = f"checkpoint.dir={self.store.root}: {err}"
         if self.group is not None:
-            dist.barrier(group=self.group)
+            dist.broadcast_object_list(outcome, src=0, group=self.group)
+        if outcome[0] is not None:
+            raise CheckpointError(outcome[0])
+
+    def latest_for_all(self) -> Optional["CheckpointInfo"]:
+        """The newest intact checkpoint as rank 0 sees it, the same on every rank (for rewinds)."""
+        choice: list = [None]
+        if self.rank == 0:
+            info = self.store.latest_good()
+            choice[0] = (str(info.path), info.step) if info is not None else None
+        if self.group is not None:
+            dist.broadcast_object_list(choice, src=0, group=self.group)
+        return CheckpointInfo(Path(choice[0][0]), choice[0][1]) if choice[0] is not None else None
 
     def wait(self) -> None:
         """Block until the checkpoint in flight (if any) is published; re-raise its failure."""

@@ -321,7 +321,7 @@ class Trainer:
         if checkpointer is None:
             raise ResilienceError(f"{rewind.reason}, but there is no checkpointer to rewind with")
         checkpointer.wait()
-        info = checkpointer.store.latest_good()
+        info = checkpointer.latest_for_all()
         if info is None:
             raise ResilienceError(f"{rewind.reason}, but no intact checkpoint exists to rewind to")
         skips = set(self.cfg.data.skip_steps)
