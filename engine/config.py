@@ -429,6 +429,11 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
         _require(m.num_experts % p.ep == 0, "parallel.ep", p.ep, f"must divide model.num_experts={m.num_experts}")
         _require((dp * p.cp) % p.ep == 0, "parallel.ep", p.ep, f"must divide dp*cp={dp * p.cp}")
 
+    if m.tie_embeddings and p.pp > 1:
+        # The two stages' copies are summed through main_grad, which the ZeRO buffers do not keep.
+        _require(p.zero == 0, "parallel.zero", p.zero,
+                 "tied embeddings across pipeline stages (model.tie_embeddings with parallel.pp > 1) "
+                 "work with zero=0 only for now")
     _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
     per_step = t.micro_batch_size * dp

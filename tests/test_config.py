@@ -41,6 +41,8 @@ def test_bad_override_names_the_key_and_what_is_valid(override, message):
     (["model.num_kv_heads=3"], 1, r"model.num_kv_heads=3: must divide model.num_heads=4"),
     (["parallel.cp=3"], 3, r"parallel.cp=3: needs model.seq_length=128 divisible by 2\*cp=6"),
     (["parallel.zero=4"], 1, r"parallel.zero=4: expected one of 0, 1, 2, 3"),
+    (["parallel.pp=2", "parallel.zero=1", "model.tie_embeddings=true"], 4,
+     r"parallel.zero=1: tied embeddings across pipeline stages .* work with zero=0 only"),
 ])
 def test_invalid_layout_is_refused_before_launch(overrides, world, message):
     cfg = load_config("configs/tiny.yaml", overrides)
