@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.parity
 
 from engine.checkpoint import Checkpointer
-from engine.config import load_config, validate
+from engine.config import load_config
+from engine.config_validation import validate
 from engine.resume import checkpoint_store
 from engine.trainer import Trainer
 from parallel.topology import ParallelContext

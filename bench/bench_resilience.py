@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.parity
 
-from engine.config import load_config, validate  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.config_validation import validate  # noqa: E402
 from engine.resilience.guard import StepGuard  # noqa: E402
 from engine.trainer import Trainer, comm_group  # noqa: E402
 from parallel.topology import ParallelContext  # noqa: E402

@@ -19,7 +19,8 @@ import torch
 from engine.checkpoint import Checkpointer
 from engine.checkpoint_store import CheckpointError
 from engine.resume import check_compatible, checkpoint_store, choose_checkpoint, run_id
-from engine.config import ApogeeConfig, ConfigError, config_from_dict, save_config, validate
+from engine.config import ApogeeConfig, ConfigError, config_from_dict, save_config
+from engine.config_validation import validate
 from engine.launch import cpu_threads_per_rank, detect_launcher, init_distributed, launch_local
 from engine.metrics import PeakFlops, machine_peak
 from engine.resilience.faults import FaultInjector

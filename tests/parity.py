@@ -98,7 +98,8 @@ class LayoutRun:
 
 def parity_config(overrides: list[str], world_size: int, steps: int):
     """The validated tiny parity config with `overrides` for `world_size` ranks and `steps` steps."""
-    from engine.config import load_config, validate
+    from engine.config import load_config
+    from engine.config_validation import validate
 
     return validate(load_config(TINY_CONFIG, [*PARITY_OVERRIDES, *overrides] + [f"train.steps={steps}"]),
                     world_size)

@@ -1,7 +1,8 @@
 """Config: YAML + --set overrides, and validation errors that name the key, value and valid set."""
 import pytest
 
-from engine.config import ConfigError, config_from_dict, load_config, save_config, validate
+from engine.config import ConfigError, config_from_dict, load_config, save_config
+from engine.config_validation import validate
 
 
 def test_overrides_parse_values_as_yaml_and_nest_by_dots(tmp_path):

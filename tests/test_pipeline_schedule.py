@@ -5,7 +5,8 @@ Notation: F1.3 is the forward of microbatch 3 on the rank's local chunk 1 (model
 """
 import pytest
 
-from engine.config import ConfigError, load_config, validate
+from engine.config import ConfigError, load_config
+from engine.config_validation import validate
 from parallel.pipeline import (PipelineError, interleaved_order, max_in_flight, one_f_one_b_order, partition_layers,
                                schedule_order, simulate, stage_layer_ids)
 from parallel.topology import ParallelDims

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, load_config, validate
+from engine.config import ConfigError, load_config
+from engine.config_validation import validate
 from engine.resilience.exit_codes import HANG_DETECTED, restart_helps
 from engine.resilience.faults import FaultInjector, InjectedFault, parse_faults
 

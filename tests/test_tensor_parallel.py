@@ -204,7 +204,8 @@ def _check_cross_entropy(rank, tp):
 
 
 def _check_llama(rank, ctx, sequence_parallel):
-    from engine.config import load_config, validate
+    from engine.config import load_config
+    from engine.config_validation import validate
     from engine.parallelize import (counts_in_norm, finish_sequence_parallel_grads, gather_full_state_dict,
                                     grad_norm_sq_reduce, loss_function)
 

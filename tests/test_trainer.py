@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_config, validate
+from engine.config import load_config
+from engine.config_validation import validate
 from engine.runner import build_training_data
 from engine.trainer import Trainer
 from parallel.topology import ParallelContext

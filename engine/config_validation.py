@@ -1,0 +1,114 @@
+"""Validation of a whole config for a run on N ranks, before any process starts.
+
+`validate()` checks every field and the parallel layout against the world size and raises
+`ConfigError` naming the key, the value and what would be valid; it also fills the derived
+values (parallel.dp). Fault-injection strings are checked by engine.resilience.faults.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from engine.config import ApogeeConfig, ConfigError
+from engine.resilience.faults import parse_faults
+
+
+def _require(cond: bool, key: str, value: Any, valid: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {valid}")
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, key, value, f"expected one of {', '.join(map(str, choices))}")
+
+
+def resolve_dp(cfg: ApogeeConfig, world_size: int) -> int:
+    """Data-parallel size: the configured value, or world / (tp * cp * pp) when left out."""
+    p = cfg.parallel
+    model_parallel = p.tp * p.cp * p.pp
+    if p.dp is None:
+        _require(world_size % model_parallel == 0, "parallel", f"tp*cp*pp={model_parallel}", f"must divide the world size {world_size}")
+        return world_size // model_parallel
+    _require(p.dp * model_parallel == world_size, "parallel.dp", p.dp,
+             f"tp*cp*dp*pp = {p.tp}*{p.cp}*{p.dp}*{p.pp} = {p.dp * model_parallel} must equal the world size {world_size}")
+    return p.dp
+
+
+def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
+    """Check every field for a run on `world_size` ranks; fill derived values (parallel.dp)."""
+    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
+        _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be positive")
+    _require(m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads, f"must divide model.hidden_size={m.hidden_size}")
+    _require(m.head_dim % 2 == 0, "model.hidden_size", m.hidden_size, "hidden_size / num_heads must be even (RoPE rotates pairs)")
+    _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads, f"must divide model.num_heads={m.num_heads}")
+    _one_of("model.recompute", m.recompute, ("none", "selective", "full"))
+    _require(m.num_experts >= 0, "model.num_experts", m.num_experts, "must be >= 0")
+    if m.num_experts:
+        _require(1 <= m.moe_topk <= m.num_experts, "model.moe_topk", m.moe_topk, f"must be in 1..num_experts={m.num_experts}")
+    if m.rope_scaling is not None:
+        needed = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position"}
+        missing = needed - set(m.rope_scaling)
+        _require(not missing, "model.rope_scaling", m.rope_scaling, f"missing {', '.join(sorted(missing))}")
+
+    for key in ("tp", "pp", "cp", "ep", "virtual_stages"):
+        _require(getattr(p, key) >= 1, f"parallel.{key}", getattr(p, key), "must be >= 1")
+    _one_of("parallel.zero", p.zero, (0, 1, 2, 3))
+    dp = resolve_dp(cfg, world_size)
+    _require(m.num_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.num_heads={m.num_heads}")
+    _require(m.num_kv_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.num_kv_heads={m.num_kv_heads}")
+    _require(m.ffn_hidden_size % p.tp == 0, "parallel.tp", p.tp, f"must divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    _require(m.vocab_size % p.tp == 0, "parallel.tp", p.tp, f"must divide model.vocab_size={m.vocab_size}")
+    if p.sequence_parallel:
+        _require(m.seq_length % (p.tp * p.cp) == 0, "parallel.sequence_parallel", True,
+                 f"needs model.seq_length={m.seq_length} divisible by tp*cp={p.tp * p.cp}")
+    if p.cp > 1:
+        _require(m.seq_length % (2 * p.cp) == 0, "parallel.cp", p.cp,
+                 f"needs model.seq_length={m.seq_length} divisible by 2*cp={2 * p.cp} (load-balanced chunks)")
+    chunks = p.pp * p.virtual_stages
+    _require(m.num_layers >= chunks, "parallel.pp", p.pp,
+             f"pp*virtual_stages={chunks} model chunks need at least that many layers (model.num_layers={m.num_layers})")
+    if p.ep > 1:
+        _require(m.num_experts > 0, "parallel.ep", p.ep, "expert parallelism needs model.num_experts > 0")
+        _require(m.num_experts % p.ep == 0, "parallel.ep", p.ep, f"must divide model.num_experts={m.num_experts}")
+        _require((dp * p.cp) % p.ep == 0, "parallel.ep", p.ep, f"must divide dp*cp={dp * p.cp}")
+
+    if m.tie_embeddings and p.pp > 1:
+        # The two stages' copies are summed through main_grad, which the ZeRO buffers do not keep.
+        _require(p.zero == 0, "parallel.zero", p.zero,
+                 "tied embeddings across pipeline stages (model.tie_embeddings with parallel.pp > 1) "
+                 "work with zero=0 only for now")
+    _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
+    per_step = t.micro_batch_size * dp
+    _require(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
+             f"must be a multiple of micro_batch_size*dp = {t.micro_batch_size}*{dp} = {per_step}")
+    microbatches = t.global_batch_size // per_step
+    if p.pp > 1 and p.virtual_stages > 1:
+        _require(microbatches % p.pp == 0, "train.global_batch_size", t.global_batch_size,
+                 f"interleaved 1F1B needs the microbatch count ({microbatches}) divisible by pp={p.pp}")
+    _require(t.log_interval >= 1, "train.log_interval", t.log_interval, "must be >= 1")
+
+    _one_of("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
+    _one_of("optim.wsd_decay_style", o.wsd_decay_style, ("linear", "cosine", "sqrt"))
+    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)")
+    _require(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "must be in [0, 1)")
+    _require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
+
+    _one_of("precision.dtype", cfg.precision.dtype, ("fp32", "bf16", "fp8"))
+    _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", cfg.checkpoint.interval, "must be >= 0")
+    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
+    if cfg.data.weights is not None:
+        _require(len(cfg.data.weights) == len(cfg.data.inputs), "data.weights", cfg.data.weights,
+                 f"needs one weight per input ({len(cfg.data.inputs)} inputs)")
+        _require(all(w >= 0 for w in cfg.data.weights) and sum(cfg.data.weights) > 0, "data.weights",
+                 cfg.data.weights, "weights must be >= 0 with a positive sum")
+    _require(len(cfg.data.inputs) >= 1, "data.inputs", cfg.data.inputs, "needs at least one input")
+    r = cfg.resilience
+    _require(r.max_restarts >= 0, "resilience.max_restarts", r.max_restarts, "must be >= 0")
+    _require(r.hang_timeout_s >= 0, "resilience.hang_timeout_s", r.hang_timeout_s, "must be >= 0 (0 disables the watchdog)")
+    parse_faults(r.inject, world_size)
+    cfg.parallel.dp = dp
+    return cfg
