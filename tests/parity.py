@@ -159,6 +159,12 @@ def train_layouts(layouts: list[list[str]], world_size: int, steps: int, timeout
     return merged
 
 
+def train_named_layouts(by_world: dict[int, dict[str, list[str]]], steps: int) -> dict[str, LayoutRun]:
+    """{name: run} for named layouts grouped by world size: one spawn per world size."""
+    return {name: run for world, layouts in by_world.items()
+            for name, run in zip(layouts, train_layouts(list(layouts.values()), world, steps))}
+
+
 def train_layout(overrides: list[str], world_size: int, steps: int) -> tuple[list[float], dict]:
     """(per-step losses, full state dict) of one layout; see `train_layouts`."""
     run = train_layouts([overrides], world_size, steps)[0]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from parallel.context_parallel import (context_parallel_positions, merge_context_parallel_shards,
                                        split_for_context_parallel, zigzag_chunks)
 from tests.distributed import run_distributed
-from tests.parity import max_relative_loss_diff, max_weight_diff, parity_config, train_layouts
+from tests.parity import max_relative_loss_diff, max_weight_diff, parity_config, train_layouts, train_named_layouts
 from tests.test_parity_tp_dp import _local_parameter_count, expected_step_traffic
 
 STEPS = 10
@@ -167,9 +167,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def runs():
-    two = train_layouts(list(TWO_RANK_LAYOUTS.values()), 2, STEPS)
-    four = train_layouts(list(FOUR_RANK_LAYOUTS.values()), 4, STEPS)
-    return {**dict(zip(TWO_RANK_LAYOUTS, two)), **dict(zip(FOUR_RANK_LAYOUTS, four))}
+    return train_named_layouts({2: TWO_RANK_LAYOUTS, 4: FOUR_RANK_LAYOUTS}, STEPS)
 
 
 def _max_relative_weight_diff(state: dict, reference: dict) -> float:

@@ -13,7 +13,7 @@ so v times the p2p traffic of plain 1F1B for interleaving. Each send is booked o
 import pytest
 import torch
 
-from tests.parity import max_relative_loss_diff, max_weight_diff, parity_config, train_layouts
+from tests.parity import max_relative_loss_diff, max_weight_diff, parity_config, train_layouts, train_named_layouts
 
 STEPS = 10
 FOUR_LAYERS = "model.num_layers=4"
@@ -50,8 +50,7 @@ def references():
 @pytest.fixture(scope="module")
 def runs():
     """Every layout trained once: one spawn per world size, several layouts each."""
-    return {name: run for world, layouts in SPAWNS.items()
-            for name, run in zip(layouts, train_layouts(list(layouts.values()), world, STEPS))}
+    return train_named_layouts(SPAWNS, STEPS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

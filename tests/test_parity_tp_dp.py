@@ -20,7 +20,7 @@ reduce-scatters):
 """
 import pytest
 
-from tests.parity import max_relative_loss_diff, max_weight_diff, parity_config, train_layouts
+from tests.parity import max_relative_loss_diff, max_weight_diff, parity_config, train_layouts, train_named_layouts
 
 STEPS = 10
 SMALL_BUCKETS = "parallel.grad_bucket_mb=0.1"  # several DP buckets for the tiny model
@@ -45,9 +45,7 @@ def reference():
 @pytest.fixture(scope="module")
 def runs():
     """Every layout, trained once: two spawns (2 and 4 ranks) running several layouts each."""
-    two = train_layouts(list(TWO_RANK_LAYOUTS.values()), 2, STEPS)
-    four = train_layouts(list(FOUR_RANK_LAYOUTS.values()), 4, STEPS)
-    return {**dict(zip(TWO_RANK_LAYOUTS, two)), **dict(zip(FOUR_RANK_LAYOUTS, four))}
+    return train_named_layouts({2: TWO_RANK_LAYOUTS, 4: FOUR_RANK_LAYOUTS}, STEPS)
 
 
 def test_reference_loss_falls(reference):
