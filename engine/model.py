@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.config import ModelConfig
+from engine.cpu_attention import causal_attention
 from parallel.random import generator
 
 
@@ -95,11 +96,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # Attention and MLP
 
 
-def causal_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention core: q [b, hq, s, d], k/v [b, hkv, s, d] -> [b, hq, s, d] (GQA native)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and optional QK-norm; the core is swappable."""
 
@@ -116,7 +112,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         # Context parallelism replaces this with ring attention.
-        self.core: Callable[[Tensor, Tensor, Tensor], Tensor] = causal_sdpa
+        self.core: Callable[[Tensor, Tensor, Tensor], Tensor] = causal_attention
         self.recompute_core = cfg.recompute == "selective"
 
     def core_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
