@@ -9,7 +9,7 @@ work between them (P = exp(S * scale - lse), the mask, dS = P * (dP - D)) is fus
 
 It is used only where it wins and is exact enough: bf16/fp16 inputs on CPU, inside a
 torch.compile'd region (eagerly, the element-wise steps are separate memory-bound passes and the
-ATen backward is faster), sequence length a multiple of BLOCK. Everything else takes
+ATen backward is faster), sequence length a multiple of BLOCK up to MAX_SEQ. Everything else takes
 `F.scaled_dot_product_attention`. Scores and dP leave the bf16 GEMM rounded to bf16 (ATen's
 kernel keeps them in fp32); the gradients' error against an fp64 reference stays within 2x of
 ATen's own bf16 backward (tests/test_cpu_attention.py).
@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BLOCK = 128
-"""Key-block width of the backward: 128 measured fastest at seq 512-1024, head dim 64."""
+"""Key-block width of the backward: 128 measured fastest at seq 512 (64 and 256 were slower)."""
+
+MAX_SEQ = 512
+"""Longest sequence the block backward takes. Measured on this machine (2 cores, AMX, head dim
+64, 4096 tokens): ATen's backward -> block backward, ms per layer: seq 256 71 -> 47, 512 93 -> 55,
+768 75 -> 100, 2048 122 -> 165. Its element-wise traffic grows with s^2 / 2 through memory, where
+ATen's tiles stay in cache, so past 512 the GEMM work it saves no longer pays."""
 
 
 def _expand_kv(x: Tensor, groups: int) -> Tensor:
@@ -87,7 +93,7 @@ def block_causal_applies(q: Tensor, k: Tensor) -> bool:
     """True where the block-causal backward is the faster exact-enough choice (see the module doc)."""
     return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
             and torch.is_grad_enabled() and torch.compiler.is_compiling()
-            and q.shape[2] % BLOCK == 0 and q.shape[2] == k.shape[2])
+            and q.shape[2] % BLOCK == 0 and q.shape[2] <= MAX_SEQ and q.shape[2] == k.shape[2])
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import engine.cpu_attention as cpu_attention
-from engine.cpu_attention import BLOCK, _BlockCausalAttention, block_causal_applies, causal_attention
+from engine.cpu_attention import BLOCK, MAX_SEQ, _BlockCausalAttention, block_causal_applies, causal_attention
 
 
 def _inputs(b, hq, hkv, s, d, dtype, seed=0):
@@ -70,19 +70,20 @@ def test_compiled_bf16_region_takes_the_block_path(monkeypatch):
 
 
 def test_applies_only_where_it_wins():
-    """fp32, no grad, or a sequence that is not a multiple of the block keep SDPA."""
+    """fp32, eager, a sequence that is not a multiple of the block or longer than MAX_SEQ keep SDPA."""
     bf = torch.zeros(1, 2, BLOCK, 8, dtype=torch.bfloat16, requires_grad=True)
     assert not block_causal_applies(bf, bf)  # eager: not compiling
     assert not torch.compiler.is_compiling()
     fp32 = torch.zeros(1, 2, BLOCK, 8, requires_grad=True)
     odd = torch.zeros(1, 2, BLOCK + 1, 8, dtype=torch.bfloat16, requires_grad=True)
+    long = torch.zeros(1, 2, MAX_SEQ + BLOCK, 8, dtype=torch.bfloat16, requires_grad=True)
     seen = []
 
     def probe(x):
         seen.append(block_causal_applies(x, x))
         return x * 2
 
-    for x in (bf, fp32, odd):
+    for x in (bf, fp32, odd, long):
         torch._dynamo.reset()
         torch.compile(probe, dynamic=False)(x)
-    assert seen == [True, False, False]
+    assert seen == [True, False, False, False]
