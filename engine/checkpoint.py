@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from engine.checkpoint_store import CheckpointError, CheckpointInfo, CheckpointStore
+from parallel.sharding import shard_of
 
 
 class GlobalShards(torch.Tensor):
@@ -86,12 +87,12 @@ class GlobalShards(torch.Tensor):
 def param_view(param: torch.Tensor, tensor: Optional[torch.Tensor] = None) -> GlobalShards:
     """`tensor` (default: the parameter itself), placed like `param` in the global tensor.
 
-    A tensor-parallel shard (`param.tp_shard = (dim, rank, world)`) sits at offset rank * size
+    A tensor- or expert-parallel shard ((dim, rank, world), parallel.sharding) sits at offset rank * size
     along dim; anything else is the whole tensor at offset 0.
     """
     tensor = param.data if tensor is None else tensor
     shape, offset = list(tensor.shape), [0] * tensor.dim()
-    shard = getattr(param, "tp_shard", None)
+    shard = shard_of(param)
     if shard is not None:
         dim, rank, world = shard
         offset[dim] = rank * shape[dim]
@@ -107,7 +108,7 @@ def flat_pieces(param: torch.Tensor, flat_offset: int, flat: torch.Tensor) -> li
     tensor-parallel shard's own offset added). Parameters are 1-D or 2-D.
     """
     shape = tuple(param.shape)
-    shard = getattr(param, "tp_shard", None)
+    shard = shard_of(param)
     base = [0] * len(shape)
     if shard is not None:
         base[shard[0]] = shard[1] * shape[shard[0]]
@@ -132,7 +133,7 @@ def _piece_views(entries: list[tuple[torch.Tensor, int, torch.Tensor]]) -> Globa
     """One view of the pieces (param, flat offset, flat tensor) of one global tensor."""
     param = entries[0][0]
     global_shape = list(param.shape)
-    shard = getattr(param, "tp_shard", None)
+    shard = shard_of(param)
     if shard is not None:
         global_shape[shard[0]] *= shard[2]
     pieces = [piece for p, offset, flat in entries for piece in flat_pieces(p, offset, flat)]

@@ -59,6 +59,8 @@ class ModelConfig:
     """Experts each token is routed to."""
     moe_ffn_hidden_size: Optional[int] = None
     """Inner width of each expert (default ffn_hidden_size)."""
+    moe_aux_loss_coeff: float = 1e-3
+    """Weight of the sequence-wise load-balancing loss (DeepSeek-V3); 0 disables it."""
 
     @property
     def head_dim(self) -> int:

@@ -71,6 +71,13 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
         _require(m.num_experts > 0, "parallel.ep", p.ep, "expert parallelism needs model.num_experts > 0")
         _require(m.num_experts % p.ep == 0, "parallel.ep", p.ep, f"must divide model.num_experts={m.num_experts}")
         _require((dp * p.cp) % p.ep == 0, "parallel.ep", p.ep, f"must divide dp*cp={dp * p.cp}")
+        _require(p.zero == 0, "parallel.zero", p.zero,
+                 "expert parallelism (parallel.ep > 1) works with zero=0 only for now (expert weights "
+                 "reduce over the expert-dp group, which the ZeRO buffers do not shard over)")
+    if m.num_experts:
+        _require(p.tp == 1, "parallel.tp", p.tp,
+                 "MoE models (model.num_experts > 0) need tp=1 for now: expert tensor parallelism is "
+                 "not implemented; spread the experts with parallel.ep instead")
 
     if m.tie_embeddings and p.pp > 1:
         # The two stages' copies are summed through main_grad, which the ZeRO buffers do not keep.

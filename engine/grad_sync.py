@@ -22,6 +22,7 @@ from engine.config import ApogeeConfig
 from engine.optim import MasterWeightOptimizer
 from parallel.collectives import Group
 from parallel.data_parallel import GradBuffer
+from parallel.sharding import is_expert_shard
 from parallel.zero import ShardedGradBuffer, unique_trainable
 from parallel.zero3 import ShardedParameters
 from parallel.zero_optimizer import ADAM_STATE_KEYS, FlatShard, ShardedOptimizer
@@ -33,12 +34,20 @@ def _named_parameters(chunks: list[nn.Module]):
 
 
 def build_grad_sync(cfg: ApogeeConfig, chunks: list[nn.Module], group: Group,
-                    counts_in_norm: Optional[Callable] = None, tp_group: Optional[Group] = None):
-    """(gradient synchronisation, optimizer) for cfg.parallel.zero over `group`."""
+                    counts_in_norm: Optional[Callable] = None, tp_group: Optional[Group] = None,
+                    expert_group: Optional[Group] = None):
+    """(gradient synchronisation, optimizer) for cfg.parallel.zero over `group`.
+
+    Expert-parallel weights reduce over `expert_group` instead (stage 0 only: validation refuses
+    ZeRO with ep > 1).
+    """
     stage = cfg.parallel.zero
     bucket_bytes = int(cfg.parallel.grad_bucket_mb * 2**20)
     if stage == 0:
-        grads = GradBuffer(_named_parameters(chunks), group, bucket_bytes=bucket_bytes)
+        group_of = None
+        if expert_group is not None:
+            group_of = lambda p: expert_group if is_expert_shard(p) else group  # noqa: E731
+        grads = GradBuffer(_named_parameters(chunks), group, bucket_bytes=bucket_bytes, group_of=group_of)
         return grads, MasterWeightOptimizer(_named_parameters(chunks), cfg.optim, counts_in_norm)
     if stage in (1, 2):
         grads = ShardedGradBuffer(_named_parameters(chunks), group, stage, bucket_bytes=bucket_bytes)

@@ -22,7 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.config import ModelConfig
 from engine.cpu_attention import causal_attention
+from engine.moe import MoE
 from parallel.random import generator
+from parallel.sharding import shard_of
 
 
 class RMSNorm(nn.Module):
@@ -156,7 +158,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.num_experts else MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin)
@@ -182,8 +184,6 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_ids: Optional[Sequence[int]] = None,
                  pre_process: bool = True, post_process: bool = True):
         super().__init__()
-        if cfg.num_experts:
-            raise NotImplementedError(f"model.num_experts={cfg.num_experts}: MoE layers are not implemented yet; use 0")
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
@@ -237,7 +237,11 @@ def count_parameters(cfg: ModelConfig, embedding: bool = True) -> int:
     h, d = cfg.hidden_size, cfg.head_dim
     attn = h * cfg.num_heads * d * 2 + h * cfg.num_kv_heads * d * 2
     qk_norm = 2 * d if cfg.qk_norm else 0
-    layer = attn + qk_norm + 3 * h * cfg.ffn_hidden_size + 2 * h
+    if cfg.num_experts:  # router + E experts
+        mlp = h * cfg.num_experts + cfg.num_experts * 3 * h * (cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size)
+    else:
+        mlp = 3 * h * cfg.ffn_hidden_size
+    layer = attn + qk_norm + mlp + 2 * h
     total = cfg.num_layers * layer + h  # + final norm
     if embedding:
         total += cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
@@ -331,16 +335,16 @@ def init_parameters(model: LlamaModel, seed: int) -> None:
 
     Each full tensor is drawn in fp32 on CPU from a generator seeded with
     derive_seed(seed, "init", name) (parallel.random's init namespace):
-    normals for weights (scaled for o_proj/down_proj), ones for norms. A parameter marked
-    `tp_shard = (dim, rank, world)` receives chunk `rank` of the full tensor, so a shard equals
-    the slice of the single-rank weight. A separate `lm_head` of a tied model draws from the
+    normals for weights (scaled for o_proj/down_proj), ones for norms. A parameter marked as a
+    tensor- or expert-parallel shard (dim, rank, world) (parallel.sharding) receives chunk `rank`
+    of the full tensor, so a shard equals the slice of the single-rank weight. A separate `lm_head` of a tied model draws from the
     embedding's name, so a last pipeline stage starts equal to the first stage's embedding.
     """
     norm_params = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     cfg = model.cfg
     for name, param in model.named_parameters():
         shape = list(param.shape)
-        shard = getattr(param, "tp_shard", None)
+        shard = shard_of(param)
         if shard is not None:
             dim, rank, world = shard
             shape[dim] *= world

@@ -19,7 +19,10 @@ from torch import Tensor, nn
 from engine.config import ApogeeConfig
 from engine.model import Attention, LlamaModel, lm_loss
 from parallel.collectives import CommLedger, Group, all_gather_along, all_gather_objects, all_reduce
+from engine.moe import MoE
 from parallel.context_parallel import RingAttention
+from parallel.expert_parallel import ExpertParallelDispatcher
+from parallel.sharding import is_expert_shard, shard_of
 from parallel.tensor_parallel import PARTIAL_GRAD_ATTR, apply_tensor_parallel, vocab_parallel_cross_entropy
 
 LLAMA_TP_PLAN = MappingProxyType({
@@ -61,11 +64,26 @@ def parallelize_model(model: LlamaModel, cfg: ApogeeConfig, ctx, ledger: CommLed
         for module in model.modules():
             if isinstance(module, Attention):
                 module.core = RingAttention(cp)
+    ep = _group(ctx, "ep", ledger)
+    for module in model.modules():
+        if isinstance(module, MoE):
+            if ep.size > 1:
+                module.shard_experts(ExpertParallelDispatcher(ep, cfg.model.num_experts))
+            if cp.size > 1:
+                # The balance loss counts a sequence's routing over all of its CP chunks.
+                module.count_reduce = lambda counts: _summed(counts, cp, "moe_counts")
     tp = _group(ctx, "tp", ledger)
     if tp.size == 1:
         return model
     apply_tensor_parallel(model, LLAMA_TP_PLAN, tp, sequence_parallel=cfg.parallel.sequence_parallel)
     return model
+
+
+def _summed(tensor: Tensor, group: Group, purpose: str) -> Tensor:
+    """A copy of `tensor` summed over `group` (no gradient flows through it)."""
+    tensor = tensor.detach().clone()
+    all_reduce(tensor, group, purpose=purpose)
+    return tensor
 
 
 def loss_function(cfg: ApogeeConfig, ctx, ledger: CommLedger) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -78,14 +96,25 @@ def loss_function(cfg: ApogeeConfig, ctx, ledger: CommLedger) -> Callable[..., t
 
 
 def counts_in_norm(ctx, tie_embeddings: bool = False) -> Callable[[str, nn.Parameter], bool]:
-    """Optimizer filter: a TP-sharded parameter counts on every TP rank, a replicated one only on TP rank 0.
+    """Optimizer filter: a sharded parameter counts on every rank of its group, a replicated one on one.
 
-    With tied embeddings under pipeline parallelism the last stage's `lm_head` is a copy of the
-    first stage's embedding (`all_reduce_tied_embedding_grads` keeps them equal): it counts once, there.
+    A TP shard counts on every TP rank, a TP-replicated parameter on TP rank 0 only. Under expert
+    parallelism an expert shard counts on every EP rank, a dense parameter (replicated over the EP
+    ranks, which are data-parallel ranks for it) on EP index 0 only; `grad_norm_sq_reduce` sums
+    over both groups. With tied embeddings under pipeline parallelism the last stage's `lm_head`
+    is a copy of the first stage's embedding (`all_reduce_tied_embedding_grads` keeps them
+    equal): it counts once, there.
     """
-    tp_rank = ctx.tp_rank
+    tp_rank, ep_rank = ctx.tp_rank, ctx.ep_rank
     tied_copy = "lm_head.weight" if tie_embeddings and ctx.pp_size > 1 else None
-    return lambda name, param: name != tied_copy and (getattr(param, "tp_shard", None) is not None or tp_rank == 0)
+
+    def counts(name: str, param: nn.Parameter) -> bool:
+        if name == tied_copy:
+            return False
+        tp_ok = getattr(param, "tp_shard", None) is not None or tp_rank == 0
+        return tp_ok and (is_expert_shard(param) or ep_rank == 0)
+
+    return counts
 
 
 def all_reduce_tied_embedding_grads(chunks: list[nn.Module], ctx, ledger: CommLedger) -> None:
@@ -104,6 +133,12 @@ def all_reduce_tied_embedding_grads(chunks: list[nn.Module], ctx, ledger: CommLe
             all_reduce(module.weight.main_grad, group, purpose="tied_embedding_grads")
 
 
+def expert_gradient_group(ctx, ledger: CommLedger) -> Group:
+    """The group over which expert-parallel weights' gradients are summed: 'expert-dp' (the ranks
+    holding the same experts; world / (ep * pp) of them)."""
+    return _group(ctx, "expert-dp", ledger)
+
+
 def gradient_reduction_group(ctx, ledger: CommLedger) -> Group:
     """The group over which gradients (and the step's loss sum) are summed: 'dp', or 'dp-cp' at cp > 1.
 
@@ -115,17 +150,18 @@ def gradient_reduction_group(ctx, ledger: CommLedger) -> Group:
 
 
 def grad_norm_sq_reduce(ctx, ledger: CommLedger) -> Optional[Callable[[Tensor], Tensor]]:
-    """Sum the local squared grad norm over the model-parallel ranks (the tp-pp group); None when alone.
+    """Sum the local squared grad norm over the model-parallel ranks (the tp-pp group, and the EP
+    group, whose ranks hold different experts); None when alone.
 
     DP ranks hold identical (reduced) gradients, so they are left out. Booked as 'grad_norm'.
     """
-    model_parallel = _group(ctx, "tp-pp", ledger)
-    if model_parallel.size == 1:
+    groups = [g for g in (_group(ctx, "ep", ledger), _group(ctx, "tp-pp", ledger)) if g.size > 1]
+    if not groups:
         return None
 
     def reduce(norm_sq: Tensor) -> Tensor:
-        norm_sq = norm_sq.detach().clone()
-        all_reduce(norm_sq, model_parallel, purpose="grad_norm")
+        for group in groups:
+            norm_sq = _summed(norm_sq, group, "grad_norm")
         return norm_sq
 
     return reduce
@@ -158,22 +194,22 @@ def finish_sequence_parallel_grads(model: nn.Module, group: Group) -> None:
 
 @torch.no_grad()
 def gather_full_state_dict(model: nn.Module | list[nn.Module], ctx) -> dict[str, Tensor]:
-    """Full (unsharded) parameters by name on every rank: tp_shard slices concatenated in TP order,
+    """Full (unsharded) parameters by name on every rank: TP (EP) slices concatenated in TP (EP) order,
     and the parameters of every pipeline stage's chunks (a model or this rank's list of chunks).
 
-    Collective over the TP and PP groups (every rank must call it). The gather is booked in a
+    Collective over the TP, EP and PP groups (every rank must call it). The gather is booked in a
     ledger of its own, so it never shows in the training step's traffic. With tied embeddings
     under pipeline parallelism the last stage's `lm_head.weight` copy is included.
     """
     ledger = CommLedger()
-    tp = _group(ctx, "tp", ledger)
+    tp, ep = _group(ctx, "tp", ledger), _group(ctx, "ep", ledger)
     full = {}
     for chunk in (model if isinstance(model, (list, tuple)) else [model]):
         for name, param in chunk.named_parameters():
-            shard = getattr(param, "tp_shard", None)
+            shard = shard_of(param)
             value = param.detach()
-            if shard is not None and tp.size > 1:
-                value = all_gather_along(value, shard[0], tp, purpose="export")
+            if shard is not None and shard[2] > 1:
+                value = all_gather_along(value, shard[0], ep if is_expert_shard(param) else tp, purpose="export")
             full[name] = value.clone()
     if ctx.pp_size > 1:  # each stage holds different names (layers by global index)
         for stage_state in all_gather_objects(full, _group(ctx, "pp", ledger), purpose="export"):

@@ -183,7 +183,8 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
     if ctx.rank == 0:
         meet = f" meeting at {info.master_addr}:{info.master_port}" if info.world_size > 1 else ""
         print(f"apogee: {ctx.world_size} rank(s) via {info.launcher}{meet}, tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
-              f"cp={cfg.parallel.cp} dp={cfg.parallel.dp}; MFU peak: {peak.source}", flush=True)
+              f"cp={cfg.parallel.cp} dp={cfg.parallel.dp}{f' ep={cfg.parallel.ep}' if cfg.parallel.ep > 1 else ''}; "
+              f"MFU peak: {peak.source}", flush=True)
     data = build_training_data(cfg, prefixes)
     trainer = Trainer(cfg, ctx, data, run_dir=Path(run_dir), peak=peak)
     trainer.fault_injector = FaultInjector.from_config(cfg, ctx.rank, run_dir)

@@ -27,10 +27,11 @@ from engine.resilience.sdc import loss_bits
 from engine.grad_sync import build_grad_sync, memory_bytes
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
 from engine.model import LlamaModel, init_parameters
+from engine.moe import set_aux_loss_scale
 from engine.optim import MasterWeightOptimizer, lr_at
-from engine.parallelize import (all_reduce_tied_embedding_grads, counts_in_norm, finish_sequence_parallel_grads,
-                                grad_norm_sq_reduce,
-                                gradient_reduction_group, loss_function, parallelize_model)
+from engine.parallelize import (all_reduce_tied_embedding_grads, counts_in_norm, expert_gradient_group,
+                                finish_sequence_parallel_grads, grad_norm_sq_reduce, gradient_reduction_group,
+                                loss_function, parallelize_model)
 from parallel.collectives import CommLedger, Group, all_reduce
 from parallel.context_parallel import split_for_context_parallel
 from parallel.data_parallel import GradBuffer
@@ -81,14 +82,17 @@ class Trainer:
         self.chunks = self.build_model_chunks()
         self.loss_fn = loss_function(cfg, ctx, self.ledger)
         # parallel.zero selects plain DP (GradBuffer + MasterWeightOptimizer) or a ZeRO stage.
+        expert_group = expert_gradient_group(ctx, self.ledger) if cfg.parallel.ep > 1 else None
         self.grads, self.optimizer = build_grad_sync(cfg, self.chunks, self.grad_group,
-                                                     counts_in_norm(ctx, cfg.model.tie_embeddings), self.tp)
+                                                     counts_in_norm(ctx, cfg.model.tie_embeddings), self.tp,
+                                                     expert_group)
         self.grad_norm_sq_reduce = grad_norm_sq_reduce(ctx, self.ledger)
         # Sequence parallelism shards the residual stream, so RoPE is given the full positions.
         self.positions = torch.arange(cfg.model.seq_length, device=ctx.device)
         self.peak = peak
         self.step_flops = flops_per_step(cfg.model, cfg.train.global_batch_size)
         self.global_tokens = cfg.train.global_batch_size * cfg.model.seq_length
+        set_aux_loss_scale(self.chunks, self.global_tokens)  # MoE balance loss, averaged like the LM loss
 
     def build_model_chunks(self) -> list[torch.nn.Module]:
         """This rank's model chunks (one, or several with interleaved pipeline stages), parallelised

@@ -281,3 +281,42 @@ def gather_from_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """SP's g: reduce-scatter partial sums along the sequence (dim 1) forward, all-gather backward."""
     return x if group.size == 1 else _ReduceScatterToSequenceParallelRegion.apply(x, group)
+
+
+# ---------------------------------------------------------------------------------------------
+# All-to-all with variable splits (expert-parallel token dispatch)
+
+
+def all_to_all(input: torch.Tensor, out_splits: list, in_splits: list, group: Group,
+               purpose: str = "all_to_all") -> torch.Tensor:
+    """Rows in_splits[i] of `input` (dim 0, in order) go to member i; returns the rows received,
+    out_splits[i] from member i, concatenated in member order. Not differentiable; see
+    `all_to_all_autograd`. Booked as the bytes this rank sends to the others.
+    """
+    output = input.new_empty((sum(out_splits),) + tuple(input.shape[1:]))
+    if group.size == 1:
+        output.copy_(input)
+        return output
+    row_bytes = input[:1].numel() * input.element_size()
+    group.ledger.record(group.name, purpose, row_bytes * (sum(in_splits) - in_splits[group.rank]))
+    dist.all_to_all_single(output, input.contiguous(), out_splits, in_splits, group=group.process_group)
+    return output
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, purpose):
+        ctx.splits, ctx.group, ctx.purpose = (out_splits, in_splits), group, purpose
+        return all_to_all(x, out_splits, in_splits, group, purpose)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        # The gradient of every received row goes back to the member that sent it.
+        return all_to_all(grad, in_splits, out_splits, ctx.group, ctx.purpose), None, None, None, None
+
+
+def all_to_all_autograd(x: torch.Tensor, out_splits: list, in_splits: list, group: Group,
+                        purpose: str = "all_to_all") -> torch.Tensor:
+    """`all_to_all` whose backward sends each row's gradient back the same way (splits swapped)."""
+    return _AllToAll.apply(x, list(out_splits), list(in_splits), group, purpose)

@@ -23,13 +23,16 @@ from parallel.collectives import Group, all_reduce
 
 
 class _Bucket:
-    """A contiguous slice of the gradient buffer and the parameters whose gradients live in it."""
+    """A contiguous slice of the gradient buffer, the parameters whose gradients live in it, and
+    the group it is reduced over."""
 
-    def __init__(self, data: torch.Tensor, params: list):
+    def __init__(self, data: torch.Tensor, params: list, group: Group):
         self.data = data
         self.params = params
+        self.group = group
         self.pending = set(id(p) for p in params)
-        self.handle = None
+        self.launched = False
+        self.handle = None  # the reduction's work handle; stays None for a group of one rank
 
 
 class GradBuffer:
@@ -37,7 +40,8 @@ class GradBuffer:
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], group: Group,
                  bucket_bytes: int = 25 * 2**20, grad_dtype: torch.dtype = torch.float32,
-                 reduce_in_backward: bool = True):
+                 reduce_in_backward: bool = True,
+                 group_of: Optional[Callable[[torch.nn.Parameter], Group]] = None):
         params = [p for _, p in named_params if p.requires_grad]
         # Deduplicate (tied weights appear once) while keeping the order.
         seen, unique = set(), []
@@ -47,7 +51,10 @@ class GradBuffer:
                 unique.append(p)
         self.params = list(reversed(unique))  # backward produces gradients roughly in this order
         self.group = group
-        self.reduce_in_backward = reduce_in_backward and group.size > 1
+        # Expert-parallel weights are replicated over fewer ranks (expert-dp) than the dense ones:
+        # group_of names each parameter's group, and a bucket never mixes two groups.
+        group_of = group_of or (lambda p: group)
+        self.reduce_in_backward = reduce_in_backward and any(group_of(p).size > 1 for p in self.params)
         total = sum(p.numel() for p in self.params)
         device = self.params[0].device if self.params else torch.device("cpu")
         self.data = torch.zeros(total, dtype=grad_dtype, device=device)
@@ -56,14 +63,17 @@ class GradBuffer:
         elem_bytes = self.data.element_size()
         offset, start, members = 0, 0, []
         for p in self.params:
+            if members and group_of(p) is not group_of(members[0]):
+                self._add_bucket(start, offset, members, group_of(members[0]))
+                start, members = offset, []
             p.main_grad = self.data[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
             members.append(p)
             if (offset - start) * elem_bytes >= bucket_bytes:
-                self._add_bucket(start, offset, members)
+                self._add_bucket(start, offset, members, group_of(p))
                 start, members = offset, []
         if members:
-            self._add_bucket(start, offset, members)
+            self._add_bucket(start, offset, members, group_of(members[0]))
         self.is_last_microbatch = True
         # Called with (bucket index, local gradient) just before a bucket is reduced: the point
         # where resilience fingerprints (and rehearses corruption of) this rank's own gradients.
@@ -73,15 +83,15 @@ class GradBuffer:
         self._unwritten: set[int] = set()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params]
 
-    def _add_bucket(self, start: int, end: int, members: list) -> None:
-        bucket = _Bucket(self.data[start:end], members)
+    def _add_bucket(self, start: int, end: int, members: list, group: Group) -> None:
+        bucket = _Bucket(self.data[start:end], members, group)
         self.buckets.append(bucket)
         for p in members:
             self._bucket_of[id(p)] = bucket
 
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
         bucket = self._bucket_of[id(param)]
-        if bucket.handle is not None:
+        if bucket.launched:
             # Adding into a bucket that is being reduced would race with the collective and the
             # late gradient would be lost or half-summed: a second backward through this
             # parameter in the last microbatch (retain_graph, a second loss) is a caller bug.
@@ -105,12 +115,13 @@ class GradBuffer:
     def _launch(self, bucket: "_Bucket") -> None:
         if self.before_reduce is not None:
             self.before_reduce(self.buckets.index(bucket), bucket.data)
-        bucket.handle = all_reduce(bucket.data, self.group, async_op=True)
+        bucket.launched = True
+        bucket.handle = all_reduce(bucket.data, bucket.group, async_op=True)
 
     def _rearm(self) -> None:
         for bucket in self.buckets:
             bucket.pending = set(id(p) for p in bucket.params)
-            bucket.handle = None
+            bucket.launched, bucket.handle = False, None
 
     def start_step(self) -> None:
         """Begin a step: gradients restart from zero, every bucket is re-armed.
@@ -130,18 +141,14 @@ class GradBuffer:
     def finish(self) -> None:
         """Wait for (or issue, for buckets whose parameters got no gradient) every reduction."""
         self._zero_unwritten()
-        if self.group.size == 1:
-            if self.before_reduce is not None:
-                for index, bucket in enumerate(self.buckets):
-                    self.before_reduce(index, bucket.data)
-            return
         for bucket in self.buckets:
-            if bucket.handle is None:
+            if not bucket.launched:
                 # Parameters unused this step never fire their hook; their zero grads still join
                 # the reduction so that every rank issues the same collectives in the same order.
                 self._launch(bucket)
         for bucket in self.buckets:
-            bucket.handle.wait()
+            if bucket.handle is not None:
+                bucket.handle.wait()
         # Re-arm here too, not only in start_step: a caller that zeroes gradients another way
         # (optimizer.zero_grad) would otherwise find every bucket's pending set empty on the
         # next last microbatch and launch one reduction per parameter instead of per bucket.

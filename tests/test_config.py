@@ -44,6 +44,11 @@ def test_bad_override_names_the_key_and_what_is_valid(override, message):
     (["parallel.zero=4"], 1, r"parallel.zero=4: expected one of 0, 1, 2, 3"),
     (["parallel.pp=2", "parallel.zero=1", "model.tie_embeddings=true"], 4,
      r"parallel.zero=1: tied embeddings across pipeline stages .* work with zero=0 only"),
+    (["model.num_experts=4", "parallel.ep=2", "parallel.zero=1"], 2,
+     r"parallel.zero=1: expert parallelism \(parallel.ep > 1\) works with zero=0 only"),
+    (["model.num_experts=4", "parallel.tp=2"], 2, r"parallel.tp=2: MoE models .* need tp=1 for now"),
+    (["model.num_experts=4", "parallel.ep=3"], 3, r"parallel.ep=3: must divide model.num_experts=4"),
+    (["parallel.ep=2"], 2, r"parallel.ep=2: expert parallelism needs model.num_experts > 0"),
 ])
 def test_invalid_layout_is_refused_before_launch(overrides, world, message):
     cfg = load_config("configs/tiny.yaml", overrides)

@@ -78,8 +78,9 @@ class StepGuard:
         if first.layers:  # activations are corrupted at the output of this rank's first layer
             next(iter(first.layers.values())).register_forward_hook(self._corrupt_activation)
         self.step = -1
-        # Replicas of a ZeRO-3 rank hold different parameter pieces: nothing to compare.
-        self.replicas_comparable = trainer.cfg.parallel.zero < 3
+        # ZeRO-3 shards the parameters and expert parallelism gives each rank its own experts: the
+        # ranks of the reduction group then hold different parameters, not replicas.
+        self.replicas_comparable = trainer.cfg.parallel.zero < 3 and trainer.cfg.parallel.ep == 1
 
     # -- rehearsed faults ------------------------------------------------------------------------
 
