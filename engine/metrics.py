@@ -32,6 +32,7 @@ TENSORBOARD_NAMES = {
     "loss_scale": "loss-scale",
     "mem_allocated_bytes": "mem-allocated-bytes",
     "num_zeros": "num-zeros",
+    "load_balancing_loss": "load_balancing_loss",
 }
 
 

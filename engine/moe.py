@@ -77,6 +77,9 @@ class MoE(nn.Module):
         self.count_reduce: Optional[Callable[[Tensor], Tensor]] = None
         self.aux_loss_coeff = cfg.moe_aux_loss_coeff
         self.aux_loss_scale = 0.0  # coeff / global token count, set by the trainer (set_aux_loss_scale)
+        # coeff * (this rank's unscaled balance loss) summed over the forwards since the last
+        # `take_aux_loss`: what the trainer logs (detached; a plain attribute so .to() leaves it fp32).
+        self.aux_loss_sum = torch.zeros(())
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [T, h] -> (router probabilities [T, E] fp32, top-k weights [T, k] fp32, top-k experts [T, k])."""
@@ -121,7 +124,9 @@ class MoE(nn.Module):
         weighted = out_rows * weights.reshape(-1)[order, None].to(out_rows.dtype)
         out = torch.zeros_like(flat).index_add_(0, token_of_copy, weighted).view(b, s, h)
         if self.aux_loss_coeff and self.training and torch.is_grad_enabled():
-            out = _AddAuxLossGrad.apply(out, self.aux_loss(probs, top_e, b), self.aux_loss_scale)
+            aux = self.aux_loss(probs, top_e, b)
+            self.aux_loss_sum = self.aux_loss_sum.to(aux.device) + self.aux_loss_coeff * aux.detach()
+            out = _AddAuxLossGrad.apply(out, aux, self.aux_loss_scale)
         return out
 
     @torch.no_grad()
@@ -149,3 +154,14 @@ def set_aux_loss_scale(chunks: list, global_tokens: int) -> None:
         for moe in moe_layers(chunk):
             moe.aux_loss_scale = moe.aux_loss_coeff / global_tokens
 
+
+
+def take_aux_loss(chunks: list) -> Tensor:
+    """The balance-loss sum of every MoE layer in `chunks` since the last call (coeff included, not
+    yet divided by tokens); resets the layers' sums. Zero when there are no MoE layers."""
+    total = torch.zeros((), dtype=torch.float32)
+    for chunk in chunks:
+        for moe in moe_layers(chunk):
+            total = total + moe.aux_loss_sum.float().cpu()
+            moe.aux_loss_sum = torch.zeros(())
+    return total

@@ -27,7 +27,7 @@ from engine.resilience.sdc import loss_bits
 from engine.grad_sync import build_grad_sync, memory_bytes
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
 from engine.model import LlamaModel, init_parameters
-from engine.moe import set_aux_loss_scale
+from engine.moe import set_aux_loss_scale, take_aux_loss
 from engine.optim import MasterWeightOptimizer, lr_at
 from engine.parallelize import (all_reduce_tied_embedding_grads, counts_in_norm, expert_gradient_group,
                                 finish_sequence_parallel_grads, grad_norm_sq_reduce, gradient_reduction_group,
@@ -49,6 +49,8 @@ class StepResult:
     grad_norm: float
     lr: float
     iteration_time: float
+    load_balancing_loss: Optional[float] = None
+    """MoE models: the balance loss per MoE layer (coeff included; coeff for a perfectly balanced router)."""
 
 
 def comm_group(ctx, name: str, ledger: CommLedger) -> Group:
@@ -208,6 +210,7 @@ class Trainer:
             self.guard.begin_step(step)
             batch = data_batch_index(step, self.cfg.data.skip_steps)
             microbatches = self.guard.garbage_batch(step, batch, microbatches, self.cfg.model.vocab_size)
+        take_aux_loss(self.chunks)  # start the step's balance-loss sum from zero
         self.grads.start_step()
         loss_total = self.forward_backward(microbatches)
         self.grads.finish()
@@ -216,6 +219,7 @@ class Trainer:
             first = self.guard.fingerprints
             first.loss_bits = loss_bits(loss_total)
             self.guard.begin_step(step)
+            take_aux_loss(self.chunks)
             self.grads.start_step()
             loss_total = self.forward_backward(microbatches)
             self.grads.finish()
@@ -225,7 +229,17 @@ class Trainer:
         # Every TP rank computed the full loss of its tokens: the sum over DP x CP is the global sum.
         all_reduce(loss_total, self.grad_group, purpose="metrics")
         loss = loss_total.item() / self.global_tokens
-        return StepResult(step, loss, float(grad_norm), lr, time.perf_counter() - start)
+        return StepResult(step, loss, float(grad_norm), lr, time.perf_counter() - start, self.load_balancing_loss())
+
+    def load_balancing_loss(self) -> Optional[float]:
+        """The step's MoE balance loss per MoE layer, summed over every rank's tokens (None when dense)."""
+        if not self.cfg.model.num_experts:
+            return None
+        total = take_aux_loss(self.chunks).to(self.ctx.device)
+        # Ranks of the reduction group hold other tokens, pipeline stages other layers.
+        all_reduce(total, self.grad_group, purpose="metrics")
+        all_reduce(total, self.pp, purpose="metrics")
+        return total.item() / self.global_tokens / self.cfg.model.num_layers
 
     def optimizer_step(self, step: int) -> tuple[float, float]:
         """After the gradients are complete: finish partial (SP) grads, clip, AdamW; (lr, grad norm)."""
@@ -242,6 +256,7 @@ class Trainer:
         return {"step": result.step + 1, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "iteration_time": result.iteration_time,
                 "batch_size": self.cfg.train.global_batch_size,
+                **({"load_balancing_loss": result.load_balancing_loss} if result.load_balancing_loss is not None else {}),
                 "throughput": self.step_flops / result.iteration_time / 1e12 / max(1, self.ctx.world_size),
                 "comm_bytes": self.ledger.summary(), **self.memory_metrics()}
 

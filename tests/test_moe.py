@@ -116,3 +116,22 @@ def test_init_is_layout_invariant_per_expert():
         assert torch.equal(p, q), n
     down = a.layers["0"].mlp.down_proj.weight
     assert down.std() < a.layers["0"].mlp.gate_proj.weight.std()  # output projections are scaled down
+
+
+def test_trainer_logs_the_balance_loss_per_layer():
+    """A uniform router (zero weights) balances perfectly: the logged loss is exactly the coefficient."""
+    from engine.trainer import Trainer
+    from parallel.topology import ParallelContext
+    from tests.parity import FakeData, parity_config
+
+    cfg = parity_config(["model.num_experts=4", "model.moe_topk=2", "model.moe_aux_loss_coeff=0.01"], 1, 2)
+    trainer = Trainer(cfg, ParallelContext.single(), FakeData.for_config(cfg))
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if name.endswith("router.weight"):
+                p.zero_()
+    first = trainer.train_step(0)
+    assert first.load_balancing_loss == pytest.approx(0.01, rel=1e-6)
+    assert trainer.record(first)["load_balancing_loss"] == first.load_balancing_loss
+    second = trainer.train_step(1)  # the router has learnt something: no longer exactly uniform
+    assert second.load_balancing_loss != first.load_balancing_loss and second.load_balancing_loss > 0
