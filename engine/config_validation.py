@@ -105,6 +105,10 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     _require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
 
     _one_of("precision.dtype", cfg.precision.dtype, ("fp32", "bf16", "fp8"))
+    if cfg.precision.dtype == "fp8":
+        _require(not t.compile, "train.compile", t.compile,
+                 "precision.dtype=fp8 runs eagerly (its emulated GEMMs record amaxes in Python state); "
+                 "set train.compile=false")
     _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", cfg.checkpoint.interval, "must be >= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
     if cfg.data.weights is not None:

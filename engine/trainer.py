@@ -28,6 +28,7 @@ from engine.grad_sync import build_grad_sync, memory_bytes
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
 from engine.model import LlamaModel, init_parameters
 from engine.moe import set_aux_loss_scale, take_aux_loss
+from engine.precision import Fp8Recipe
 from engine.optim import MasterWeightOptimizer, lr_at
 from engine.parallelize import (all_reduce_tied_embedding_grads, counts_in_norm, expert_gradient_group,
                                 finish_sequence_parallel_grads, grad_norm_sq_reduce, gradient_reduction_group,
@@ -81,6 +82,8 @@ class Trainer:
         # Gradients and the loss sum are reduced over dp x cp; data is sharded over dp only.
         self.grad_group = gradient_reduction_group(ctx, self.ledger)
         self.dtype = DTYPES[cfg.precision.dtype]
+        # fp8: the decoder GEMMs run through TE's delayed-scaling recipe (engine/precision.py).
+        self.fp8 = Fp8Recipe() if cfg.precision.dtype == "fp8" else None
         self.chunks = self.build_model_chunks()
         self.loss_fn = loss_function(cfg, ctx, self.ledger)
         # parallel.zero selects plain DP (GradBuffer + MasterWeightOptimizer) or a ZeRO stage.
@@ -115,6 +118,8 @@ class Trainer:
         model = parallelize_model(model, self.cfg, self.ctx, self.ledger)
         init_parameters(model, self.cfg.seed)
         model = model.to(device=self.ctx.device, dtype=self.dtype)
+        if self.fp8 is not None:
+            self.fp8.convert(model)
         if self.cfg.train.compile:  # opt-in: compiles each decoder layer in place (names unchanged)
             from engine.compile import compile_layers
             compile_layers(model)
@@ -247,7 +252,18 @@ class Trainer:
             finish_sequence_parallel_grads(chunk, self.tp)
         all_reduce_tied_embedding_grads(self.chunks, self.ctx, self.ledger)
         lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
-        return lr, self.optimizer.step(lr, self.grad_norm_sq_reduce)
+        grad_norm = self.optimizer.step(lr, self.grad_norm_sq_reduce)
+        if self.fp8 is not None:
+            self.fp8.update(self.amax_reduce)
+        return lr, grad_norm
+
+    def amax_reduce(self, amaxes: torch.Tensor) -> torch.Tensor:
+        """Max of fp8 amaxes over the ranks that see other parts of the same tensors: TP (weight and
+        activation shards) and data/context parallel (other tokens), as TE's amax reduction group."""
+        amaxes = amaxes.to(self.ctx.device)
+        for group in (self.tp, self.grad_group):
+            all_reduce(amaxes, group, op=torch.distributed.ReduceOp.MAX, purpose="fp8_amax")
+        return amaxes.cpu()
 
     def record(self, result: StepResult) -> dict:
         """The metrics.jsonl record of a step."""
@@ -269,13 +285,16 @@ class Trainer:
     def checkpoint_extra_state(self) -> dict:
         """Non-tensor state a checkpoint carries besides weights and optimizer (see engine.checkpoint)."""
         return {"skip_steps": list(self.cfg.data.skip_steps), "seed": self.cfg.seed,
-                "resilience": self.guard.state_dict() if self.guard is not None else {}}
+                "resilience": self.guard.state_dict() if self.guard is not None else {},
+                "fp8": self.fp8.state_dict() if self.fp8 is not None else {}}
 
     def load_extra_state(self, extra: dict) -> None:
-        """Restore what `checkpoint_extra_state` saved (skip list, the guard's history)."""
+        """Restore what `checkpoint_extra_state` saved (skip list, the guard's history, fp8 scales)."""
         self.cfg.data.skip_steps = list(extra.get("skip_steps", []))
         if self.guard is not None:
             self.guard.load_state_dict(extra.get("resilience", {}))
+        if self.fp8 is not None:
+            self.fp8.load_state_dict(extra.get("fp8", {}))
 
     def checkpoint_metadata(self) -> dict:
         """What a checkpoint's manifest records about the run (checked when resuming)."""

@@ -98,11 +98,13 @@ class ColumnParallelLinear(nn.Module):
         local = _shard_size(out_features, group, "out_features")
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device))
         self.weight.tp_shard = (0, group.rank, group.size)
+        # The local GEMM (x, W) -> x W^T; engine.precision swaps in its fp8 GEMM.
+        self.linear_fn = F.linear
 
     def forward(self, x: Tensor) -> Tensor:
         if self.enter_region:
             x = enter_tp_region(x, self.group, self.sequence_parallel)
-        return F.linear(x, self.weight)
+        return self.linear_fn(x, self.weight)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
@@ -121,9 +123,10 @@ class RowParallelLinear(nn.Module):
         local = _shard_size(in_features, group, "in_features")
         self.weight = nn.Parameter(torch.empty(out_features, local, device=device))
         self.weight.tp_shard = (1, group.rank, group.size)
+        self.linear_fn = F.linear  # the local GEMM, as in ColumnParallelLinear
 
     def forward(self, x: Tensor) -> Tensor:
-        return leave_tp_region(F.linear(x, self.weight), self.group, self.sequence_parallel)
+        return leave_tp_region(self.linear_fn(x, self.weight), self.group, self.sequence_parallel)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (local {self.weight.shape[1]}), out_features={self.out_features}, "

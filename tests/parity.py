@@ -132,7 +132,8 @@ def _layouts_worker(rank: int, world_size: int, layouts: list[list[str]], steps:
         if run.state_dict is not None:
             # Tensors cross the process boundary by shared-memory handle, which dies with the
             # rank; numpy arrays are pickled by value.
-            run.state_dict = {name: value.numpy() for name, value in run.state_dict.items()}
+            run.state_dict = {name: (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+                              for name, value in run.state_dict.items()}
     return runs
 
 

@@ -49,7 +49,7 @@ def _segment(rank, world_size, overrides, steps, run_dir, stop_after=None):
         checkpointer.wait()
     with getattr(trainer.grads, "gathered", contextlib.nullcontext)():  # ZeRO-3 holds only pieces
         state = gather_full_state_dict(trainer.chunks, ctx)
-    return losses, ({k: v.numpy() for k, v in state.items()} if ctx.rank == 0 else None), start
+    return losses, ({k: v.float().numpy() for k, v in state.items()} if ctx.rank == 0 else None), start  # bf16 -> fp32 exactly
 
 
 def _run(world_size, *args):

@@ -49,6 +49,7 @@ def test_bad_override_names_the_key_and_what_is_valid(override, message):
     (["model.num_experts=4", "parallel.tp=2"], 2, r"parallel.tp=2: MoE models .* need tp=1 for now"),
     (["model.num_experts=4", "parallel.ep=3"], 3, r"parallel.ep=3: must divide model.num_experts=4"),
     (["parallel.ep=2"], 2, r"parallel.ep=2: expert parallelism needs model.num_experts > 0"),
+    (["precision.dtype=fp8", "train.compile=true"], 1, r"train.compile=True: precision.dtype=fp8 runs eagerly"),
 ])
 def test_invalid_layout_is_refused_before_launch(overrides, world, message):
     cfg = load_config("configs/tiny.yaml", overrides)
