@@ -40,6 +40,28 @@ def data_batch_index(step: int, skip_steps=()) -> int:
     return batch
 
 
+def sample_position(step: int, microbatch: int, dp_rank: int, dp_size: int, global_batch_size: int,
+                    micro_batch_size: int, skip_steps=()) -> int:
+    """Global position of the first sample of (step, microbatch, dp rank), checked.
+
+    Batch b (step `step` past the skipped ones) holds positions [b * GBS, (b + 1) * GBS); within
+    it microbatch j of DP rank r starts at j * mbs * dp + r * mbs, so every data-parallel layout
+    trains on the same global batch.
+    """
+    if global_batch_size % (micro_batch_size * dp_size):
+        raise DataError(f"train.global_batch_size={global_batch_size}: must be a multiple of "
+                        f"train.micro_batch_size * dp = {micro_batch_size} * {dp_size}")
+    per_rank = global_batch_size // (micro_batch_size * dp_size)
+    if not 0 <= microbatch < per_rank:
+        raise DataError(f"microbatch {microbatch}: valid range is [0, {per_rank}) at dp={dp_size}")
+    if not 0 <= dp_rank < dp_size:
+        raise DataError(f"dp_rank {dp_rank}: valid range is [0, {dp_size})")
+    if step < 0:
+        raise DataError(f"step {step}: must be >= 0")
+    batch = data_batch_index(step, skip_steps)
+    return batch * global_batch_size + microbatch * micro_batch_size * dp_size + dp_rank * micro_batch_size
+
+
 class TrainingData:
     """Blended, shuffled GPT samples for a whole run, addressed by (step, microbatch, dp rank).
 
@@ -106,16 +128,8 @@ class TrainingData:
     def microbatch(self, step: int, microbatch: int, dp_rank: int, dp_size: int, skip_steps=()) -> torch.Tensor:
         """LongTensor [micro_batch_size, seq_length + 1] for this (step, microbatch, dp rank)."""
         self._check_divisible(dp_size)
-        per_rank = self.global_batch_size // (self.micro_batch_size * dp_size)
-        if not 0 <= microbatch < per_rank:
-            raise DataError(f"microbatch {microbatch}: valid range is [0, {per_rank}) at dp={dp_size}")
-        if not 0 <= dp_rank < dp_size:
-            raise DataError(f"dp_rank {dp_rank}: valid range is [0, {dp_size})")
-        if step < 0:
-            raise DataError(f"step {step}: must be >= 0")
-        batch = data_batch_index(step, skip_steps)
-        first = (batch * self.global_batch_size + microbatch * self.micro_batch_size * dp_size
-                 + dp_rank * self.micro_batch_size)
+        first = sample_position(step, microbatch, dp_rank, dp_size, self.global_batch_size,
+                                self.micro_batch_size, skip_steps)
         out = np.empty((self.micro_batch_size, self.seq_length + 1), dtype=np.int64)
         for row in range(self.micro_batch_size):
             out[row] = self.sample(first + row)

@@ -216,7 +216,7 @@ def optimizer_views(optimizer) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _sync_masters(optimizer) -> None:
+def sync_masters(optimizer) -> None:
     """fp32 masters re-read from the (loaded) low-precision weights, for any optimizer kind."""
     params = getattr(optimizer, "param_pieces", None) or optimizer.params
     for p, master in zip(params, optimizer.masters):
@@ -361,7 +361,7 @@ class Checkpointer:
         if "optim/step" in views:
             load_optimizer_step(trainer.optimizer, holder["optim/step"])
         if masters_missing:
-            _sync_masters(trainer.optimizer)
+            sync_masters(trainer.optimizer)
         if hasattr(trainer.optimizer, "after_checkpoint_load"):  # e.g. ZeRO re-gathers parameters
             trainer.optimizer.after_checkpoint_load()
         if isinstance(holder[rng_key], bytes) and holder[rng_key]:

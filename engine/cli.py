@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pre-train a model")
     add_run_arguments(p)
 
+    p = sub.add_parser("sft", help="supervised fine-tuning on prompt/response examples (sft.* keys)")
+    add_run_arguments(p)
+
     from engine import export
     p = sub.add_parser("export", help="write a checkpoint in another format (Hugging Face Llama)")
     export.add_cli_arguments(p)
@@ -59,10 +62,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "export":
         from engine import export
         return export.run_cli(args)
-    if args.command == "pretrain":
-        from stages import pretrain
+    if args.command in ("pretrain", "sft"):
+        from stages import pretrain, sft
         args.overrides = _flatten(args.overrides)
-        return pretrain.run_cli(args)
+        return (pretrain if args.command == "pretrain" else sft).run_cli(args)
     return 2
 
 

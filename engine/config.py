@@ -168,6 +168,23 @@ class PrecisionConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (`apogee sft`): examples and the weights to start from."""
+
+    inputs: list = field(default_factory=list)
+    """JSONL files, one example per line: {prompt, response} or {messages: [{role, content}]}
+    (data_pipeline/sft.py); only responses / assistant turns are trained."""
+    prompt_key: str = "prompt"
+    """Key of the context text in prompt/response examples."""
+    response_key: str = "response"
+    """Key of the trained text in prompt/response examples."""
+    init_from: Optional[str] = None
+    """Weights to start from: an Apogee checkpoint directory (any layout; a run's checkpoints/
+    directory means its latest) or a Hugging Face Llama directory. None starts from the seed's
+    initialisation. A run resuming its own checkpoint ignores it."""
+
+
+@dataclass
 class CheckpointConfig:
     """Sharded checkpoints (torch.distributed.checkpoint)."""
 
@@ -238,6 +255,8 @@ class ApogeeConfig:
     """Step loop."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Numerics."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised fine-tuning data and starting weights (used by `apogee sft`)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)

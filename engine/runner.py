@@ -21,6 +21,7 @@ from engine.checkpoint_store import CheckpointError
 from engine.resume import check_compatible, checkpoint_store, choose_checkpoint, run_id
 from engine.config import ApogeeConfig, ConfigError, config_from_dict, save_config
 from engine.config_validation import validate
+from engine.initialize import check_init_source, initialize_from
 from engine.launch import cpu_threads_per_rank, detect_launcher, init_distributed, launch_local
 from engine.metrics import PeakFlops, machine_peak
 from engine.resilience.faults import FaultInjector
@@ -38,10 +39,19 @@ def parallel_dims(cfg: ApogeeConfig):
 
 
 def build_training_data(cfg: ApogeeConfig, prefixes: list[str]):
-    """The loader for this config over already-preprocessed dataset prefixes."""
+    """The loader for this config: SFT examples when sft.inputs is set, else the pre-training
+    blend over already-preprocessed dataset prefixes."""
     from data_pipeline.loader import TrainingData
 
     t = cfg.train
+    if cfg.sft.inputs:
+        from data_pipeline.sft import SFTData, read_examples
+        from data_pipeline.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer(cfg.data.tokenizer)
+        examples = read_examples(cfg.sft.inputs, tokenizer, cfg.sft.prompt_key, cfg.sft.response_key)
+        return SFTData(examples, cfg.model.seq_length, cfg.seed, t.global_batch_size, t.micro_batch_size,
+                       tokenizer.pad_id)
     return TrainingData(
         prefixes=prefixes, weights=cfg.data.weights, phases=cfg.data.phases,
         seq_length=cfg.model.seq_length, seed=cfg.seed, global_batch_size=t.global_batch_size,
@@ -59,6 +69,11 @@ def prepare_data(cfg: ApogeeConfig) -> list[str]:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size} ids from data.tokenizer={cfg.data.tokenizer!r})")
+    if cfg.sft.init_from:
+        check_init_source(cfg)
+    if cfg.sft.inputs:
+        build_training_data(cfg, [])  # reads every example once: a bad line fails here, before ranks start
+        return []
     prefixes = [ensure_corpus(spec, cfg.data.cache_dir, cfg.data.tokenizer) for spec in cfg.data.inputs]
     build_training_data(cfg, prefixes)  # builds and caches the indices once, before ranks start
     return prefixes
@@ -194,6 +209,11 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
     checkpointer = Checkpointer(checkpoint_store(cfg, Path(run_dir)), ctx.rank, ctx.world_size,
                                 run_id(Path(run_dir)), on_event=trainer.events.record)
     start_step = resume_trainer(trainer, checkpointer, cfg, resume, Path(run_dir), failed_at=failed_at)
+    if start_step == 0 and cfg.sft.init_from:  # a fresh fine-tuning run starts from other weights
+        source = initialize_from(trainer, cfg.sft.init_from)
+        if ctx.rank == 0:
+            trainer.events.record("init_from", step=0, path=cfg.sft.init_from, source=source)
+            print(f"apogee: weights from {cfg.sft.init_from} ({source})", flush=True)
     try:
         trainer.fit(start_step, checkpointer)
     except ResilienceError as err:  # diagnosed: a restart would meet the same fault

@@ -54,6 +54,14 @@ class StepResult:
     """MoE models: the balance loss per MoE layer (coeff included; coeff for a perfectly balanced router)."""
 
 
+def split_microbatch(microbatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(tokens [mbs, seq+1], loss mask [mbs, seq] or None) of a microbatch (see prepare_microbatch)."""
+    if isinstance(microbatch, torch.Tensor):
+        return microbatch, None
+    tokens, loss_mask = microbatch
+    return tokens, loss_mask
+
+
 def comm_group(ctx, name: str, ledger: CommLedger) -> Group:
     """The named process group of this rank as a collectives.Group."""
     return Group(name, ctx.group(name), ctx.size(name), ctx.rank_in(name), ledger)
@@ -97,6 +105,7 @@ class Trainer:
         self.peak = peak
         self.step_flops = flops_per_step(cfg.model, cfg.train.global_batch_size)
         self.global_tokens = cfg.train.global_batch_size * cfg.model.seq_length
+        self.step_tokens = self.global_tokens  # the tokens the step's loss averages over (loss_divisor)
         set_aux_loss_scale(self.chunks, self.global_tokens)  # MoE balance loss, averaged like the LM loss
 
     def build_model_chunks(self) -> list[torch.nn.Module]:
@@ -148,30 +157,48 @@ class Trainer:
         return [self.data.microbatch(step, j, self.dp.rank, self.dp.size, self.cfg.data.skip_steps)
                 for j in range(self.num_microbatches)]
 
-    def prepare_microbatch(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[mbs, seq+1] tokens -> (inputs [mbs, s], targets [mbs, s], RoPE positions [s]) for this rank.
+    def prepare_microbatch(self, microbatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """A microbatch -> (inputs [mbs, s], targets [mbs, s], RoPE positions [s], loss mask [mbs, s] or None).
 
-        With context parallelism s is this CP rank's s/cp tokens (zigzag chunks r and 2cp-1-r).
+        A microbatch is tokens [mbs, seq+1], or (tokens, loss_mask [mbs, seq]) when only some
+        targets count (SFT trains on responses only). With context parallelism s is this CP
+        rank's s/cp tokens (zigzag chunks r and 2cp-1-r).
         """
+        tokens, loss_mask = split_microbatch(microbatch)
         tokens = tokens.to(self.ctx.device, non_blocking=True)
         inputs, targets, positions = tokens[:, :-1], tokens[:, 1:], self.positions[:tokens.shape[1] - 1]
+        if loss_mask is not None:
+            loss_mask = loss_mask.to(self.ctx.device, non_blocking=True)
         if self.cp.size > 1:  # this CP rank's two load-balanced chunks, with their true positions
             inputs, targets, positions = (split_for_context_parallel(t, t.dim() - 1, self.cp.rank, self.cp.size)
                                           for t in (inputs, targets, positions))
-        return inputs, targets, positions
+            if loss_mask is not None:
+                loss_mask = split_for_context_parallel(loss_mask, 1, self.cp.rank, self.cp.size)
+        return inputs, targets, positions, loss_mask
+
+    def loss_divisor(self, microbatches: list) -> int:
+        """The step's global count of trained tokens: every token, or the masked-in ones summed over
+        the data-parallel ranks (CP ranks of one DP rank read the same samples). Dividing each
+        microbatch's loss sum by it makes the sum of gradients over ranks the global mean."""
+        masks = [split_microbatch(mb)[1] for mb in microbatches]
+        if all(m is None for m in masks):
+            return self.global_tokens
+        count = torch.tensor(float(sum(int(m.sum()) for m in masks)), device=self.ctx.device)
+        all_reduce(count, self.dp, purpose="metrics")
+        return max(1, int(count.item()))
 
     def forward_backward(self, microbatches: list[torch.Tensor]) -> torch.Tensor:
         """Forward and backward over this rank's microbatches; returns the local loss sum (fp32)."""
         if self.pp.size > 1:
             return self.pipeline_forward_backward(microbatches)
         loss_total = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
-        for j, tokens in enumerate(microbatches):
-            inputs, targets, positions = self.prepare_microbatch(tokens)
+        for j, microbatch in enumerate(microbatches):
+            inputs, targets, positions, loss_mask = self.prepare_microbatch(microbatch)
             self.grads.is_last_microbatch = j == len(microbatches) - 1
             logits = self.model(inputs, positions=positions)
-            loss_sum, _ = self.loss_fn(logits, targets)
+            loss_sum, _ = self.loss_fn(logits, targets, loss_mask)
             # Dividing by the global token count makes the DP sum of gradients the global mean.
-            (loss_sum / self.global_tokens).backward()
+            (loss_sum / self.step_tokens).backward()
             loss_total += loss_sum.detach()
         return loss_total
 
@@ -186,14 +213,14 @@ class Trainer:
         self.stage_comm = StageComm(self.pp, len(self.chunks), shape, self.dtype, self.ctx.device)
 
         def forward_step(chunk: int, j: int, stage_input: Optional[torch.Tensor]) -> torch.Tensor:
-            inputs, targets, positions = self.prepare_microbatch(microbatches[j])
+            inputs, targets, positions, loss_mask = self.prepare_microbatch(microbatches[j])
             model = self.chunks[chunk]
             output = model(inputs if model.pre_process else stage_input, positions=positions)
             if not model.post_process:
                 return output
-            loss_sum, _ = self.loss_fn(output, targets)
+            loss_sum, _ = self.loss_fn(output, targets, loss_mask)
             loss_total.add_(loss_sum.detach())
-            return loss_sum / self.global_tokens
+            return loss_sum / self.step_tokens
 
         def before_backward(chunk: int, j: int) -> None:
             # Each chunk runs its microbatches in order, so its parameters' gradients are complete
@@ -215,6 +242,7 @@ class Trainer:
             self.guard.begin_step(step)
             batch = data_batch_index(step, self.cfg.data.skip_steps)
             microbatches = self.guard.garbage_batch(step, batch, microbatches, self.cfg.model.vocab_size)
+        self.step_tokens = self.loss_divisor(microbatches)
         take_aux_loss(self.chunks)  # start the step's balance-loss sum from zero
         self.grads.start_step()
         loss_total = self.forward_backward(microbatches)
@@ -233,7 +261,7 @@ class Trainer:
         lr, grad_norm = self.optimizer_step(step)
         # Every TP rank computed the full loss of its tokens: the sum over DP x CP is the global sum.
         all_reduce(loss_total, self.grad_group, purpose="metrics")
-        loss = loss_total.item() / self.global_tokens
+        loss = loss_total.item() / self.step_tokens
         return StepResult(step, loss, float(grad_norm), lr, time.perf_counter() - start, self.load_balancing_loss())
 
     def load_balancing_loss(self) -> Optional[float]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.config import load_config
+from engine.config import ConfigError, load_config
 from engine.runner import exit_on_config_error, run_job
 
 
@@ -11,5 +11,7 @@ def run_cli(args: argparse.Namespace) -> int:
     """Load the config (defaults <- --config <- --set) and run the job."""
     def run() -> int:
         cfg = load_config(args.config, args.overrides)
+        if cfg.sft.inputs:
+            raise ConfigError(f"sft.inputs={cfg.sft.inputs}: fine-tuning examples are trained by `apogee sft`")
         return run_job(cfg, run_dir=args.run_dir, nproc=args.nproc, resume=args.resume)
     return exit_on_config_error(run)

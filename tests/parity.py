@@ -41,15 +41,24 @@ class FakeData:
     learn and the loss falls within ten steps.
     """
 
-    def __init__(self, seed: int, vocab_size: int, seq_length: int, micro_batch_size: int, global_batch_size: int):
+    def __init__(self, seed: int, vocab_size: int, seq_length: int, micro_batch_size: int, global_batch_size: int,
+                 masked: bool = False):
         self.seed, self.vocab_size, self.seq_length = seed, vocab_size, seq_length
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.masked = masked
 
     @classmethod
-    def for_config(cls, cfg) -> "FakeData":
-        """The data of a config's model and batch sizes."""
+    def for_config(cls, cfg, masked: bool = False) -> "FakeData":
+        """The data of a config's model and batch sizes (masked: SFT-style microbatches)."""
         return cls(cfg.seed, cfg.model.vocab_size, cfg.model.seq_length, cfg.train.micro_batch_size,
-                   cfg.train.global_batch_size)
+                   cfg.train.global_batch_size, masked)
+
+    def loss_mask(self, position: int) -> torch.Tensor:
+        """SFT-style mask [seq] of sample `position`: a prompt of 0..seq/2 untrained targets, then trained ones."""
+        from parallel.random import generator
+
+        prompt = int(torch.randint(0, self.seq_length // 2 + 1, (1,), generator=generator(self.seed, "mask", position)))
+        return (torch.arange(self.seq_length) >= prompt).float()
 
     def sample(self, position: int) -> torch.Tensor:
         """Tokens [seq + 1] of global sample `position`."""
@@ -71,7 +80,10 @@ class FakeData:
                 data_step += 1
         mbs = self.micro_batch_size
         first = data_step * self.global_batch_size + microbatch * mbs * dp_size + dp_rank * mbs
-        return torch.stack([self.sample(first + i) for i in range(mbs)])
+        tokens = torch.stack([self.sample(first + i) for i in range(mbs)])
+        if not self.masked:
+            return tokens
+        return tokens, torch.stack([self.loss_mask(first + i) for i in range(mbs)])
 
 
 @dataclass
@@ -105,13 +117,13 @@ def parity_config(overrides: list[str], world_size: int, steps: int):
                     world_size)
 
 
-def _run_layout(overrides: list[str], world_size: int, steps: int, ctx_factory) -> LayoutRun:
+def _run_layout(overrides: list[str], world_size: int, steps: int, ctx_factory, masked: bool = False) -> LayoutRun:
     from engine.parallelize import gather_full_state_dict
     from engine.trainer import Trainer
 
     cfg = parity_config(overrides, world_size, steps)
     ctx = ctx_factory(cfg)
-    trainer = Trainer(cfg, ctx, FakeData.for_config(cfg))
+    trainer = Trainer(cfg, ctx, FakeData.for_config(cfg, masked))
     losses = [trainer.train_step(step).loss for step in range(steps)]
     ledger = dict(trainer.ledger.bytes), dict(trainer.ledger.calls)
     state = gather_full_state_dict(trainer.chunks, ctx)
@@ -126,8 +138,9 @@ def _distributed_context(cfg):
     return ParallelContext.create(ParallelDims(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep))
 
 
-def _layouts_worker(rank: int, world_size: int, layouts: list[list[str]], steps: int) -> list[LayoutRun]:
-    runs = [_run_layout(overrides, world_size, steps, _distributed_context) for overrides in layouts]
+def _layouts_worker(rank: int, world_size: int, layouts: list[list[str]], steps: int,
+                    masked: bool = False) -> list[LayoutRun]:
+    runs = [_run_layout(overrides, world_size, steps, _distributed_context, masked) for overrides in layouts]
     for run in runs:
         if run.state_dict is not None:
             # Tensors cross the process boundary by shared-memory handle, which dies with the
@@ -137,19 +150,21 @@ def _layouts_worker(rank: int, world_size: int, layouts: list[list[str]], steps:
     return runs
 
 
-def train_layouts(layouts: list[list[str]], world_size: int, steps: int, timeout: float = 300.0) -> list[LayoutRun]:
+def train_layouts(layouts: list[list[str]], world_size: int, steps: int, timeout: float = 300.0,
+                  masked: bool = False) -> list[LayoutRun]:
     """Train each layout (a list of --set overrides) on `world_size` ranks, all inside one spawn.
 
     Returns one LayoutRun per layout: losses and state dict from rank 0, ledgers from every rank.
-    world_size=1 trains in this process (no torch.distributed).
+    world_size=1 trains in this process (no torch.distributed). masked: SFT-style microbatches
+    (tokens, loss mask) with a different number of trained tokens per sample.
     """
     if world_size == 1:
         from parallel.topology import ParallelContext
 
-        return [_run_layout(overrides, 1, steps, lambda cfg: ParallelContext.single()) for overrides in layouts]
+        return [_run_layout(overrides, 1, steps, lambda cfg: ParallelContext.single(), masked) for overrides in layouts]
     from tests.distributed import run_distributed
 
-    per_rank = run_distributed(_layouts_worker, world_size, layouts, steps, timeout=timeout)
+    per_rank = run_distributed(_layouts_worker, world_size, layouts, steps, masked, timeout=timeout)
     merged = []
     for index in range(len(layouts)):
         runs = [rank_runs[index] for rank_runs in per_rank]

@@ -127,7 +127,13 @@ class StepGuard:
         if data_batch not in self.garbage_batches:
             return microbatches
         gen = torch.Generator().manual_seed(1000003 * (data_batch + 1))
-        return [torch.randint(0, vocab_size, mb.shape, generator=gen) for mb in microbatches]
+
+        def garbage(mb):  # tokens, or (tokens, loss mask): the tokens go bad, the mask stays
+            if isinstance(mb, torch.Tensor):
+                return torch.randint(0, vocab_size, mb.shape, generator=gen)
+            return torch.randint(0, vocab_size, mb[0].shape, generator=gen), mb[1]
+
+        return [garbage(mb) for mb in microbatches]
 
     # -- the decision after each step --------------------------------------------------------------
 
