@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine import export
     p = sub.add_parser("export", help="write a checkpoint in another format (Hugging Face Llama)")
     export.add_cli_arguments(p)
+
+    from engine import plan
+    p = sub.add_parser("plan", help="rank parallel layouts for a GPU cluster by predicted step time")
+    plan.add_cli_arguments(p)
     return parser
 
 
@@ -62,6 +66,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "export":
         from engine import export
         return export.run_cli(args)
+    if args.command == "plan":
+        from engine import plan
+        args.overrides = _flatten(args.overrides)
+        return plan.run_cli(args)
     if args.command in ("pretrain", "sft"):
         from stages import pretrain, sft
         args.overrides = _flatten(args.overrides)
