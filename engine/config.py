@@ -152,6 +152,11 @@ class TrainConfig:
     """Samples per microbatch per data-parallel rank."""
     global_batch_size: int = 16
     """Samples per optimizer step across all data-parallel ranks."""
+    init_from: Optional[str] = None
+    """Weights to start from (fine-tuning, mid-training): an Apogee checkpoint directory (any
+    layout; a run's checkpoints/ directory means its latest) or a Hugging Face Llama directory.
+    Only the weights: optimizer, step and data start fresh. None starts from the seed's
+    initialisation; a run resuming its own checkpoint ignores it."""
     log_interval: int = 1
     """Steps between console log lines."""
     compile: bool = False
@@ -169,7 +174,7 @@ class PrecisionConfig:
 
 @dataclass
 class SFTConfig:
-    """Supervised fine-tuning (`apogee sft`): examples and the weights to start from."""
+    """Supervised fine-tuning (`apogee sft`) examples (the starting weights: train.init_from)."""
 
     inputs: list = field(default_factory=list)
     """JSONL files, one example per line: {prompt, response} or {messages: [{role, content}]}
@@ -178,10 +183,6 @@ class SFTConfig:
     """Key of the context text in prompt/response examples."""
     response_key: str = "response"
     """Key of the trained text in prompt/response examples."""
-    init_from: Optional[str] = None
-    """Weights to start from: an Apogee checkpoint directory (any layout; a run's checkpoints/
-    directory means its latest) or a Hugging Face Llama directory. None starts from the seed's
-    initialisation. A run resuming its own checkpoint ignores it."""
 
 
 @dataclass

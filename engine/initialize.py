@@ -38,7 +38,7 @@ def resolve_source(source: str) -> tuple[str, Path]:
         path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
     problem = verify(path) if path.is_dir() else "no such directory"
     if problem is not None:
-        raise ConfigError(f"sft.init_from={source!r}: not a Hugging Face Llama directory (config.json) nor an "
+        raise ConfigError(f"train.init_from={source!r}: not a Hugging Face Llama directory (config.json) nor an "
                           f"intact Apogee checkpoint ({problem})")
     return "apogee", path
 
@@ -54,15 +54,15 @@ def _source_model(kind: str, path: Path) -> ModelConfig:
 
 def check_init_source(cfg: ApogeeConfig) -> None:
     """Refuse (ConfigError) an init_from that does not exist or holds another model shape."""
-    kind, path = resolve_source(cfg.sft.init_from)
+    kind, path = resolve_source(cfg.train.init_from)
     if cfg.parallel.zero == 3:
-        raise ConfigError("sft.init_from with parallel.zero=3: loading weights into ZeRO-3 shards is not "
+        raise ConfigError("train.init_from with parallel.zero=3: loading weights into ZeRO-3 shards is not "
                           "implemented; use zero 0-2 for the first run, or resume instead")
     source = dataclasses.asdict(_source_model(kind, path))
     mine = dataclasses.asdict(cfg.model)
     differ = [f"{k}: {source[k]} there, {mine[k]} here" for k in SHAPE_FIELDS if source[k] != mine[k]]
     if differ:
-        raise ConfigError(f"sft.init_from={cfg.sft.init_from!r} holds another model ({'; '.join(differ)})")
+        raise ConfigError(f"train.init_from={cfg.train.init_from!r} holds another model ({'; '.join(differ)})")
 
 
 @torch.no_grad()

@@ -69,7 +69,7 @@ def prepare_data(cfg: ApogeeConfig) -> list[str]:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size} ids from data.tokenizer={cfg.data.tokenizer!r})")
-    if cfg.sft.init_from:
+    if cfg.train.init_from:
         check_init_source(cfg)
     if cfg.sft.inputs:
         build_training_data(cfg, [])  # reads every example once: a bad line fails here, before ranks start
@@ -209,11 +209,11 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
     checkpointer = Checkpointer(checkpoint_store(cfg, Path(run_dir)), ctx.rank, ctx.world_size,
                                 run_id(Path(run_dir)), on_event=trainer.events.record)
     start_step = resume_trainer(trainer, checkpointer, cfg, resume, Path(run_dir), failed_at=failed_at)
-    if start_step == 0 and cfg.sft.init_from:  # a fresh fine-tuning run starts from other weights
-        source = initialize_from(trainer, cfg.sft.init_from)
+    if start_step == 0 and cfg.train.init_from:  # a fresh fine-tuning run starts from other weights
+        source = initialize_from(trainer, cfg.train.init_from)
         if ctx.rank == 0:
-            trainer.events.record("init_from", step=0, path=cfg.sft.init_from, source=source)
-            print(f"apogee: weights from {cfg.sft.init_from} ({source})", flush=True)
+            trainer.events.record("init_from", step=0, path=cfg.train.init_from, source=source)
+            print(f"apogee: weights from {cfg.train.init_from} ({source})", flush=True)
     try:
         trainer.fit(start_step, checkpointer)
     except ResilienceError as err:  # diagnosed: a restart would meet the same fault

@@ -3,7 +3,7 @@
 The same parallel model, trainer, checkpoints and resilience as `apogee pretrain`; what changes
 is the data (data_pipeline/sft.py: examples whose prompts are context and whose responses are
 trained, one per sample, padded), the loss (averaged over the step's trained tokens only), and
-the start: `sft.init_from` loads a pre-trained model's weights (engine/initialize.py).
+the start: `train.init_from` loads a pre-trained model's weights (engine/initialize.py).
 """
 from __future__ import annotations
 

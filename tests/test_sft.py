@@ -173,7 +173,7 @@ def test_apogee_sft_starts_from_a_pretrained_run_and_learns(tmp_path, dataset):
     examples = _write_examples(tmp_path / "sums.jsonl")
     run = tmp_path / "sft"
     done = _cli("sft", "--nproc", "2", "--run-dir", str(run), "--set", *SMALL, "train.steps=30",
-                f"sft.inputs=[{examples}]", f"sft.init_from={pre}/checkpoints", "optim.warmup_steps=2")
+                f"sft.inputs=[{examples}]", f"train.init_from={pre}/checkpoints", "optim.warmup_steps=2")
     assert done.returncode == 0, done.stderr
     assert f"weights from {pre}/checkpoints (apogee weights)" in done.stdout
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -185,7 +185,7 @@ def test_apogee_sft_starts_from_a_pretrained_run_and_learns(tmp_path, dataset):
 @pytest.mark.parametrize("sets, message", [
     ([], "sft.inputs=[]: `apogee sft` needs JSONL files of examples"),
     (["sft.inputs=[nowhere.jsonl]"], "sft.inputs: 'nowhere.jsonl' is not a file"),
-    (["sft.inputs=[README.md]", "sft.init_from=nowhere"], "sft.init_from='nowhere': not a Hugging Face Llama directory"),
+    (["sft.inputs=[README.md]", "train.init_from=nowhere"], "train.init_from='nowhere': not a Hugging Face Llama directory"),
 ])
 def test_bad_sft_input_is_refused_before_any_rank_starts(tmp_path, sets, message):
     done = _cli("sft", "--run-dir", str(tmp_path / "run"), "--set", *SMALL, *sets)
