@@ -183,6 +183,11 @@ class SFTConfig:
     """Key of the context text in prompt/response examples."""
     response_key: str = "response"
     """Key of the trained text in prompt/response examples."""
+    lora_rank: int = 0
+    """LoRA adapters of this rank on every decoder linear layer, the base weights frozen
+    (engine/lora.py); 0 fine-tunes every weight."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapter path is multiplied by lora_alpha / lora_rank."""
 
 
 @dataclass

@@ -105,6 +105,10 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     _require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
 
     _one_of("precision.dtype", cfg.precision.dtype, ("fp32", "bf16", "fp8"))
+    _require(cfg.sft.lora_rank >= 0, "sft.lora_rank", cfg.sft.lora_rank, "must be >= 0 (0: no adapters)")
+    if cfg.sft.lora_rank:
+        _require(cfg.precision.dtype != "fp8", "precision.dtype", "fp8", "LoRA adapters run in bf16 or fp32 for now")
+        _require(p.zero == 0, "parallel.zero", p.zero, "LoRA trains a few adapters: ZeRO has nothing to shard; use zero=0")
     if cfg.precision.dtype == "fp8":
         _require(not t.compile, "train.compile", t.compile,
                  "precision.dtype=fp8 runs eagerly (its emulated GEMMs record amaxes in Python state); "

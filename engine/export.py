@@ -15,6 +15,7 @@ import torch.distributed.checkpoint as dcp
 from engine.checkpoint import model_views, single_process_quietly
 from engine.checkpoint_store import CheckpointError, read_manifest, verify
 from engine.config import ModelConfig
+from engine.lora import apply_lora, merge_lora
 from engine.model import LlamaModel
 
 
@@ -24,11 +25,19 @@ def load_model(checkpoint: str | Path) -> LlamaModel:
     problem = verify(path) if path.is_dir() else "no such directory"
     if problem is not None:
         raise CheckpointError(f"--checkpoint {checkpoint}: {problem}")
-    cfg = ModelConfig(**read_manifest(path)["metadata"]["model"])
+    metadata = read_manifest(path)["metadata"]
+    cfg = ModelConfig(**metadata["model"])
     model = LlamaModel(cfg)
+    lora = metadata.get("lora")
+    if lora:  # read the adapters too, then fold them into the weights
+        apply_lora(model, lora["rank"], lora["alpha"])
     views = model_views(model.named_parameters(), cfg.tie_embeddings)
     with single_process_quietly():
         dcp.load(views, checkpoint_id=str(path), no_dist=True, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    if lora:
+        merged = merge_lora(model.state_dict(), lora["alpha"] / lora["rank"])
+        model = LlamaModel(cfg)
+        model.load_state_dict(merged)
     return model
 
 

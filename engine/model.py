@@ -322,8 +322,11 @@ def _reduce_tokens(per_token: Tensor, targets: Tensor, loss_mask: Optional[Tenso
     return (per_token * loss_mask).sum(), loss_mask.sum().long()
 
 
-def _init_std(name: str, cfg: ModelConfig) -> float:
-    """Megatron's scaled init: residual-output projections shrink with depth."""
+def _init_std(name: str, shape: list, cfg: ModelConfig) -> float:
+    """Megatron's scaled init: residual-output projections shrink with depth. A LoRA A matrix
+    [r, in] draws with std 1/sqrt(in) (engine/lora.py)."""
+    if name.endswith("lora_A"):
+        return 1.0 / math.sqrt(shape[1])
     if name.endswith(("o_proj.weight", "down_proj.weight")):
         return cfg.init_std / math.sqrt(2 * cfg.num_layers)
     return cfg.init_std
@@ -350,10 +353,12 @@ def init_parameters(model: LlamaModel, seed: int) -> None:
             shape[dim] *= world
         if id(param) in norm_params:
             full = torch.ones(shape)
+        elif name.endswith("lora_B"):  # adapters start at zero: the run starts at the base model
+            full = torch.zeros(shape)
         else:
             key = "embed_tokens.weight" if cfg.tie_embeddings and name == "lm_head.weight" else name
             gen = generator(seed, "init", key)
-            full = torch.empty(shape).normal_(0.0, _init_std(name, cfg), generator=gen)
+            full = torch.empty(shape).normal_(0.0, _init_std(name, shape, cfg), generator=gen)
         if shard is not None:
             full = full.chunk(world, dim=dim)[rank]
         param.copy_(full)

@@ -27,6 +27,7 @@ from engine.resilience.sdc import loss_bits
 from engine.grad_sync import build_grad_sync, memory_bytes
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
 from engine.model import LlamaModel, init_parameters
+from engine.lora import apply_lora
 from engine.moe import set_aux_loss_scale, take_aux_loss
 from engine.precision import Fp8Recipe
 from engine.optim import MasterWeightOptimizer, lr_at
@@ -125,6 +126,8 @@ class Trainer:
     def _build_chunk(self, layer_ids, pre_process: bool, post_process: bool) -> torch.nn.Module:
         model = LlamaModel(self.cfg.model, layer_ids, pre_process=pre_process, post_process=post_process)
         model = parallelize_model(model, self.cfg, self.ctx, self.ledger)
+        if self.cfg.sft.lora_rank:  # adapters on the (parallel) layers, before init gives them values
+            apply_lora(model, self.cfg.sft.lora_rank, self.cfg.sft.lora_alpha)
         init_parameters(model, self.cfg.seed)
         model = model.to(device=self.ctx.device, dtype=self.dtype)
         if self.fp8 is not None:
@@ -326,8 +329,11 @@ class Trainer:
 
     def checkpoint_metadata(self) -> dict:
         """What a checkpoint's manifest records about the run (checked when resuming)."""
-        return {"model": dataclasses.asdict(self.cfg.model), "seed": self.cfg.seed,
+        meta = {"model": dataclasses.asdict(self.cfg.model), "seed": self.cfg.seed,
                 "parallel": dataclasses.asdict(self.cfg.parallel), "precision": self.cfg.precision.dtype}
+        if self.cfg.sft.lora_rank:  # an export folds the adapters into the weights
+            meta["lora"] = {"rank": self.cfg.sft.lora_rank, "alpha": self.cfg.sft.lora_alpha}
+        return meta
 
     def fit(self, start_step: int = 0, checkpointer=None,
             on_step: Optional[Callable[[StepResult], None]] = None) -> list[StepResult]:
