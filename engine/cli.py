@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning on prompt/response examples (sft.* keys)")
     add_run_arguments(p)
 
+    p = sub.add_parser("dpo", help="direct preference optimisation on {prompt, chosen, rejected} pairs (dpo.* keys)")
+    add_run_arguments(p)
+
     from engine import export
     p = sub.add_parser("export", help="write a checkpoint in another format (Hugging Face Llama)")
     export.add_cli_arguments(p)
@@ -70,10 +73,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from engine import plan
         args.overrides = _flatten(args.overrides)
         return plan.run_cli(args)
-    if args.command in ("pretrain", "sft"):
-        from stages import pretrain, sft
+    if args.command in ("pretrain", "sft", "dpo"):
+        from stages import dpo, pretrain, sft
         args.overrides = _flatten(args.overrides)
-        return (pretrain if args.command == "pretrain" else sft).run_cli(args)
+        return {"pretrain": pretrain, "sft": sft, "dpo": dpo}[args.command].run_cli(args)
     return 2
 
 

@@ -191,6 +191,16 @@ class SFTConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Direct preference optimisation (`apogee dpo`, engine/dpo.py)."""
+
+    inputs: list = field(default_factory=list)
+    """JSONL files of preference pairs, one per line: {prompt, chosen, rejected}."""
+    beta: float = 0.1
+    """Strength of the implicit KL penalty towards the reference model."""
+
+
+@dataclass
 class CheckpointConfig:
     """Sharded checkpoints (torch.distributed.checkpoint)."""
 
@@ -262,7 +272,9 @@ class ApogeeConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Numerics."""
     sft: SFTConfig = field(default_factory=SFTConfig)
-    """Supervised fine-tuning data and starting weights (used by `apogee sft`)."""
+    """Supervised fine-tuning data and adapters (used by `apogee sft`)."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """Preference pairs and beta (used by `apogee dpo`)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -105,6 +105,14 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     _require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
 
     _one_of("precision.dtype", cfg.precision.dtype, ("fp32", "bf16", "fp8"))
+    if cfg.dpo.inputs:
+        _require(not cfg.sft.inputs, "sft.inputs", cfg.sft.inputs, "a run trains SFT examples or DPO pairs, not both")
+        _require(p.pp == 1 and p.cp == 1, "parallel.pp" if p.pp > 1 else "parallel.cp", max(p.pp, p.cp),
+                 "DPO runs with pp=1 and cp=1 (a pair's log-probabilities must be whole before the sigmoid); "
+                 "use tp and dp")
+        _require(cfg.precision.dtype != "fp8", "precision.dtype", "fp8", "DPO runs in bf16 or fp32 (the "
+                 "reference model would share the policy's fp8 scales)")
+        _require(cfg.dpo.beta > 0, "dpo.beta", cfg.dpo.beta, "must be > 0")
     _require(cfg.sft.lora_rank >= 0, "sft.lora_rank", cfg.sft.lora_rank, "must be >= 0 (0: no adapters)")
     if cfg.sft.lora_rank:
         _require(cfg.precision.dtype != "fp8", "precision.dtype", "fp8", "LoRA adapters run in bf16 or fp32 for now")

@@ -66,26 +66,34 @@ def check_init_source(cfg: ApogeeConfig) -> None:
 
 
 @torch.no_grad()
-def initialize_from(trainer, source: str) -> str:
-    """Load the weights of `source` into `trainer` (every rank calls it); returns the source kind."""
+def initialize_chunks(chunks: list, source: str, tie_embeddings: bool, world_size: int) -> str:
+    """Load the weights of `source` into model `chunks` (every rank calls it); returns the source kind."""
     kind, path = resolve_source(source)
-    named = list(trainer.named_parameters())
+    named = [item for chunk in chunks for item in chunk.named_parameters()]
     if kind == "apogee":
-        views = model_views(named, trainer.cfg.model.tie_embeddings)
+        views = model_views(named, tie_embeddings)
         with single_process_quietly():  # every rank reads its own shards; the optimizer state is left out
-            dcp.load(views, checkpoint_id=str(path), no_dist=trainer.ctx.world_size == 1,
+            dcp.load(views, checkpoint_id=str(path), no_dist=world_size == 1,
                      planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     else:
         from engine.hf_interop import load_hf
 
         _, full = load_hf(path)
         for name, param in named:
-            key = "embed_tokens.weight" if trainer.cfg.model.tie_embeddings and name == "lm_head.weight" else name
-            value = full[key]
+            if name not in full and name.endswith(("lora_A", "lora_B")):
+                continue  # adapters keep their initial values (B = 0)
+            value = full["embed_tokens.weight" if tie_embeddings and name == "lm_head.weight" else name]
             shard = shard_of(param)
             if shard is not None:
                 dim, rank, world = shard
                 value = value.chunk(world, dim=dim)[rank]
             param.copy_(value)
-    sync_masters(trainer.optimizer)
     return f"{kind} weights"
+
+
+def initialize_from(trainer, source: str) -> str:
+    """Load the weights of `source` into `trainer`'s model and restart its optimizer's fp32 masters
+    from them (every rank calls it); returns the source kind."""
+    kind = initialize_chunks(trainer.chunks, source, trainer.cfg.model.tie_embeddings, trainer.ctx.world_size)
+    sync_masters(trainer.optimizer)
+    return kind

@@ -44,6 +44,14 @@ def build_training_data(cfg: ApogeeConfig, prefixes: list[str]):
     from data_pipeline.loader import TrainingData
 
     t = cfg.train
+    if cfg.dpo.inputs:
+        from data_pipeline.preference import PreferenceData, read_pairs
+        from data_pipeline.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer(cfg.data.tokenizer)
+        chosen, rejected = read_pairs(cfg.dpo.inputs, tokenizer)
+        return PreferenceData(chosen, rejected, cfg.model.seq_length, cfg.seed, t.global_batch_size,
+                              t.micro_batch_size, tokenizer.pad_id)
     if cfg.sft.inputs:
         from data_pipeline.sft import SFTData, read_examples
         from data_pipeline.tokenizer import get_tokenizer
@@ -71,7 +79,7 @@ def prepare_data(cfg: ApogeeConfig) -> list[str]:
                           f"({tokenizer.vocab_size} ids from data.tokenizer={cfg.data.tokenizer!r})")
     if cfg.train.init_from:
         check_init_source(cfg)
-    if cfg.sft.inputs:
+    if cfg.sft.inputs or cfg.dpo.inputs:
         build_training_data(cfg, [])  # reads every example once: a bad line fails here, before ranks start
         return []
     prefixes = [ensure_corpus(spec, cfg.data.cache_dir, cfg.data.tokenizer) for spec in cfg.data.inputs]
@@ -201,7 +209,10 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
               f"cp={cfg.parallel.cp} dp={cfg.parallel.dp}{f' ep={cfg.parallel.ep}' if cfg.parallel.ep > 1 else ''}; "
               f"MFU peak: {peak.source}", flush=True)
     data = build_training_data(cfg, prefixes)
-    trainer = Trainer(cfg, ctx, data, run_dir=Path(run_dir), peak=peak)
+    trainer_class = Trainer
+    if cfg.dpo.inputs:  # the same engine with a preference objective and a reference model
+        from engine.dpo import DPOTrainer as trainer_class
+    trainer = trainer_class(cfg, ctx, data, run_dir=Path(run_dir), peak=peak)
     trainer.fault_injector = FaultInjector.from_config(cfg, ctx.rank, run_dir)
     trainer.heartbeat = Watchdog(run_dir, ctx.rank, cfg.resilience.hang_timeout_s).start()
     trainer.guard = StepGuard(cfg.resilience, trainer, comm_group(ctx, "world", trainer.ledger),

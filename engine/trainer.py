@@ -53,6 +53,8 @@ class StepResult:
     iteration_time: float
     load_balancing_loss: Optional[float] = None
     """MoE models: the balance loss per MoE layer (coeff included; coeff for a perfectly balanced router)."""
+    extra: dict = dataclasses.field(default_factory=dict)
+    """Objective-specific metrics of the step (e.g. DPO's reward_accuracy), logged as they are."""
 
 
 def split_microbatch(microbatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -305,7 +307,7 @@ class Trainer:
                 "batch_size": self.cfg.train.global_batch_size,
                 **({"load_balancing_loss": result.load_balancing_loss} if result.load_balancing_loss is not None else {}),
                 "throughput": self.step_flops / result.iteration_time / 1e12 / max(1, self.ctx.world_size),
-                "comm_bytes": self.ledger.summary(), **self.memory_metrics()}
+                "comm_bytes": self.ledger.summary(), **self.memory_metrics(), **result.extra}
 
     def memory_metrics(self) -> dict:
         """This rank's persistent bytes of parameters, gradients and optimizer state (metrics keys)."""

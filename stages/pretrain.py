@@ -13,5 +13,7 @@ def run_cli(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         if cfg.sft.inputs:
             raise ConfigError(f"sft.inputs={cfg.sft.inputs}: fine-tuning examples are trained by `apogee sft`")
+        if cfg.dpo.inputs:
+            raise ConfigError(f"dpo.inputs={cfg.dpo.inputs}: preference pairs are trained by `apogee dpo`")
         return run_job(cfg, run_dir=args.run_dir, nproc=args.nproc, resume=args.resume)
     return exit_on_config_error(run)

@@ -1,0 +1,60 @@
+"""Preference pairs for DPO: {prompt, chosen, rejected} JSONL lines -> paired SFT-style samples.
+
+A pair is two examples sharing the prompt: prompt + chosen and prompt + rejected, each trained on
+its response and EOD only (data_pipeline/sft.py's rules). Both sides are addressed like SFT
+samples with the same seed, so sample p of the run is the same pair on both sides; a microbatch
+stacks the chosen sequences of its mbs pairs, then their rejected ones.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from data_pipeline import DataError
+from data_pipeline.sft import SFTData, encode_example
+
+KEYS = ("prompt", "chosen", "rejected")
+"""Text fields of a preference line."""
+
+
+def read_pairs(paths, tokenizer) -> tuple[list, list]:
+    """(chosen examples, rejected examples) of the JSONL files `paths`; errors name file and line."""
+    chosen, rejected = [], []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"dpo.inputs: {str(path)!r} is not a file (expected JSONL: {{prompt, chosen, rejected}} lines)")
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+                if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in KEYS):
+                    found = sorted(record) if isinstance(record, dict) else type(record).__name__
+                    raise DataError(f"{where}: expected text fields {list(KEYS)}; found {found}")
+                for side, out in (("chosen", chosen), ("rejected", rejected)):
+                    out.append(encode_example({"prompt": record["prompt"], "response": record[side]}, tokenizer,
+                                              where=where))
+    if not chosen:
+        raise DataError(f"dpo.inputs={[str(p) for p in paths]}: no preference pairs")
+    return chosen, rejected
+
+
+class PreferenceData:
+    """Preference microbatches (tokens [2 mbs, seq+1], loss mask [2 mbs, seq]): chosen rows, then rejected."""
+
+    def __init__(self, chosen: list, rejected: list, seq_length: int, seed: int, global_batch_size: int,
+                 micro_batch_size: int, pad_id: int):
+        self.sides = [SFTData(examples, seq_length, seed, global_batch_size, micro_batch_size, pad_id)
+                      for examples in (chosen, rejected)]
+
+    def microbatch(self, step: int, microbatch: int, dp_rank: int, dp_size: int, skip_steps=()):
+        """The (tokens, loss mask) of this (step, microbatch, dp rank): mbs chosen rows, then mbs rejected."""
+        halves = [side.microbatch(step, microbatch, dp_rank, dp_size, skip_steps) for side in self.sides]
+        return torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])

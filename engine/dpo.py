@@ -1,0 +1,82 @@
+"""Direct preference optimisation (Rafailov et al. 2023) on the engine's parallel model.
+
+Each preference pair is a prompt with a chosen and a rejected response. A microbatch holds the
+chosen sequences of mbs pairs, then their rejected sequences (tokens [2 mbs, seq+1] and loss
+masks over the responses, data_pipeline/preference.py). With log p(y | x) summed over a
+response's tokens under the policy and under the frozen reference model (the policy's starting
+weights), a pair's loss is
+
+    -log sigmoid(beta * ((log p_c - log ref_c) - (log p_r - log ref_r)))
+
+and the step's loss is the mean over the global batch's pairs (each rank divides its sum by the
+global pair count, so the data-parallel sum of gradients is the mean's). Reward accuracy (the
+fraction of pairs whose implicit reward prefers the chosen response) is logged with the loss.
+
+The reference model is a second copy of this rank's chunk, built like the policy and never
+trained; it starts equal to the policy (from train.init_from when set, else from the seed), and a
+resumed run rebuilds it the same way. Tensor and data parallelism work as in pre-training;
+pipeline and context parallelism are refused (the pair's log-probabilities would have to be
+gathered across stages or sequence chunks before the sigmoid).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from engine.initialize import initialize_chunks
+from engine.trainer import Trainer
+from parallel.collectives import all_reduce
+
+
+class DPOTrainer(Trainer):
+    """A Trainer whose step is DPO over (chosen, rejected) microbatches; see the module doc."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.beta = self.cfg.dpo.beta
+        self.reference = [self._build_chunk(None, pre_process=True, post_process=True)]
+        if self.cfg.train.init_from:
+            initialize_chunks(self.reference, self.cfg.train.init_from, self.cfg.model.tie_embeddings,
+                              self.ctx.world_size)
+        for p in self.reference[0].parameters():
+            p.requires_grad_(False)
+        self.last_accuracy: Optional[float] = None
+
+    def sequence_logps(self, model, inputs, targets, positions, loss_mask) -> torch.Tensor:
+        """Summed log-probability of each row's masked-in targets under `model`: [rows] fp32."""
+        logits = model(inputs, positions=positions)
+        return -torch.stack([self.loss_fn(logits[i:i + 1], targets[i:i + 1], loss_mask[i:i + 1])[0]
+                             for i in range(logits.shape[0])])
+
+    def loss_divisor(self, microbatches: list) -> int:
+        """The global number of preference pairs in the step."""
+        return self.cfg.train.global_batch_size
+
+    def forward_backward(self, microbatches: list) -> torch.Tensor:
+        """DPO forward and backward over this rank's microbatches; returns the local loss sum."""
+        loss_total = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
+        correct = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
+        for j, microbatch in enumerate(microbatches):
+            inputs, targets, positions, loss_mask = self.prepare_microbatch(microbatch)
+            self.grads.is_last_microbatch = j == len(microbatches) - 1
+            with torch.no_grad():
+                ref = self.sequence_logps(self.reference[0], inputs, targets, positions, loss_mask)
+            policy = self.sequence_logps(self.model, inputs, targets, positions, loss_mask)
+            pairs = policy.shape[0] // 2
+            margin = self.beta * ((policy[:pairs] - ref[:pairs]) - (policy[pairs:] - ref[pairs:]))
+            loss_sum = F.softplus(-margin).sum()  # -log sigmoid(margin)
+            (loss_sum / self.step_tokens).backward()
+            loss_total += loss_sum.detach()
+            correct += (margin.detach() > 0).float().sum()
+        all_reduce(correct, self.dp, purpose="metrics")
+        self.last_accuracy = correct.item() / self.cfg.train.global_batch_size
+        return loss_total
+
+    def train_step(self, step: int, microbatches=None):
+        """A DPO step; its result carries the reward accuracy."""
+        result = super().train_step(step, microbatches)
+        result.extra["reward_accuracy"] = self.last_accuracy
+        return result
+

@@ -1,0 +1,134 @@
+"""DPO (engine/dpo.py): the pair loss against the reference model, every layout on the
+single-rank run, and `apogee dpo` end to end."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline import DataError
+from data_pipeline.preference import read_pairs
+from data_pipeline.tokenizer import ByteTokenizer
+from tests.parity import FakeData, max_relative_loss_diff, max_weight_diff, parity_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DPO = ["dpo.inputs=[pairs]", "dpo.beta=0.5", "optim.lr=1e-3", "optim.eps=1e-4"]
+
+
+class PairedFakeData:
+    """Preference microbatches from the parity data: the chosen response continues the sample's
+    pattern, the rejected one is the same prompt followed by uniform noise (a preference to learn)."""
+
+    def __init__(self, cfg):
+        self.data = FakeData.for_config(cfg, masked=True)
+
+    def microbatch(self, step, microbatch, dp_rank, dp_size, skip_steps=()):
+        tokens, mask = self.data.microbatch(step, microbatch, dp_rank, dp_size, skip_steps)
+        mbs = tokens.shape[0]
+        first = step * self.data.global_batch_size + microbatch * mbs * dp_size + dp_rank * mbs
+        # Noise per global sample position, so every layout rejects the same sequences.
+        noise = torch.stack([torch.randint(0, self.data.vocab_size, tokens.shape[1:],
+                                           generator=torch.Generator().manual_seed(first + i)) for i in range(mbs)])
+        # Response positions (mask on target t covers token t + 1) take the noise.
+        response = torch.cat([torch.zeros(mask.shape[0], 1), mask], dim=1).bool()
+        rejected = tokens.where(~response, noise)
+        return torch.cat([tokens, rejected]), torch.cat([mask, mask])
+
+
+def _train(overrides, world_size, steps):
+    from engine.dpo import DPOTrainer
+    from engine.parallelize import gather_full_state_dict
+    from parallel.topology import ParallelContext, ParallelDims
+
+    cfg = parity_config(overrides, world_size, steps)
+    p = cfg.parallel
+    ctx = ParallelContext.single() if world_size == 1 else ParallelContext.create(
+        ParallelDims(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp))
+    trainer = DPOTrainer(cfg, ctx, PairedFakeData(cfg))
+    results = [trainer.train_step(step) for step in range(steps)]
+    state = gather_full_state_dict(trainer.chunks, ctx)
+    return ([r.loss for r in results], [trainer.record(r)["reward_accuracy"] for r in results],
+            {k: v.numpy() for k, v in state.items()} if ctx.rank == 0 else None)
+
+
+def _worker(rank, world_size, overrides, steps):
+    return _train(overrides, world_size, steps)
+
+
+def test_pairs_are_read_and_bad_lines_named(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "2+2=", "chosen": "4", "rejected": "5"}) + "\n")
+    chosen, rejected = read_pairs([path], ByteTokenizer())
+    assert chosen[0][0][:4] == rejected[0][0][:4] and chosen[0][1] == [0, 0, 0, 0, 1, 1]
+    path.write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: expected text fields \['prompt', 'chosen', 'rejected'\]"):
+        read_pairs([path], ByteTokenizer())
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _train(DPO, 1, 8)
+
+
+def test_first_step_loss_is_log_2_and_training_prefers_chosen(reference):
+    losses, accuracy, _ = reference
+    # The policy starts equal to the reference: every margin is 0 and -log sigmoid(0) = log 2.
+    assert losses[0] == pytest.approx(math.log(2), rel=1e-6)
+    assert accuracy[0] == 0.0  # a zero margin prefers nothing
+    assert losses[-1] < 0.5 * losses[0] and accuracy[-1] == 1.0  # the pattern beats the noise
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.tp=2"]], ids=["dp2", "tp2"])
+def test_dpo_layouts_match_the_single_rank_run(layout, reference):
+    from tests.distributed import run_distributed
+
+    losses, accuracy, state = run_distributed(_worker, 2, [*DPO, *layout], 8, timeout=300)[0]
+    ref_losses, ref_accuracy, ref_state = reference
+    loss_diff = max_relative_loss_diff(losses, ref_losses)
+    weight_diff = max_weight_diff({k: torch.from_numpy(v) for k, v in state.items()},
+                                  {k: torch.from_numpy(v) for k, v in ref_state.items()})
+    print(f"dpo {layout}: max relative loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}")
+    assert loss_diff <= 1e-5 and weight_diff <= 1e-5
+    assert accuracy == ref_accuracy
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["dpo.inputs=[x.jsonl]", "parallel.pp=2"], "parallel.pp=2: DPO runs with pp=1 and cp=1"),
+    (["dpo.inputs=[x.jsonl]", "sft.inputs=[y.jsonl]"], "a run trains SFT examples or DPO pairs, not both"),
+    ([], "dpo.inputs=[]: `apogee dpo` needs JSONL files of preference pairs"),
+])
+def test_bad_dpo_runs_are_refused(tmp_path, sets, message):
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "dpo", "--nproc", "2", "--run-dir", str(tmp_path / "r"),
+                           *(["--set", *sets] if sets else [])], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+@pytest.mark.distributed
+def test_apogee_dpo_runs_from_a_checkpoint(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    with pairs.open("w") as f:
+        for i in range(32):
+            a, b = i % 7, i % 5
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}) + "\n")
+    small = ["model.hidden_size=64", "model.num_layers=2", "model.seq_length=16", "train.micro_batch_size=2",
+             "train.global_batch_size=8", "logging.tensorboard=false", "optim.warmup_steps=1"]
+    sft = tmp_path / "sft"
+    examples = tmp_path / "sft.jsonl"
+    examples.write_text("".join(json.dumps({"prompt": f"{i % 7}+{i % 5}=", "response": str(i % 7 + i % 5)}) + "\n"
+                                for i in range(32)))
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "sft", "--run-dir", str(sft), "--set", *small,
+                           "train.steps=4", "checkpoint.interval=4", f"sft.inputs=[{examples}]"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "dpo"
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "dpo", "--nproc", "2", "--run-dir", str(run),
+                           "--set", *small, "train.steps=6", f"dpo.inputs=[{pairs}]", f"train.init_from={sft}"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)  # policy == reference at the start
+    assert records[-1]["loss"] < records[0]["loss"] and "reward_accuracy" in records[-1]
