@@ -25,6 +25,7 @@ from engine.initialize import check_init_source, initialize_from
 from engine.launch import cpu_threads_per_rank, detect_launcher, init_distributed, launch_local
 from engine.metrics import PeakFlops, machine_peak
 from engine.resilience.faults import FaultInjector
+from engine.resilience.preemption import Preempted, StopRequest
 from engine.resilience.recovery import (record_final_failure, record_restart, report_exception,
                                         restart_resume_choice, work_lost)
 from engine.resilience.watchdog import Watchdog
@@ -184,7 +185,7 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
     """One rank: join the process group (if not yet joined), build the context and the trainer, train."""
     import torch.distributed as dist
 
-    from engine.resilience.exit_codes import FAULT_DIAGNOSED
+    from engine.resilience.exit_codes import FAULT_DIAGNOSED, PREEMPTED
     from engine.resilience.guard import ResilienceError, StepGuard
     from engine.trainer import Trainer, comm_group
     from parallel.topology import ParallelContext
@@ -214,6 +215,7 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
         from engine.dpo import DPOTrainer as trainer_class
     trainer = trainer_class(cfg, ctx, data, run_dir=Path(run_dir), peak=peak)
     trainer.fault_injector = FaultInjector.from_config(cfg, ctx.rank, run_dir)
+    trainer.stop_request = StopRequest()  # SIGUSR1: checkpoint, stop, let the job script requeue
     trainer.heartbeat = Watchdog(run_dir, ctx.rank, cfg.resilience.hang_timeout_s).start()
     trainer.guard = StepGuard(cfg.resilience, trainer, comm_group(ctx, "world", trainer.ledger),
                               trainer.fault_injector, trainer.events)
@@ -227,6 +229,12 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
             print(f"apogee: weights from {cfg.train.init_from} ({source})", flush=True)
     try:
         trainer.fit(start_step, checkpointer)
+    except Preempted as stop:  # asked to stop: the checkpoint is written, the job requeues
+        if ctx.rank == 0:
+            print(f"apogee: {stop}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(PREEMPTED)
     except ResilienceError as err:  # diagnosed: a restart would meet the same fault
         if ctx.rank == 0:
             trainer.events.record("stopped", step=trainer.heartbeat.steps_completed, reason=str(err))

@@ -23,6 +23,7 @@ from engine.config import ApogeeConfig
 from data_pipeline.loader import data_batch_index
 from engine.events import EventLog
 from engine.resilience.guard import ResilienceError, Rewind
+from engine.resilience.preemption import Preempted
 from engine.resilience.sdc import loss_bits
 from engine.grad_sync import build_grad_sync, memory_bytes
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
@@ -83,9 +84,11 @@ class Trainer:
         self.fault_injector = None
         self.heartbeat = None
         self.guard = None  # engine.resilience.guard.StepGuard, set by the runner
+        self.stop_request = None  # engine.resilience.preemption.StopRequest, set by the runner
         self.last_local_loss = torch.zeros(())  # this rank's loss sum of the last step, before reduction
         self.ledger = CommLedger()
         self.dp = comm_group(ctx, "dp", self.ledger)
+        self.world = comm_group(ctx, "world", self.ledger)
         self.tp = comm_group(ctx, "tp", self.ledger)
         self.cp = comm_group(ctx, "cp", self.ledger)
         self.pp = comm_group(ctx, "pp", self.ledger)
@@ -383,12 +386,27 @@ class Trainer:
                 if self.heartbeat is not None:
                     self.heartbeat.beat(done)
                 step = done
+                if self.stop_request is not None and self.stop_request.agreed(self.world):
+                    self.stop_here(checkpointer, done, saved=saving)
             if checkpointer is not None:
                 checkpointer.wait()
         finally:
             if writer is not None:
                 writer.close()
         return results
+
+    def stop_here(self, checkpointer, step: int, saved: bool) -> None:
+        """Asked to stop (engine/resilience/preemption.py): make sure a checkpoint of `step` is
+        published, record the event and raise Preempted."""
+        if checkpointer is not None:
+            if not saved:
+                checkpointer.save(self, step, self.checkpoint_metadata(), blocking=True)
+            checkpointer.wait()
+        if self.events is not None and self.ctx.rank == 0:
+            self.events.record("preempted", step=step)
+        # Leave together: the first rank to exit makes srun end the others (--kill-on-bad-exit).
+        all_reduce(torch.zeros(1), self.world, purpose="resilience")
+        raise Preempted(f"stopped on request after step {step}, checkpoint written")
 
     def rewind(self, checkpointer, rewind: Rewind) -> int:
         """Go back to the newest intact checkpoint (skipping a data batch if asked); returns its step."""

@@ -103,14 +103,16 @@ def test_a_hung_rank_is_detected_within_the_timeout_and_the_run_recovers(dataset
 
     (fired,) = events(run_dir, "fault_injected")
     hangs = events(run_dir, "hang")
-    # Rank 0 hangs; rank 1 waits for it in the step's all-reduce: both watchdogs fire.
-    assert sorted(h["rank"] for h in hangs) == [0, 1]
+    # Rank 0 hangs; rank 1 waits for it in the step's all-reduce, so its watchdog fires too, unless
+    # the elastic agent, seeing rank 0 exit first, stops it earlier (seen on a loaded machine).
+    assert sorted(h["rank"] for h in hangs) in ([0], [0, 1])
     for hang in hangs:
         assert hang["step"] == 4 and hang["exit_code"] == 18
         assert HANG_TIMEOUT_S <= hang["silent_s"] < HANG_TIMEOUT_S + 2
         assert hang["time"] - fired["time"] < HANG_TIMEOUT_S + 2
     assert "hang_forever" in (run_dir / "hang-rank0.txt").read_text()  # the dump shows where it hangs
-    assert "train_step" in (run_dir / "hang-rank1.txt").read_text()  # ...and where the other waits
+    if len(hangs) == 2:
+        assert "train_step" in (run_dir / "hang-rank1.txt").read_text()  # ...and where the other waits
     (failure,) = events(run_dir, "failure")
     assert (failure["cause"], failure["rank"], failure["step"], failure["exit_code"]) == ("hang", 0, 4, 18)
     assert len(events(run_dir, "restart")) == 1

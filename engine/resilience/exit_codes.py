@@ -11,6 +11,7 @@ statuses that a restart can fix and stops on the others (slurm/apogee.sbatch, RE
 | 16     | Megatron's "resume to disambiguate" (re-run elsewhere)   | yes               |
 | 17     | Megatron's "fault diagnosed, stop"                       | no                |
 | 18     | hang: the watchdog saw no progress for hang_timeout_s    | yes               |
+| 19     | stopped on request (time limit): checkpoint written      | yes (always)      |
 | 128+n  | killed by signal n (137: SIGKILL, e.g. an injected kill) | yes               |
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ CONFIG_ERROR = 2
 RESUME_TO_DISAMBIGUATE = 16  # Megatron's convention, kept so that existing job scripts understand it
 FAULT_DIAGNOSED = 17  # Megatron's convention: a restart would hit the same fault
 HANG_DETECTED = 18  # next to Megatron's 16/17: the hang watchdog ended the rank
+PREEMPTED = 19  # SIGUSR1 (Slurm's pre-timeout signal): checkpointed and stopped, requeue to continue
 SIGNAL_BASE = 128  # a rank killed by signal n exits 128 + n, the way a shell reports it
 
 NO_RESTART = (OK, CONFIG_ERROR, FAULT_DIAGNOSED)
@@ -35,7 +37,7 @@ def describe(status: int) -> str:
     """A few words for an exit status, for logs and events."""
     names = {OK: "finished", EXCEPTION: "exception", CONFIG_ERROR: "config error",
              RESUME_TO_DISAMBIGUATE: "resume to disambiguate", FAULT_DIAGNOSED: "fault diagnosed",
-             HANG_DETECTED: "hang detected"}
+             HANG_DETECTED: "hang detected", PREEMPTED: "stopped on request (checkpointed)"}
     if status in names:
         return names[status]
     if status > SIGNAL_BASE:

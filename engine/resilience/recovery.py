@@ -89,8 +89,15 @@ def record_restart(run_dir: str | Path, restart_count: int, launcher: str) -> fl
 
     Call before this attempt records anything. Returns the failure's time (for the work lost).
     """
-    report = describe_failure(run_dir)
     events = EventLog(run_dir, 0)
+    last = events.read()[-1:] or [{}]
+    if last[0].get("type") == "preempted":  # a planned stop: nothing failed, nothing was lost
+        events.record("restart", step=last[0]["step"], restart_count=restart_count, launcher=launcher,
+                      failed_rank=None, cause="preempted")
+        print(f"apogee: restart {restart_count} after a stop on request at step {last[0]['step']}; "
+              f"resuming from its checkpoint", flush=True)
+        return last[0]["time"]
+    report = describe_failure(run_dir)
     events.record("failure", observed_by="restart", **report)
     events.record("restart", step=report["steps_completed"], restart_count=restart_count, launcher=launcher,
                   failed_rank=report["rank"], cause=report["cause"])
