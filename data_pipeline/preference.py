@@ -7,12 +7,10 @@ stacks the chosen sequences of its mbs pairs, then their rejected ones.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from data_pipeline import DataError
+from data_pipeline.jsonl import jsonl_records
 from data_pipeline.sft import SFTData, encode_example
 
 KEYS = ("prompt", "chosen", "rejected")
@@ -22,25 +20,11 @@ KEYS = ("prompt", "chosen", "rejected")
 def read_pairs(paths, tokenizer) -> tuple[list, list]:
     """(chosen examples, rejected examples) of the JSONL files `paths`; errors name file and line."""
     chosen, rejected = [], []
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"dpo.inputs: {str(path)!r} is not a file (expected JSONL: {{prompt, chosen, rejected}} lines)")
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-                if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in KEYS):
-                    found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise DataError(f"{where}: expected text fields {list(KEYS)}; found {found}")
-                for side, out in (("chosen", chosen), ("rejected", rejected)):
-                    out.append(encode_example({"prompt": record["prompt"], "response": record[side]}, tokenizer,
-                                              where=where))
+    for where, record in jsonl_records(paths, "dpo.inputs", "{prompt, chosen, rejected} lines"):
+        if not all(isinstance(record.get(k), str) for k in KEYS):
+            raise DataError(f"{where}: expected text fields {list(KEYS)}; found {sorted(record)}")
+        for side, out in (("chosen", chosen), ("rejected", rejected)):
+            out.append(encode_example({"prompt": record["prompt"], "response": record[side]}, tokenizer, where=where))
     if not chosen:
         raise DataError(f"dpo.inputs={[str(p) for p in paths]}: no preference pairs")
     return chosen, rejected

@@ -17,12 +17,10 @@ are addressed like the pre-training loader's (data_pipeline.loader.sample_positi
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from data_pipeline import DataError
+from data_pipeline.jsonl import jsonl_records
 from data_pipeline.loader import sample_position
 
 ROLES = ("system", "user", "assistant")
@@ -60,23 +58,8 @@ def encode_example(record: dict, tokenizer, prompt_key: str = "prompt", response
 
 def read_examples(paths, tokenizer, prompt_key: str = "prompt", response_key: str = "response") -> list:
     """Every example of the JSONL files `paths`, encoded; errors name the file and line."""
-    examples = []
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"sft.inputs: {str(path)!r} is not a file (expected JSONL: one example per line)")
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{where}: expected a JSON object, found {type(record).__name__}")
-                examples.append(encode_example(record, tokenizer, prompt_key, response_key, where))
+    examples = [encode_example(record, tokenizer, prompt_key, response_key, where)
+                for where, record in jsonl_records(paths, "sft.inputs", "one example per line")]
     if not examples:
         raise DataError(f"sft.inputs={[str(p) for p in paths]}: no examples")
     return examples
