@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dpo", help="direct preference optimisation on {prompt, chosen, rejected} pairs (dpo.* keys)")
     add_run_arguments(p)
 
+    from engine import bench
+    p = sub.add_parser("bench", help="train a config for a few steps and report step time, tokens/s, MFU and memory")
+    bench.add_cli_arguments(p)
+
     from engine import submit
     p = sub.add_parser("submit", help="validate a run for a Slurm allocation and sbatch it (requeues and resumes)")
     submit.add_cli_arguments(p)
@@ -73,6 +77,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "export":
         from engine import export
         return export.run_cli(args)
+    if args.command == "bench":
+        from engine import bench
+        args.overrides = _flatten(args.overrides)
+        return bench.run_cli(args)
     if args.command == "submit":
         from engine import submit
         return submit.run_cli(args)
