@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dpo", help="direct preference optimisation on {prompt, chosen, rejected} pairs (dpo.* keys)")
     add_run_arguments(p)
 
+    p = sub.add_parser("grpo", help="GRPO with verifiable rewards on {prompt, answer} prompts (grpo.* keys)")
+    add_run_arguments(p)
+
     from engine import bench
     p = sub.add_parser("bench", help="train a config for a few steps and report step time, tokens/s, MFU and memory")
     bench.add_cli_arguments(p)
@@ -88,10 +91,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from engine import plan
         args.overrides = _flatten(args.overrides)
         return plan.run_cli(args)
-    if args.command in ("pretrain", "sft", "dpo"):
-        from stages import dpo, pretrain, sft
+    if args.command in ("pretrain", "sft", "dpo", "grpo"):
+        from stages import dpo, grpo, pretrain, sft
         args.overrides = _flatten(args.overrides)
-        return {"pretrain": pretrain, "sft": sft, "dpo": dpo}[args.command].run_cli(args)
+        return {"pretrain": pretrain, "sft": sft, "dpo": dpo, "grpo": grpo}[args.command].run_cli(args)
     return 2
 
 

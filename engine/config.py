@@ -201,6 +201,29 @@ class DPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Group relative policy optimisation with verifiable rewards (`apogee grpo`, engine/grpo.py)."""
+
+    inputs: list = field(default_factory=list)
+    """JSONL files of prompts with verifiable answers, one per line: {prompt, answer}."""
+    group_size: int = 8
+    """Completions sampled per prompt; advantages are relative to the prompt's group (>= 2)."""
+    max_new_tokens: int = 32
+    """Longest completion in tokens (sampling also stops at the end-of-document token); prompt
+    plus completion must fit model.seq_length."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts; 0 samples greedily."""
+    reward: str = "exact_match"
+    """exact_match, contains, or 'package.module:function' taking (completion, answer) -> float."""
+    clip: float = 0.2
+    """PPO clipping range epsilon of the probability ratio."""
+    kl_coeff: float = 0.04
+    """Weight of the k3 KL estimate towards the frozen reference model (0 drops it)."""
+    scale_rewards: bool = True
+    """Divide each group's centred rewards by its std + 1e-4 (false: Dr. GRPO's unscaled advantages)."""
+
+
+@dataclass
 class CheckpointConfig:
     """Sharded checkpoints (torch.distributed.checkpoint)."""
 
@@ -275,6 +298,8 @@ class ApogeeConfig:
     """Supervised fine-tuning data and adapters (used by `apogee sft`)."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """Preference pairs and beta (used by `apogee dpo`)."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """Prompts, rollouts and the policy loss (used by `apogee grpo`)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)

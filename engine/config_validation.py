@@ -33,6 +33,34 @@ def resolve_dp(cfg: ApogeeConfig, world_size: int) -> int:
     return p.dp
 
 
+def _validate_grpo(cfg: ApogeeConfig) -> None:
+    """The rules of a GRPO run (grpo.inputs set): its layout, precision and rollout settings."""
+    from data_pipeline.prompts import reward_function
+
+    g, p, m = cfg.grpo, cfg.parallel, cfg.model
+    _require(not cfg.sft.inputs and not cfg.dpo.inputs, "grpo.inputs", g.inputs,
+             "a run trains GRPO prompts, SFT examples or DPO pairs, only one of them")
+    _require(p.pp == 1 and p.cp == 1, "parallel.pp" if p.pp > 1 else "parallel.cp", max(p.pp, p.cp),
+             "GRPO runs with pp=1 and cp=1 (rollouts sample from whole logits of whole sequences); use tp and dp")
+    _require(cfg.precision.dtype != "fp8", "precision.dtype", "fp8", "GRPO runs in bf16 or fp32 (the "
+             "reference model would share the policy's fp8 scales)")
+    _require(m.z_loss_weight == 0, "model.z_loss_weight", m.z_loss_weight,
+             "GRPO needs 0: its per-token log-probabilities come from the cross-entropy")
+    _require(g.group_size >= 2, "grpo.group_size", g.group_size, "must be >= 2 (advantages are relative to the group)")
+    _require(1 <= g.max_new_tokens < m.seq_length, "grpo.max_new_tokens", g.max_new_tokens,
+             f"must be in 1..model.seq_length-1 = {m.seq_length - 1} (prompt and completion share a sample)")
+    _require(g.temperature >= 0, "grpo.temperature", g.temperature, "must be >= 0 (0 samples greedily)")
+    _require(g.clip > 0, "grpo.clip", g.clip, "must be > 0")
+    _require(g.kl_coeff >= 0, "grpo.kl_coeff", g.kl_coeff, "must be >= 0 (0 drops the KL term)")
+    garbage = [fault for fault in cfg.resilience.inject if str(fault).startswith("garbage_batch")]
+    _require(not garbage, "resilience.inject", garbage, "GRPO samples its batches from the policy: "
+             "rehearse other faults (kill, raise, hang, bitflip)")
+    try:
+        reward_function(g.reward)
+    except ValueError as error:
+        raise ConfigError(f"grpo.reward={g.reward!r}: {error}") from None
+
+
 def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     """Check every field for a run on `world_size` ranks; fill derived values (parallel.dp)."""
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
@@ -113,6 +141,8 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
         _require(cfg.precision.dtype != "fp8", "precision.dtype", "fp8", "DPO runs in bf16 or fp32 (the "
                  "reference model would share the policy's fp8 scales)")
         _require(cfg.dpo.beta > 0, "dpo.beta", cfg.dpo.beta, "must be > 0")
+    if cfg.grpo.inputs:
+        _validate_grpo(cfg)
     _require(cfg.sft.lora_rank >= 0, "sft.lora_rank", cfg.sft.lora_rank, "must be >= 0 (0: no adapters)")
     if cfg.sft.lora_rank:
         _require(cfg.precision.dtype != "fp8", "precision.dtype", "fp8", "LoRA adapters run in bf16 or fp32 for now")

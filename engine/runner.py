@@ -45,6 +45,13 @@ def build_training_data(cfg: ApogeeConfig, prefixes: list[str]):
     from data_pipeline.loader import TrainingData
 
     t = cfg.train
+    if cfg.grpo.inputs:
+        from data_pipeline.prompts import PromptData, read_prompts
+        from data_pipeline.tokenizer import get_tokenizer
+
+        prompts = read_prompts(cfg.grpo.inputs, get_tokenizer(cfg.data.tokenizer),
+                               cfg.model.seq_length - cfg.grpo.max_new_tokens)
+        return PromptData(prompts, cfg.seed, t.global_batch_size, t.micro_batch_size)
     if cfg.dpo.inputs:
         from data_pipeline.preference import PreferenceData, read_pairs
         from data_pipeline.tokenizer import get_tokenizer
@@ -80,7 +87,7 @@ def prepare_data(cfg: ApogeeConfig) -> list[str]:
                           f"({tokenizer.vocab_size} ids from data.tokenizer={cfg.data.tokenizer!r})")
     if cfg.train.init_from:
         check_init_source(cfg)
-    if cfg.sft.inputs or cfg.dpo.inputs:
+    if cfg.sft.inputs or cfg.dpo.inputs or cfg.grpo.inputs:
         build_training_data(cfg, [])  # reads every example once: a bad line fails here, before ranks start
         return []
     prefixes = [ensure_corpus(spec, cfg.data.cache_dir, cfg.data.tokenizer) for spec in cfg.data.inputs]
@@ -213,6 +220,8 @@ def worker_main(cfg_dict: dict, run_dir: str, prefixes: list[str], resume: str,
     trainer_class = Trainer
     if cfg.dpo.inputs:  # the same engine with a preference objective and a reference model
         from engine.dpo import DPOTrainer as trainer_class
+    if cfg.grpo.inputs:  # rollouts of the policy, verifiable rewards, a reference model
+        from engine.grpo import GRPOTrainer as trainer_class
     trainer = trainer_class(cfg, ctx, data, run_dir=Path(run_dir), peak=peak)
     trainer.fault_injector = FaultInjector.from_config(cfg, ctx.rank, run_dir)
     trainer.stop_request = StopRequest()  # SIGUSR1: checkpoint, stop, let the job script requeue

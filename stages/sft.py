@@ -17,6 +17,8 @@ def run_cli(args: argparse.Namespace) -> int:
     """Load the config (defaults <- --config <- --set), check it is a fine-tuning run, run it."""
     def run() -> int:
         cfg = load_config(args.config, args.overrides)
+        if cfg.grpo.inputs:
+            raise ConfigError(f"grpo.inputs={cfg.grpo.inputs}: prompts with answers are trained by `apogee grpo`")
         if not cfg.sft.inputs:
             raise ConfigError("sft.inputs=[]: `apogee sft` needs JSONL files of examples, e.g. "
                               "--set sft.inputs=[data/train.jsonl] (lines {prompt, response} or {messages})")
