@@ -38,8 +38,6 @@ def _validate_grpo(cfg: ApogeeConfig) -> None:
     from data_pipeline.prompts import reward_function
 
     g, p, m = cfg.grpo, cfg.parallel, cfg.model
-    _require(not cfg.sft.inputs and not cfg.dpo.inputs, "grpo.inputs", g.inputs,
-             "a run trains GRPO prompts, SFT examples or DPO pairs, only one of them")
     _require(p.pp == 1 and p.cp == 1, "parallel.pp" if p.pp > 1 else "parallel.cp", max(p.pp, p.cp),
              "GRPO runs with pp=1 and cp=1 (rollouts sample from whole logits of whole sequences); use tp and dp")
     _require(cfg.precision.dtype != "fp8", "precision.dtype", "fp8", "GRPO runs in bf16 or fp32 (the "
@@ -133,8 +131,10 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     _require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
 
     _one_of("precision.dtype", cfg.precision.dtype, ("fp32", "bf16", "fp8"))
+    stages = [f"{stage}.inputs" for stage in ("sft", "dpo", "grpo") if getattr(cfg, stage).inputs]
+    _require(len(stages) <= 1, stages[-1] if stages else "sft.inputs", "set",
+             f"a run trains GRPO prompts, SFT examples or DPO pairs, only one of them (set: {', '.join(stages)})")
     if cfg.dpo.inputs:
-        _require(not cfg.sft.inputs, "sft.inputs", cfg.sft.inputs, "a run trains SFT examples or DPO pairs, not both")
         _require(p.pp == 1 and p.cp == 1, "parallel.pp" if p.pp > 1 else "parallel.cp", max(p.pp, p.cp),
                  "DPO runs with pp=1 and cp=1 (a pair's log-probabilities must be whole before the sigmoid); "
                  "use tp and dp")

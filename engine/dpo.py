@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from engine.initialize import initialize_chunks
 from engine.trainer import Trainer
 from parallel.collectives import all_reduce
 
@@ -36,12 +35,7 @@ class DPOTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.beta = self.cfg.dpo.beta
-        self.reference = [self._build_chunk(None, pre_process=True, post_process=True)]
-        if self.cfg.train.init_from:
-            initialize_chunks(self.reference, self.cfg.train.init_from, self.cfg.model.tie_embeddings,
-                              self.ctx.world_size)
-        for p in self.reference[0].parameters():
-            p.requires_grad_(False)
+        self.reference = self.frozen_reference()
         self.last_accuracy: Optional[float] = None
 
     def sequence_logps(self, model, inputs, targets, positions, loss_mask) -> torch.Tensor:

@@ -36,7 +36,6 @@ import torch
 
 from data_pipeline.prompts import Prompt, reward_function
 from data_pipeline.tokenizer import get_tokenizer
-from engine.initialize import initialize_chunks
 from engine.metrics import flops_per_step
 from engine.moe import set_aux_loss_scale
 from engine.resilience.spikes import SpikeDetector
@@ -114,12 +113,7 @@ class GRPOTrainer(Trainer):
         g, t = self.cfg.grpo, self.cfg.train
         self.tokenizer = get_tokenizer(self.cfg.data.tokenizer)
         self.reward = reward_function(g.reward)
-        self.reference = [self._build_chunk(None, pre_process=True, post_process=True)]
-        if self.cfg.train.init_from:
-            initialize_chunks(self.reference, self.cfg.train.init_from, self.cfg.model.tie_embeddings,
-                              self.ctx.world_size)
-        for p in self.reference[0].parameters():
-            p.requires_grad_(False)
+        self.reference = self.frozen_reference()
         # A step trains group_size sequences per prompt: throughput and MoE scaling count them all.
         self.global_tokens = t.global_batch_size * g.group_size * self.cfg.model.seq_length
         self.step_flops = flops_per_step(self.cfg.model, t.global_batch_size * g.group_size)

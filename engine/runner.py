@@ -292,6 +292,38 @@ def resume_trainer(trainer, checkpointer: Checkpointer, cfg: ApogeeConfig, resum
     return step
 
 
+STAGE_INPUTS = {
+    # stage: (the key listing its inputs, what they are, what a line looks like)
+    "sft": ("sft.inputs", "fine-tuning examples", "JSONL files of examples, e.g. --set sft.inputs=[train.jsonl] "
+            "(lines {prompt, response} or {messages})"),
+    "dpo": ("dpo.inputs", "preference pairs", "JSONL files of preference pairs, e.g. --set dpo.inputs=[pairs.jsonl] "
+            "(lines {prompt, chosen, rejected})"),
+    "grpo": ("grpo.inputs", "prompts with answers", "JSONL files of prompts with verifiable answers, e.g. "
+             "--set grpo.inputs=[prompts.jsonl] (lines {prompt, answer})"),
+}
+"""The data each post-training stage trains on; pretraining takes none of them."""
+
+
+def run_stage(stage: str, args) -> int:
+    """`apogee <stage>`: load the config, check that it carries this stage's inputs (and not another
+    stage's), run the job. Exit status 2 with the key and what is valid otherwise."""
+    from engine.config import load_config
+
+    def run() -> int:
+        cfg = load_config(args.config, args.overrides)
+        own = stage in STAGE_INPUTS and getattr(cfg, stage).inputs
+        others = [s for s in STAGE_INPUTS if s != stage and getattr(cfg, s).inputs]
+        if others and not own:
+            key, what, _ = STAGE_INPUTS[others[0]]
+            raise ConfigError(f"{key}={getattr(cfg, others[0]).inputs}: {what} are trained by `apogee {others[0]}`")
+        if stage in STAGE_INPUTS and not own:
+            key, _, needs = STAGE_INPUTS[stage]
+            raise ConfigError(f"{key}=[]: `apogee {stage}` needs {needs}")
+        return run_job(cfg, run_dir=args.run_dir, nproc=args.nproc, resume=args.resume)  # validate names mixes
+
+    return exit_on_config_error(run)
+
+
 def exit_on_config_error(fn, *args, **kwargs) -> int:
     """Call fn; a ConfigError becomes a one-line message on stderr and exit status 2."""
     from data_pipeline import DataError

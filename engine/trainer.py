@@ -26,6 +26,7 @@ from engine.resilience.guard import ResilienceError, Rewind
 from engine.resilience.preemption import Preempted
 from engine.resilience.sdc import loss_bits
 from engine.grad_sync import build_grad_sync, memory_bytes
+from engine.initialize import initialize_chunks
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
 from engine.model import LlamaModel, init_parameters
 from engine.lora import apply_lora
@@ -141,6 +142,17 @@ class Trainer:
             from engine.compile import compile_layers
             compile_layers(model)
         return model
+
+    def frozen_reference(self) -> list[torch.nn.Module]:
+        """A frozen copy of this rank's model chunk at the run's starting weights (train.init_from,
+        else the seed's): the reference of the preference and RL objectives (engine/dpo.py,
+        engine/grpo.py), rebuilt the same way when a run resumes. One chunk: those run at pp=1."""
+        reference = [self._build_chunk(None, pre_process=True, post_process=True)]
+        if self.cfg.train.init_from:
+            initialize_chunks(reference, self.cfg.train.init_from, self.cfg.model.tie_embeddings, self.ctx.world_size)
+        for p in reference[0].parameters():
+            p.requires_grad_(False)
+        return reference
 
     @property
     def model(self) -> torch.nn.Module:

@@ -9,16 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from engine.config import ConfigError, load_config
-from engine.runner import exit_on_config_error, run_job
+from engine.runner import run_stage
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """Load the config (defaults <- --config <- --set), check it is a GRPO run, run it."""
-    def run() -> int:
-        cfg = load_config(args.config, args.overrides)
-        if not cfg.grpo.inputs:
-            raise ConfigError("grpo.inputs=[]: `apogee grpo` needs JSONL files of prompts with verifiable answers, "
-                              "e.g. --set grpo.inputs=[prompts.jsonl] (lines {prompt, answer})")
-        return run_job(cfg, run_dir=args.run_dir, nproc=args.nproc, resume=args.resume)
-    return exit_on_config_error(run)
+    """Load the config (defaults <- --config <- --set), check its inputs are this stage's, run it."""
+    return run_stage("grpo", args)

@@ -98,7 +98,7 @@ def test_dpo_layouts_match_the_single_rank_run(layout, reference):
 
 @pytest.mark.parametrize("sets, message", [
     (["dpo.inputs=[x.jsonl]", "parallel.pp=2"], "parallel.pp=2: DPO runs with pp=1 and cp=1"),
-    (["dpo.inputs=[x.jsonl]", "sft.inputs=[y.jsonl]"], "a run trains SFT examples or DPO pairs, not both"),
+    (["dpo.inputs=[x.jsonl]", "sft.inputs=[y.jsonl]"], "only one of them"),
     ([], "dpo.inputs=[]: `apogee dpo` needs JSONL files of preference pairs"),
 ])
 def test_bad_dpo_runs_are_refused(tmp_path, sets, message):
