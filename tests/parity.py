@@ -204,3 +204,13 @@ def max_weight_diff(state: dict, reference: dict) -> float:
             raise AssertionError(f"{name}: shape {tuple(value.shape)} vs {tuple(reference[name].shape)}")
         worst = max(worst, (value.float() - reference[name].float()).abs().max().item())
     return worst
+
+
+def assert_matches_reference(name: str, run: "LayoutRun", reference: "LayoutRun", tolerance: float = 1e-5) -> None:
+    """Per-step loss (relative) and final weights (absolute) within `tolerance` of the reference
+    run; prints both differences, so a passing run still shows how close it was."""
+    loss_diff = max_relative_loss_diff(run.losses, reference.losses)
+    weight_diff = max_weight_diff(run.state_dict, reference.state_dict)
+    print(f"{name}: max relative loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}")
+    assert loss_diff <= tolerance, (name, run.losses, reference.losses)
+    assert weight_diff <= tolerance, (name, weight_diff)

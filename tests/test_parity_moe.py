@@ -11,7 +11,8 @@ all-to-alls book the same bytes (forward rows plus their gradients in backward).
 import pytest
 import torch
 
-from tests.parity import max_relative_loss_diff, max_weight_diff, train_layout, train_layouts, train_named_layouts
+from tests.parity import (assert_matches_reference, max_relative_loss_diff, max_weight_diff, train_layout, train_layouts,
+                          train_named_layouts)
 
 STEPS = 10
 MOE = ["model.num_experts=4", "model.moe_topk=2", "model.moe_aux_loss_coeff=0.01"]
@@ -53,12 +54,7 @@ def test_reference_learns_and_routes_to_every_expert(reference):
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_rank_loss_and_weights(layout, runs, reference):
-    run = runs[layout]
-    loss_diff = max_relative_loss_diff(run.losses, reference.losses)
-    weight_diff = max_weight_diff(run.state_dict, reference.state_dict)
-    print(f"{layout}: max relative loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}")
-    assert loss_diff <= 1e-5, (run.losses, reference.losses)
-    assert weight_diff <= 1e-5
+    assert_matches_reference(layout, runs[layout], reference)
 
 
 @pytest.mark.distributed

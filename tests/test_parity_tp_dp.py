@@ -20,7 +20,7 @@ reduce-scatters):
 """
 import pytest
 
-from tests.parity import max_relative_loss_diff, max_weight_diff, parity_config, train_layouts, train_named_layouts
+from tests.parity import assert_matches_reference, parity_config, train_layouts, train_named_layouts
 
 STEPS = 10
 SMALL_BUCKETS = "parallel.grad_bucket_mb=0.1"  # several DP buckets for the tiny model
@@ -54,12 +54,7 @@ def test_reference_loss_falls(reference):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_rank_loss_and_weights(layout, runs, reference):
-    run = runs[layout]
-    loss_diff = max_relative_loss_diff(run.losses, reference.losses)
-    weight_diff = max_weight_diff(run.state_dict, reference.state_dict)
-    print(f"{layout}: max relative loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}")
-    assert loss_diff <= 1e-5, (run.losses, reference.losses)
-    assert weight_diff <= 1e-5
+    assert_matches_reference(layout, runs[layout], reference)
 
 
 def _local_parameter_count(cfg) -> int:
