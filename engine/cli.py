@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pre-train a model")
     add_run_arguments(p)
 
+    p = sub.add_parser("midtrain", help="branch a pre-training run: WSD cooldown (midtrain.branch_from), long context, "
+                                       "new data mix (train.init_from)")
+    add_run_arguments(p)
+
     p = sub.add_parser("sft", help="supervised fine-tuning on prompt/response examples (sft.* keys)")
     add_run_arguments(p)
 
@@ -91,10 +95,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         from engine import plan
         args.overrides = _flatten(args.overrides)
         return plan.run_cli(args)
-    if args.command in ("pretrain", "sft", "dpo", "grpo"):
-        from stages import dpo, grpo, pretrain, sft
+    if args.command in ("pretrain", "midtrain", "sft", "dpo", "grpo"):
+        from stages import dpo, grpo, midtrain, pretrain, sft
         args.overrides = _flatten(args.overrides)
-        return {"pretrain": pretrain, "sft": sft, "dpo": dpo, "grpo": grpo}[args.command].run_cli(args)
+        stage = {"pretrain": pretrain, "midtrain": midtrain, "sft": sft, "dpo": dpo, "grpo": grpo}[args.command]
+        return stage.run_cli(args)
     return 2
 
 

@@ -191,6 +191,17 @@ class SFTConfig:
 
 
 @dataclass
+class MidtrainConfig:
+    """Mid-training (`apogee midtrain`): where a branch of a pre-training run starts."""
+
+    branch_from: Optional[str] = None
+    """A checkpoint of another run to continue with its whole state (weights, optimizer, step, data
+    position): the annealing branch of a WSD run. With optim.schedule=wsd the decay starts at the
+    checkpoint's step unless optim.wsd_decay_start says otherwise. For new weights only (a longer
+    context, another model config's run) use train.init_from instead."""
+
+
+@dataclass
 class DPOConfig:
     """Direct preference optimisation (`apogee dpo`, engine/dpo.py)."""
 
@@ -296,6 +307,8 @@ class ApogeeConfig:
     """Numerics."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """Supervised fine-tuning data and adapters (used by `apogee sft`)."""
+    midtrain: MidtrainConfig = field(default_factory=MidtrainConfig)
+    """Branching a pre-training run (used by `apogee midtrain`)."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """Preference pairs and beta (used by `apogee dpo`)."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)

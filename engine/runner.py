@@ -311,6 +311,9 @@ def run_stage(stage: str, args) -> int:
 
     def run() -> int:
         cfg = load_config(args.config, args.overrides)
+        if cfg.midtrain.branch_from:
+            raise ConfigError(f"midtrain.branch_from={cfg.midtrain.branch_from!r}: a branch is started by "
+                              f"`apogee midtrain`")
         own = stage in STAGE_INPUTS and getattr(cfg, stage).inputs
         others = [s for s in STAGE_INPUTS if s != stage and getattr(cfg, s).inputs]
         if others and not own:
