@@ -102,10 +102,11 @@ class Trainer:
         self.chunks = self.build_model_chunks()
         self.loss_fn = loss_function(cfg, ctx, self.ledger)
         # parallel.zero selects plain DP (GradBuffer + MasterWeightOptimizer) or a ZeRO stage.
-        expert_group = expert_gradient_group(ctx, self.ledger) if cfg.parallel.ep > 1 else None
+        # Expert weights reduce over expert-dp, the ranks that hold the same experts (ep > 1).
+        self.expert_group = expert_gradient_group(ctx, self.ledger) if cfg.parallel.ep > 1 else None
         self.grads, self.optimizer = build_grad_sync(cfg, self.chunks, self.grad_group,
                                                      counts_in_norm(ctx, cfg.model.tie_embeddings), self.tp,
-                                                     expert_group)
+                                                     self.expert_group)
         self.grad_norm_sq_reduce = grad_norm_sq_reduce(ctx, self.ledger)
         # Sequence parallelism shards the residual stream, so RoPE is given the full positions.
         self.positions = torch.arange(cfg.model.seq_length, device=ctx.device)

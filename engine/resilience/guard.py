@@ -30,6 +30,7 @@ from engine.resilience.sdc import (StepFingerprints, fingerprint, gather_ints, l
                                    parameter_fingerprint)
 from engine.resilience.spikes import SpikeDetector
 from parallel.collectives import Group, all_reduce
+from parallel.sharding import is_expert_shard
 
 
 class ResilienceError(RuntimeError):
@@ -78,9 +79,12 @@ class StepGuard:
         if first.layers:  # activations are corrupted at the output of this rank's first layer
             next(iter(first.layers.values())).register_forward_hook(self._corrupt_activation)
         self.step = -1
-        # ZeRO-3 shards the parameters and expert parallelism gives each rank its own experts: the
-        # ranks of the reduction group then hold different parameters, not replicas.
-        self.replicas_comparable = trainer.cfg.parallel.zero < 3 and trainer.cfg.parallel.ep == 1
+        # ZeRO-3 shards the parameters: the ranks of the reduction group then hold different pieces.
+        # Under expert parallelism the dense weights are replicated over the reduction group and the
+        # experts over expert-dp: each kind is compared among its own replicas. (The replay's
+        # attribution is then over-inclusive: a rank whose experts computed a faulty rank's tokens
+        # sees its own local expert gradients change too, and is named with it.)
+        self.replicas_comparable = trainer.cfg.parallel.zero < 3
 
     # -- rehearsed faults ------------------------------------------------------------------------
 
@@ -157,7 +161,9 @@ class StepGuard:
         compare = self.checks_replicas(step, saving)
         self.fingerprints.loss_bits = loss_bits(local_loss)
         if compare or (replaying and self.suspect.kind == "replicas"):
-            self.fingerprints.params = parameter_fingerprint(self.trainer.named_parameters())
+            named = list(self.trainer.named_parameters())
+            self.fingerprints.params = (parameter_fingerprint((n, p) for n, p in named if not is_expert_shard(p)),
+                                        parameter_fingerprint((n, p) for n, p in named if is_expert_shard(p)))
         if replaying:
             self._diagnose(step)
         self.history[step] = self.fingerprints
@@ -183,15 +189,22 @@ class StepGuard:
         self._rewind(step, f"step {step + 1}: {reason}; rewinding to replay it")
 
     def _compare_replicas(self, step: int) -> None:
-        group = self.trainer.grad_group
-        values = [v[0] for v in gather_ints([self.fingerprints.params], group)]
-        odd = odd_ones_out(values)
-        odd_flag = torch.tensor([1 if odd else 0], dtype=torch.int64)
+        # (fingerprint, the group holding its replicas): dense weights, then expert weights (if any).
+        kinds = [(self.fingerprints.params[0], self.trainer.grad_group)]
+        if self.trainer.expert_group is not None:
+            kinds.append((self.fingerprints.params[1], self.trainer.expert_group))
+        named, odd_kinds = [], []
+        for value, group in kinds:
+            values = [v[0] for v in gather_ints([value], group)]
+            odd = odd_ones_out(values)
+            ranks = dist.get_process_group_ranks(group.process_group) if group.size > 1 else [self.trainer.ctx.rank]
+            named += [ranks[i] for i in odd]
+            odd_kinds.append((odd, values))
+        odd_flag = torch.tensor([1 if named else 0], dtype=torch.int64)
         all_reduce(odd_flag, self.world, op=dist.ReduceOp.MAX, purpose="resilience")
         if not odd_flag.item():
             return
-        ranks = dist.get_process_group_ranks(group.process_group) if group.size > 1 else [self.trainer.ctx.rank]
-        named = [ranks[i] for i in odd]
+        odd, values = next(((o, v) for o, v in odd_kinds if o), ([], [0]))
         # Settled by replay even when a majority exists: every rank takes the same path (the same
         # collectives), and the verdict rests on evidence rather than on a vote.
         likely = " (the majority points at them)" if odd and len(odd) < len(values) else ""
