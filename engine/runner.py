@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from types import MappingProxyType
 from typing import Optional
 
 import torch
@@ -292,7 +293,7 @@ def resume_trainer(trainer, checkpointer: Checkpointer, cfg: ApogeeConfig, resum
     return step
 
 
-STAGE_INPUTS = {
+STAGE_INPUTS = MappingProxyType({
     # stage: (the key listing its inputs, what they are, what a line looks like)
     "sft": ("sft.inputs", "fine-tuning examples", "JSONL files of examples, e.g. --set sft.inputs=[train.jsonl] "
             "(lines {prompt, response} or {messages})"),
@@ -300,8 +301,8 @@ STAGE_INPUTS = {
             "(lines {prompt, chosen, rejected})"),
     "grpo": ("grpo.inputs", "prompts with answers", "JSONL files of prompts with verifiable answers, e.g. "
              "--set grpo.inputs=[prompts.jsonl] (lines {prompt, answer})"),
-}
-"""The data each post-training stage trains on; pretraining takes none of them."""
+})
+"""The data each post-training stage trains on (read-only); pretraining takes none of them."""
 
 
 def run_stage(stage: str, args) -> int:

@@ -2,7 +2,7 @@
 
 The config is loaded and validated for world = nodes x tasks per node before anything is queued,
 so a bad layout is refused at the prompt, not after hours in the queue. The job runs the stage
-(`pretrain`, `sft`, `dpo`, `grpo`) through slurm/apogee.sbatch with one task per rank; the script
+(`pretrain`, `midtrain`, `sft`, `dpo`, `grpo`) through slurm/apogee.sbatch with one task per rank; the script
 requeues on failures a restart can fix and on the pre-timeout signal (a checkpoint is written
 first), and every run of the job resumes from the run directory's latest checkpoint. The Slurm
 log goes to <run dir>/slurm-<job id>.out.
@@ -19,7 +19,7 @@ from engine.config import ConfigError, load_config
 from engine.config_validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("pretrain", "sft", "dpo", "grpo")
+STAGES = ("pretrain", "midtrain", "sft", "dpo", "grpo")
 """Stages a job can run (the `apogee` subcommand the batch script starts)."""
 
 
