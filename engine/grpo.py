@@ -120,17 +120,9 @@ class GRPOTrainer(Trainer):
         set_aux_loss_scale(self.chunks, self.global_tokens)
         self.local_stats = torch.zeros(5)  # rows, reward sum, correct, length sum, kl sum of the last step
 
-    @property
-    def guard(self):
-        """The runner's StepGuard, judging steps with a PolicyGradientAnomalyDetector."""
-        return self._guard
-
-    @guard.setter
-    def guard(self, guard) -> None:
-        if guard is not None:
-            guard.detector = PolicyGradientAnomalyDetector(guard.cfg.spike_window, guard.cfg.spike_factor,
-                                                           guard.cfg.grad_spike_factor)
-        self._guard = guard
+    def anomaly_detector(self, cfg) -> "PolicyGradientAnomalyDetector":
+        """NaN/Inf only (see PolicyGradientAnomalyDetector): the step guard's rule for GRPO steps."""
+        return PolicyGradientAnomalyDetector(cfg.spike_window, cfg.spike_factor, cfg.grad_spike_factor)
 
     def token_logps(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(target) per token [b, s] from this rank's logits (vocab-sharded at tp > 1).

@@ -25,6 +25,7 @@ from engine.events import EventLog
 from engine.resilience.guard import ResilienceError, Rewind
 from engine.resilience.preemption import Preempted
 from engine.resilience.sdc import loss_bits
+from engine.resilience.spikes import SpikeDetector
 from engine.grad_sync import build_grad_sync, memory_bytes
 from engine.initialize import initialize_chunks
 from engine.metrics import MetricsWriter, PeakFlops, flops_per_step
@@ -154,6 +155,11 @@ class Trainer:
         for p in reference[0].parameters():
             p.requires_grad_(False)
         return reference
+
+    def anomaly_detector(self, cfg) -> SpikeDetector:
+        """The step guard's rule for a suspicious step (resilience config `cfg`): loss and grad-norm
+        spikes against a running median; objectives with other loss shapes override it."""
+        return SpikeDetector(cfg.spike_window, cfg.spike_factor, cfg.grad_spike_factor)
 
     @property
     def model(self) -> torch.nn.Module:

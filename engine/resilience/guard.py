@@ -28,7 +28,6 @@ import torch.distributed as dist
 from engine.config import ResilienceConfig
 from engine.resilience.sdc import (StepFingerprints, fingerprint, gather_ints, loss_bits, odd_ones_out,
                                    parameter_fingerprint)
-from engine.resilience.spikes import SpikeDetector
 from parallel.collectives import Group, all_reduce
 from parallel.sharding import is_expert_shard
 
@@ -67,7 +66,8 @@ class StepGuard:
 
     def __init__(self, cfg: ResilienceConfig, trainer, world: Group, injector=None, events=None):
         self.cfg, self.trainer, self.world, self.injector, self.events = cfg, trainer, world, injector, events
-        self.detector = SpikeDetector(cfg.spike_window, cfg.spike_factor, cfg.grad_spike_factor)
+        # The trainer picks the rule: a policy-gradient loss changes sign, an LM loss does not.
+        self.detector = trainer.anomaly_detector(cfg)
         self.fingerprints = StepFingerprints()
         self.suspect: Optional[_Suspect] = None
         self.rewind_steps: deque = deque()
