@@ -62,10 +62,7 @@ class StepResult:
 
 def split_microbatch(microbatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(tokens [mbs, seq+1], loss mask [mbs, seq] or None) of a microbatch (see prepare_microbatch)."""
-    if isinstance(microbatch, torch.Tensor):
-        return microbatch, None
-    tokens, loss_mask = microbatch
-    return tokens, loss_mask
+    return (microbatch, None) if isinstance(microbatch, torch.Tensor) else tuple(microbatch)
 
 
 def comm_group(ctx, name: str, ledger: CommLedger) -> Group:
@@ -146,9 +143,8 @@ class Trainer:
         return model
 
     def frozen_reference(self) -> list[torch.nn.Module]:
-        """A frozen copy of this rank's model chunk at the run's starting weights (train.init_from,
-        else the seed's): the reference of the preference and RL objectives (engine/dpo.py,
-        engine/grpo.py), rebuilt the same way when a run resumes. One chunk: those run at pp=1."""
+        """A frozen copy of this rank's chunk at the run's starting weights (train.init_from, else
+        the seed's): the DPO/GRPO reference, rebuilt the same way on resume (those run at pp=1)."""
         reference = [self._build_chunk(None, pre_process=True, post_process=True)]
         if self.cfg.train.init_from:
             initialize_chunks(reference, self.cfg.train.init_from, self.cfg.model.tie_embeddings, self.ctx.world_size)
@@ -157,8 +153,7 @@ class Trainer:
         return reference
 
     def anomaly_detector(self, cfg) -> SpikeDetector:
-        """The step guard's rule for a suspicious step (resilience config `cfg`): loss and grad-norm
-        spikes against a running median; objectives with other loss shapes override it."""
+        """The step guard's rule: loss / grad-norm spikes vs a running median (others override it)."""
         return SpikeDetector(cfg.spike_window, cfg.spike_factor, cfg.grad_spike_factor)
 
     @property
