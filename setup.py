@@ -20,7 +20,8 @@ setup(
     description="Megatron-style 4D-parallel pretraining engine for decoder-only LLMs",
     python_requires=">=3.10",
     packages=[
-        "engine", "engine.resilience", "parallel", "data_pipeline", "stages",
+        "parallel", "data_pipeline", "engine", "engine.model", "engine.train", "engine.state",
+        "engine.resilience", "engine.perf", "engine.job", "stages", "stages.grpo", "slurm", "cli",
     ],
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
@@ -38,5 +39,5 @@ setup(
         "gpu": ["transformer-engine", "nvidia-dali-cuda120"],
         "mpi": ["mpi4py>=3.1"],
     },
-    entry_points={"console_scripts": ["apogee = engine.cli:main"]},
+    entry_points={"console_scripts": ["apogee = cli.main:main"]},
 )

@@ -72,15 +72,16 @@ class _Saved:
 def _worker(rank: int, world_size: int, layouts: list) -> list:
     import torch
 
-    from engine.trainer import Trainer
-    from tests.parity import FakeData, _distributed_context, parity_config
+    from engine.train.trainer import Trainer
+    from bench.common import context_for, small_config
+    from engine.train.synthetic_data import SyntheticData
 
     results = []
     for pp, v, m in layouts:
         overrides = [*MODEL, f"parallel.pp={pp}", f"parallel.virtual_stages={v}", f"train.global_batch_size={2 * m}"]
-        cfg = parity_config(overrides, world_size, 1)
-        ctx = _distributed_context(cfg)
-        trainer = Trainer(cfg, ctx, FakeData.for_config(cfg))
+        cfg = small_config(overrides, world_size, 1)
+        ctx = context_for(cfg)
+        trainer = Trainer(cfg, ctx, SyntheticData.for_config(cfg))
         tracker = LiveActivations(p for _, p in trainer.named_parameters())
         with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
             trainer.train_step(0)
@@ -100,10 +101,10 @@ def layer_bytes(cfg, dtype_bytes: int = 4) -> dict:
 
 def main() -> None:
     from parallel.pipeline import max_in_flight, schedule_order
-    from tests.distributed import run_distributed
-    from tests.parity import parity_config
+    from parallel.spawn import run_distributed
+    from bench.common import small_config
 
-    cfg = parity_config(MODEL, 1, 1)
+    cfg = small_config(MODEL, 1, 1)
     per_layer = layer_bytes(cfg)
     m_, b = cfg.model, cfg.train.micro_batch_size
     cos_sin = 2 * m_.seq_length * m_.head_dim * 4

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.parity
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from engine.checkpoint import Checkpointer
+from engine.state.checkpoint import Checkpointer
 from engine.config import load_config
 from engine.config_validation import validate
-from engine.resume import checkpoint_store
-from engine.trainer import Trainer
+from engine.state.resume import checkpoint_store
+from engine.train.trainer import Trainer
 from parallel.topology import ParallelContext
-from tests.parity import FakeData  # noqa: E402
+from engine.train.synthetic_data import SyntheticData as FakeData  # noqa: E402
 
 MODELS = {
     "tiny (fp32)": ["precision.dtype=fp32"],

@@ -31,23 +31,23 @@ LAYOUTS = {  # world size -> [(pp, v, m)]
 
 
 def _worker(rank: int, world_size: int, layouts: list, steps: int) -> list:
-    import torch.distributed as dist
-
-    from engine.trainer import Trainer
-    from tests.parity import FakeData, _distributed_context, parity_config
+    from engine.train.trainer import Trainer
+    from bench.common import context_for, small_config
+    from parallel.collectives import CommLedger, barrier
+    from engine.train.synthetic_data import SyntheticData
 
     results = []
     for pp, v, m in layouts:
         overrides = [*MODEL, f"parallel.pp={pp}", f"parallel.virtual_stages={v}",
                      f"train.global_batch_size={2 * m}"]
-        cfg = parity_config(overrides, world_size, steps + 1)
-        ctx = _distributed_context(cfg)
-        trainer = Trainer(cfg, ctx, FakeData.for_config(cfg))
+        cfg = small_config(overrides, world_size, steps + 1)
+        ctx = context_for(cfg)
+        trainer = Trainer(cfg, ctx, SyntheticData.for_config(cfg))
         rows = []
         for step in range(steps + 1):  # step 0 warms up
             microbatches = trainer.microbatches(step)
             trainer.grads.start_step()
-            dist.barrier(group=ctx.group("pp"))
+            barrier(ctx.comm_group("pp", CommLedger()))
             start = time.perf_counter()
             trainer.forward_backward(microbatches)
             span = time.perf_counter() - start
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured steps per layout (after one warm-up)")
     args = parser.parse_args()
     from parallel.pipeline import simulate
-    from tests.distributed import run_distributed
+    from parallel.spawn import run_distributed
 
     print(f"{'layout':<14} {'rank':>4} {'span ms':>8} {'compute':>8} {'recv':>7} {'idle/compute':>12} "
           f"{'simulated':>9} {'formula':>8}")

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.parity
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 from engine.config import load_config  # noqa: E402
 from engine.config_validation import validate  # noqa: E402
 from engine.resilience.guard import StepGuard  # noqa: E402
-from engine.trainer import Trainer, comm_group  # noqa: E402
+from engine.train.trainer import Trainer  # noqa: E402
 from parallel.topology import ParallelContext  # noqa: E402
-from tests.parity import FakeData  # noqa: E402
+from engine.train.synthetic_data import SyntheticData as FakeData  # noqa: E402
 
 MODEL = ["model.hidden_size=512", "model.num_layers=8", "model.num_heads=8", "model.num_kv_heads=8",
          "model.ffn_hidden_size=1408", "model.vocab_size=32000", "model.seq_length=256",
@@ -41,7 +41,7 @@ def build(overrides: list[str], guarded: bool) -> Trainer:
     ctx = ParallelContext.single()
     trainer = Trainer(cfg, ctx, FakeData.for_config(cfg))
     if guarded:
-        trainer.guard = StepGuard(cfg.resilience, trainer, comm_group(ctx, "world", trainer.ledger))
+        trainer.guard = StepGuard(cfg.resilience, trainer, ctx.comm_group("world", trainer.ledger))
     return trainer
 
 

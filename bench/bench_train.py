@@ -1,15 +1,15 @@
 """Training throughput: Apogee vs transformers' LlamaForCausalLM on the same config and batch.
 
 Both contenders start from the same weights (Apogee's `init_parameters`, exported through
-`engine.hf_interop`) and train on the same random tokens with the same AdamW hyper-parameters:
+`engine.model.hf_interop`) and train on the same random tokens with the same AdamW hyper-parameters:
 - Apogee: bf16 parameters with fp32 masters and fp32 main_grad (GradBuffer), MasterWeightOptimizer
-  (fused AdamW), built the way engine/trainer.py builds a single-rank step;
+  (fused AdamW), built the way engine/train/trainer.py builds a single-rank step;
 - transformers: fp32 weights under torch.autocast(cpu, bf16), torch.optim.AdamW (fused when
   available), the same loss (summed token cross-entropy divided by the token count) and clipping.
 Steps are timed interleaved (A, B, A, B, ...) because the machine is shared and noisy: the ratio
 is the median over back-to-back pairs, throughput and MFU are at the median step time (and, in
 brackets, at the best step, the least disturbed one). MFU divides Megatron's model FLOPs
-(engine.metrics.flops_per_step) by the bf16 matmul peak measured in the same run.
+(engine.train.metrics.flops_per_step) by the bf16 matmul peak measured in the same run.
 
     PYTHONPATH=. python bench/bench_train.py            # ~50M and ~150M at seq 512, 4096 tokens/step
     PYTHONPATH=. python bench/bench_train.py --quick    # tiny smoke run, 2 steps
@@ -27,7 +27,7 @@ layer. Per run: tok/s and MFU at the median step (best step in brackets), ratio 
 (*) a peak measured under heavy load: MFU from that run is meaningless, its ratio still holds.
 
 Quiet machine (load < 0.3), 150M, 4096 tokens/step, 3 interleaved repetitions, 2026-11-22,
-before the block-causal attention backward (engine/cpu_attention.py):
+before the block-causal attention backward (engine/model/cpu_attention.py):
   seq 512  (mbs 8): 844 vs 567 tok/s, ratio 1.47x, MFU Apogee 36.6% (best 38.6%), HF 24.6%
   seq 1024 (mbs 4): 863 vs 593 tok/s, ratio 1.44x, MFU Apogee 36.9% (best 38.1%), HF 25.4%
 The profile then showed ATen's CPU flash-attention backward at ~25% of Apogee's step (it ignores
@@ -58,10 +58,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig, OptimConfig
-from engine.hf_interop import hf_config, to_hf_state_dict
-from engine.metrics import flops_per_step, measure_cpu_bf16_peak
-from engine.model import LlamaModel, count_parameters, init_parameters, lm_loss
-from engine.optim import build_optimizer
+from engine.model.hf_interop import hf_config, to_hf_state_dict
+from engine.train.metrics import flops_per_step, measure_cpu_bf16_peak
+from engine.model.decoder import LlamaModel, count_parameters, init_parameters, lm_loss
+from engine.train.optim import build_optimizer
 from parallel.collectives import CommLedger, Group
 from parallel.data_parallel import GradBuffer
 
@@ -86,14 +86,14 @@ class Case:
 
 
 class ApogeeStep:
-    """One Apogee training step over a [b, s+1] token batch, assembled as engine/trainer.py does."""
+    """One Apogee training step over a [b, s+1] token batch, assembled as engine/train/trainer.py does."""
 
     def __init__(self, cfg: ModelConfig, optim: OptimConfig, seed: int, compile_layers: bool):
         self.model = LlamaModel(cfg)
         init_parameters(self.model, seed)
         self.model.to(dtype=torch.bfloat16)
         if compile_layers:
-            from engine.compile import compile_layers as compile_fn
+            from engine.model.compile import compile_layers as compile_fn
             compile_fn(self.model)
         single = Group("dp", None, 1, 0, CommLedger())
         self.grads = GradBuffer(self.model.named_parameters(), single)

@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.export import load_model  # noqa: E402
-from tests.corpus import make_dataset  # noqa: E402
+from engine.state.export import load_model  # noqa: E402
+from data_pipeline.words_corpus import make_dataset  # noqa: E402
 
 
 def run(dataset: str, run_dir: Path, steps: int, nproc: int, interval: int, faults: list[str]) -> float:
@@ -35,7 +35,7 @@ def run(dataset: str, run_dir: Path, steps: int, nproc: int, interval: int, faul
                 f"data.inputs=[{dataset}]", f"data.cache_dir={run_dir.parent / 'cache'}",
                 f"resilience.max_restarts={len(faults)}", f"resilience.inject=[{', '.join(faults)}]"]
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "pretrain", "--nproc", str(nproc),
+    result = subprocess.run([sys.executable, "-m", "cli.main", "pretrain", "--nproc", str(nproc),
                              "--run-dir", str(run_dir), "--set", *settings], cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

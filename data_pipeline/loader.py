@@ -11,7 +11,6 @@ exactly what an uninterrupted run would.
 `iterate()` prepares whole steps ahead in a background thread (bounded queue) so the step
 never waits on I/O; it yields the same tensors as calling `microbatch()` directly.
 """
-import bisect
 import queue
 import threading
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from data_pipeline import DataError
+from data_pipeline.microbatch import Microbatch
 from data_pipeline.blending import build_blend, parse_schedule, samples_per_dataset
 from data_pipeline.gpt_dataset import GPTDataset
 
@@ -125,15 +125,15 @@ class TrainingData:
                             f"for this run; increase train.steps so more epochs are built")
         return source[index]
 
-    def microbatch(self, step: int, microbatch: int, dp_rank: int, dp_size: int, skip_steps=()) -> torch.Tensor:
-        """LongTensor [micro_batch_size, seq_length + 1] for this (step, microbatch, dp rank)."""
+    def microbatch(self, step: int, microbatch: int, dp_rank: int, dp_size: int, skip_steps=()) -> Microbatch:
+        """Tokens [micro_batch_size, seq_length + 1] of this (step, microbatch, dp rank), every target trained."""
         self._check_divisible(dp_size)
         first = sample_position(step, microbatch, dp_rank, dp_size, self.global_batch_size,
                                 self.micro_batch_size, skip_steps)
         out = np.empty((self.micro_batch_size, self.seq_length + 1), dtype=np.int64)
         for row in range(self.micro_batch_size):
             out[row] = self.sample(first + row)
-        return torch.from_numpy(out)
+        return Microbatch(torch.from_numpy(out))
 
     def step_microbatches(self, step: int, dp_rank: int, dp_size: int, skip_steps=()) -> list:
         """All microbatches of `step` for this rank, in order."""

@@ -11,22 +11,23 @@ import torch
 
 from data_pipeline import DataError
 from data_pipeline.jsonl import jsonl_records
+from data_pipeline.microbatch import Microbatch
 from data_pipeline.sft import SFTData, encode_example
 
 KEYS = ("prompt", "chosen", "rejected")
 """Text fields of a preference line."""
 
 
-def read_pairs(paths, tokenizer) -> tuple[list, list]:
+def read_pairs(paths, tokenizer, key: str = "inputs") -> tuple[list, list]:
     """(chosen examples, rejected examples) of the JSONL files `paths`; errors name file and line."""
     chosen, rejected = [], []
-    for where, record in jsonl_records(paths, "dpo.inputs", "{prompt, chosen, rejected} lines"):
+    for where, record in jsonl_records(paths, key, "{prompt, chosen, rejected} lines"):
         if not all(isinstance(record.get(k), str) for k in KEYS):
             raise DataError(f"{where}: expected text fields {list(KEYS)}; found {sorted(record)}")
         for side, out in (("chosen", chosen), ("rejected", rejected)):
             out.append(encode_example({"prompt": record["prompt"], "response": record[side]}, tokenizer, where=where))
     if not chosen:
-        raise DataError(f"dpo.inputs={[str(p) for p in paths]}: no preference pairs")
+        raise DataError(f"{key}={[str(p) for p in paths]}: no preference pairs")
     return chosen, rejected
 
 
@@ -38,7 +39,7 @@ class PreferenceData:
         self.sides = [SFTData(examples, seq_length, seed, global_batch_size, micro_batch_size, pad_id)
                       for examples in (chosen, rejected)]
 
-    def microbatch(self, step: int, microbatch: int, dp_rank: int, dp_size: int, skip_steps=()):
+    def microbatch(self, step: int, microbatch: int, dp_rank: int, dp_size: int, skip_steps=()) -> Microbatch:
         """The (tokens, loss mask) of this (step, microbatch, dp rank): mbs chosen rows, then mbs rejected."""
         halves = [side.microbatch(step, microbatch, dp_rank, dp_size, skip_steps) for side in self.sides]
-        return torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])
+        return Microbatch(torch.cat([h.tokens for h in halves]), torch.cat([h.loss_mask for h in halves]))

@@ -13,7 +13,6 @@ results are written in input order, so the output does not depend on the number 
 The dataset is written under temporary names and renamed when complete: an interrupted or
 failed run leaves no PREFIX.bin/.idx behind.
 """
-import argparse
 import functools
 import json
 import multiprocessing
@@ -219,38 +218,3 @@ def _progress_bar(total_bytes: int, enabled: bool):
 
     return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="preprocess",
                 file=sys.stderr, dynamic_ncols=True)
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the `apogee preprocess` options on `parser`."""
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help=f".txt/.jsonl files, directories (recursive) or a named input: {', '.join(sorted(NAMED_INPUTS))}")
-    parser.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
-    parser.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of a tokenizer.json")
-    parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl inputs (default: text)")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
-    parser.add_argument("--dtype", default=None, choices=sorted(TOKEN_DTYPES),
-                        help="token dtype (default: uint16 if vocab < 65500 else int32)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run `apogee preprocess` from parsed arguments; a DataError prints 'error: ...' and returns 2."""
-    try:
-        preprocess(args.input, args.output_prefix, tokenizer=args.tokenizer, json_key=args.json_key,
-                   workers=args.workers, progress=not args.no_progress, dtype=args.dtype)
-    except DataError as error:
-        print(f"apogee preprocess: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def main(argv=None) -> int:
-    """`python -m data_pipeline.preprocess ...` (same options as `apogee preprocess`)."""
-    parser = argparse.ArgumentParser(prog="apogee preprocess", description=__doc__.splitlines()[0])
-    add_cli_arguments(parser)
-    return run_cli(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

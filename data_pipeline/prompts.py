@@ -1,4 +1,4 @@
-"""Prompts with verifiable answers for GRPO / RLVR, and the rewards that verify completions.
+"""Prompts with verifiable answers for GRPO / RLVR (the rewards that verify completions: engine/rewards.py).
 
 Each line of a JSONL file is one prompt: {"prompt": "...", "answer": "..."}. The prompt is
 tokenised as context (no special tokens); the answer is only ever compared with decoded
@@ -6,17 +6,10 @@ completions by a reward function. Prompts are addressed like SFT examples (data_
 sample p of the run is a prompt drawn from a per-epoch permutation of (seed, epoch), and
 (step, microbatch, dp rank) maps to global positions through data_pipeline.loader.sample_position,
 so every data-parallel layout reads the same prompts at the same positions.
-
-A reward maps (completion text, answer) to a float: `exact_match` (1.0 when the completion, up to
-the end-of-document token and stripped, equals the stripped answer) and `contains` (1.0 when the
-stripped answer occurs in it) are built in; 'package.module:function' names any importable
-function of the same signature.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Callable
 
 from data_pipeline import DataError
 from data_pipeline.jsonl import jsonl_records
@@ -25,37 +18,6 @@ from data_pipeline.sft import SFTData
 
 KEYS = ("prompt", "answer")
 """Text fields of a prompt line."""
-
-REWARDS = ("exact_match", "contains")
-"""Built-in reward names; 'module:function' names a user function instead."""
-
-
-def exact_match(completion: str, answer: str) -> float:
-    """1.0 if the stripped completion equals the stripped answer, else 0.0."""
-    return float(completion.strip() == answer.strip())
-
-
-def contains(completion: str, answer: str) -> float:
-    """1.0 if the stripped answer occurs in the completion, else 0.0."""
-    return float(answer.strip() in completion)
-
-
-def reward_function(name: str) -> Callable[[str, str], float]:
-    """The reward called `name`: a built-in (REWARDS) or an importable 'module:function'."""
-    if name == "exact_match":
-        return exact_match
-    if name == "contains":
-        return contains
-    module, _, attribute = name.partition(":")
-    if not module or not attribute:
-        raise ValueError(f"expected one of {', '.join(REWARDS)} or 'module:function'")
-    try:
-        function = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import {attribute!r} from {module!r} ({error})") from None
-    if not callable(function):
-        raise ValueError(f"{name} is not a function of (completion, answer)")
-    return function
 
 
 @dataclass(frozen=True)
@@ -67,23 +29,24 @@ class Prompt:
     answer: str
 
 
-def read_prompts(paths, tokenizer, max_prompt_tokens: int) -> list[tuple[tuple, str]]:
+def read_prompts(paths, tokenizer, max_prompt_tokens: int, key: str = "inputs",
+                 limit: str = "max_prompt_tokens") -> list[tuple[tuple, str]]:
     """(token ids, answer) of every prompt in the JSONL files `paths`; errors name file and line.
 
-    A prompt must be 1..max_prompt_tokens tokens (model.seq_length - grpo.max_new_tokens), so
+    A prompt must be 1..max_prompt_tokens tokens (the caller names it in `limit`), so
     that it and its longest completion fit in a training sample.
     """
     prompts = []
-    for where, record in jsonl_records(paths, "grpo.inputs", "{prompt, answer} lines"):
+    for where, record in jsonl_records(paths, key, "{prompt, answer} lines"):
         if not all(isinstance(record.get(k), str) for k in KEYS):
             raise DataError(f"{where}: expected text fields {list(KEYS)}; found {sorted(record)}")
         tokens = tuple(tokenizer.encode(record["prompt"]))
         if not 1 <= len(tokens) <= max_prompt_tokens:
             raise DataError(f"{where}: the prompt is {len(tokens)} tokens; 1 to {max_prompt_tokens} "
-                            f"(model.seq_length - grpo.max_new_tokens) fit")
+                            f"({limit}) fit")
         prompts.append((tokens, record["answer"]))
     if not prompts:
-        raise DataError(f"grpo.inputs={[str(p) for p in paths]}: no prompts")
+        raise DataError(f"{key}={[str(p) for p in paths]}: no prompts")
     return prompts
 
 

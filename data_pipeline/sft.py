@@ -22,6 +22,7 @@ import torch
 from data_pipeline import DataError
 from data_pipeline.jsonl import jsonl_records
 from data_pipeline.loader import sample_position
+from data_pipeline.microbatch import Microbatch
 
 ROLES = ("system", "user", "assistant")
 """Chat roles accepted in `messages`; only assistant turns are trained."""
@@ -56,12 +57,13 @@ def encode_example(record: dict, tokenizer, prompt_key: str = "prompt", response
     return context + answer, [0] * len(context) + [1] * len(answer)
 
 
-def read_examples(paths, tokenizer, prompt_key: str = "prompt", response_key: str = "response") -> list:
+def read_examples(paths, tokenizer, prompt_key: str = "prompt", response_key: str = "response",
+                  key: str = "inputs") -> list:
     """Every example of the JSONL files `paths`, encoded; errors name the file and line."""
     examples = [encode_example(record, tokenizer, prompt_key, response_key, where)
-                for where, record in jsonl_records(paths, "sft.inputs", "one example per line")]
+                for where, record in jsonl_records(paths, key, "one example per line")]
     if not examples:
-        raise DataError(f"sft.inputs={[str(p) for p in paths]}: no examples")
+        raise DataError(f"{key}={[str(p) for p in paths]}: no examples")
     return examples
 
 
@@ -91,9 +93,9 @@ class SFTData:
         mask = torch.tensor(trained[1:] + [0] * pad, dtype=torch.float32)
         return ids, mask
 
-    def microbatch(self, step: int, microbatch: int, dp_rank: int, dp_size: int, skip_steps=()):
+    def microbatch(self, step: int, microbatch: int, dp_rank: int, dp_size: int, skip_steps=()) -> Microbatch:
         """(tokens [mbs, seq + 1], loss mask [mbs, seq]) for this (step, microbatch, dp rank)."""
         first = sample_position(step, microbatch, dp_rank, dp_size, self.global_batch_size,
                                 self.micro_batch_size, skip_steps)
         rows = [self.sample(first + i) for i in range(self.micro_batch_size)]
-        return torch.stack([t for t, _ in rows]), torch.stack([m for _, m in rows])
+        return Microbatch(torch.stack([t for t, _ in rows]), torch.stack([m for _, m in rows]))

@@ -10,9 +10,11 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import yaml
+
+from parallel.layout import ParallelLayout
 
 
 class ConfigError(ValueError):
@@ -66,30 +68,6 @@ class ModelConfig:
     def head_dim(self) -> int:
         """Width of one attention head (hidden_size / num_heads)."""
         return self.hidden_size // self.num_heads
-
-
-@dataclass
-class ParallelConfig:
-    """How the world is split: rank order 'tp-cp-ep-dp-pp' (Megatron's)."""
-
-    tp: int = 1
-    """Tensor-parallel size."""
-    pp: int = 1
-    """Pipeline-parallel size."""
-    cp: int = 1
-    """Context-parallel size (ring attention over sequence chunks)."""
-    dp: Optional[int] = None
-    """Data-parallel size; derived from the world size when left out."""
-    ep: int = 1
-    """Expert-parallel size (carved out of dp x cp for MoE layers)."""
-    virtual_stages: int = 1
-    """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
-    sequence_parallel: bool = False
-    """Shard norm/dropout regions along the sequence across TP ranks."""
-    zero: int = 0
-    """ZeRO stage over the data-parallel group: 0 (plain DP), 1, 2 or 3."""
-    grad_bucket_mb: float = 25.0
-    """Size of one gradient reduction bucket in MiB."""
 
 
 @dataclass
@@ -160,7 +138,7 @@ class TrainConfig:
     log_interval: int = 1
     """Steps between console log lines."""
     compile: bool = False
-    """torch.compile each decoder layer (engine/compile.py): fuses the element-wise work around the
+    """torch.compile each decoder layer (engine/model/compile.py): fuses the element-wise work around the
     matmuls; costs a one-off compile at start (about a minute on CPU)."""
 
 
@@ -173,65 +151,17 @@ class PrecisionConfig:
 
 
 @dataclass
-class SFTConfig:
-    """Supervised fine-tuning (`apogee sft`) examples (the starting weights: train.init_from)."""
+class LoRAConfig:
+    """LoRA adapters (engine/model/lora.py): any stage can train them instead of every weight."""
 
-    inputs: list = field(default_factory=list)
-    """JSONL files, one example per line: {prompt, response} or {messages: [{role, content}]}
-    (data_pipeline/sft.py); only responses / assistant turns are trained."""
-    prompt_key: str = "prompt"
-    """Key of the context text in prompt/response examples."""
-    response_key: str = "response"
-    """Key of the trained text in prompt/response examples."""
-    lora_rank: int = 0
-    """LoRA adapters of this rank on every decoder linear layer, the base weights frozen
-    (engine/lora.py); 0 fine-tunes every weight."""
-    lora_alpha: float = 16.0
-    """LoRA scale numerator: the adapter path is multiplied by lora_alpha / lora_rank."""
-
-
-@dataclass
-class MidtrainConfig:
-    """Mid-training (`apogee midtrain`): where a branch of a pre-training run starts."""
-
-    branch_from: Optional[str] = None
-    """A checkpoint of another run to continue with its whole state (weights, optimizer, step, data
-    position): the annealing branch of a WSD run. With optim.schedule=wsd the decay starts at the
-    checkpoint's step unless optim.wsd_decay_start says otherwise. For new weights only (a longer
-    context, another model config's run) use train.init_from instead."""
-
-
-@dataclass
-class DPOConfig:
-    """Direct preference optimisation (`apogee dpo`, engine/dpo.py)."""
-
-    inputs: list = field(default_factory=list)
-    """JSONL files of preference pairs, one per line: {prompt, chosen, rejected}."""
-    beta: float = 0.1
-    """Strength of the implicit KL penalty towards the reference model."""
-
-
-@dataclass
-class GRPOConfig:
-    """Group relative policy optimisation with verifiable rewards (`apogee grpo`, engine/grpo.py)."""
-
-    inputs: list = field(default_factory=list)
-    """JSONL files of prompts with verifiable answers, one per line: {prompt, answer}."""
-    group_size: int = 8
-    """Completions sampled per prompt; advantages are relative to the prompt's group (>= 2)."""
-    max_new_tokens: int = 32
-    """Longest completion in tokens (sampling also stops at the end-of-document token); prompt
-    plus completion must fit model.seq_length."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts; 0 samples greedily."""
-    reward: str = "exact_match"
-    """exact_match, contains, or 'package.module:function' taking (completion, answer) -> float."""
-    clip: float = 0.2
-    """PPO clipping range epsilon of the probability ratio."""
-    kl_coeff: float = 0.04
-    """Weight of the k3 KL estimate towards the frozen reference model (0 drops it)."""
-    scale_rewards: bool = True
-    """Divide each group's centred rewards by its std + 1e-4 (false: Dr. GRPO's unscaled advantages)."""
+    rank: int = 0
+    """Rank r of the adapters on every target layer, the base weights frozen; 0 trains every weight."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter path is multiplied by alpha / rank."""
+    targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                   "up_proj", "down_proj"])
+    """Decoder linear layers that carry adapters (of q_proj, k_proj, v_proj, o_proj, gate_proj,
+    up_proj, down_proj); MoE expert stacks never do."""
 
 
 @dataclass
@@ -295,7 +225,7 @@ class ApogeeConfig:
     """Seed of weights, data order and every RNG stream."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model shape."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
     """Parallel layout."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data sources."""
@@ -305,14 +235,8 @@ class ApogeeConfig:
     """Step loop."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Numerics."""
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    """Supervised fine-tuning data and adapters (used by `apogee sft`)."""
-    midtrain: MidtrainConfig = field(default_factory=MidtrainConfig)
-    """Branching a pre-training run (used by `apogee midtrain`)."""
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    """Preference pairs and beta (used by `apogee dpo`)."""
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    """Prompts, rollouts and the policy loss (used by `apogee grpo`)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters (off unless lora.rank > 0)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -320,9 +244,24 @@ class ApogeeConfig:
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     """Fault tolerance."""
 
+    def __post_init__(self):
+        self.sections: dict = {}
+        """The running stage's config sections (engine/stage.py), by name: `cfg.sft` reads one."""
+        self.foreign: dict = {}
+        """Sections of other stages found in the config (accepted for old config files, never run)."""
+
+    def __getattr__(self, name: str):
+        # Only called when normal lookup fails: a stage's own section, e.g. cfg.sft.
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"the config has no section {name!r} (a stage's sections exist only in its runs)")
+
     def to_dict(self) -> dict:
-        """Plain nested dict (for YAML and checkpoints)."""
-        return dataclasses.asdict(self)
+        """Plain nested dict (for YAML and checkpoints): the engine's sections and the stage's."""
+        data = dataclasses.asdict(self)
+        data.update({name: dataclasses.asdict(section) for name, section in self.sections.items()})
+        return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,14 +313,16 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
 
 
 def _merge(obj: Any, values: dict, prefix: str = "") -> None:
-    """Set fields of dataclass `obj` from nested dict `values`, checking names and types."""
+    """Set fields of dataclass `obj` from nested dict `values`, checking names and types; at the top
+    of a run's config, stage sections (ApogeeConfig.sections / .foreign) are fields too."""
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
+    sections = {**obj.foreign, **obj.sections} if isinstance(obj, ApogeeConfig) else {}
     for name, value in values.items():
         key = f"{prefix}{name}"
-        if name not in names:
-            raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(names)}")
-        current = getattr(obj, name)
+        if name not in names and name not in sections:
+            raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join([*names, *(obj.sections if isinstance(obj, ApogeeConfig) else [])])}")
+        current = getattr(obj, name) if name in names else sections[name]
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}={value!r}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
@@ -410,9 +351,22 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> ApogeeConfig:
-    """Build a config from defaults, an optional YAML file and `key=value` overrides."""
+def _with_sections(sections: Optional[Mapping[str, type]], foreign: Optional[Mapping[str, type]]) -> ApogeeConfig:
     cfg = ApogeeConfig()
+    cfg.sections = {name: cls() for name, cls in (sections or {}).items()}
+    cfg.foreign = {name: cls() for name, cls in (foreign or {}).items()}
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                sections: Optional[Mapping[str, type]] = None,
+                foreign: Optional[Mapping[str, type]] = None) -> ApogeeConfig:
+    """Build a config from defaults, an optional YAML file and `key=value` overrides.
+
+    `sections` are the running stage's config sections (name -> dataclass), `foreign` those of
+    other stages, accepted but not run (engine/stage.py).
+    """
+    cfg = _with_sections(sections, foreign)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -430,9 +384,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     return cfg
 
 
-def config_from_dict(data: dict) -> ApogeeConfig:
+def config_from_dict(data: dict, sections: Optional[Mapping[str, type]] = None,
+                     foreign: Optional[Mapping[str, type]] = None) -> ApogeeConfig:
     """Rebuild a config saved with `to_dict()` (run directories, checkpoints)."""
-    cfg = ApogeeConfig()
+    cfg = _with_sections(sections, foreign)
     _merge(cfg, data)
     return cfg
 

@@ -69,6 +69,8 @@ class Group:
     size: int
     rank: int
     ledger: CommLedger
+    device: Optional[torch.device] = None
+    """Where this group's tensors live (NCCL takes only GPU tensors; gloo, CPU ones)."""
 
     def _record(self, op: str, tensor: torch.Tensor) -> None:
         self.ledger.record(self.name, op, tensor.numel() * tensor.element_size())
@@ -147,6 +149,45 @@ def all_gather_objects(obj, group: Group, purpose: str = "all_gather_object") ->
     dist.all_gather_object(gathered, obj, group=group.process_group)
     group.ledger.record(group.name, purpose, len(pickle.dumps(gathered)))
     return gathered
+
+
+def broadcast_objects(objects: list, group: Group, src_index: int = 0, purpose: str = "broadcast_object") -> list:
+    """Replace `objects` (a list, in place) on every member by the list of the member at `src_index`:
+    start-up decisions made on one rank (which checkpoint, what went wrong while preparing).
+    Booked by the sender as the pickled bytes of the list (objects travel between the run's own
+    ranks; nothing read from a file is unpickled here)."""
+    if group.size == 1:
+        return objects
+    if group.rank == src_index:
+        group.ledger.record(group.name, purpose, len(pickle.dumps(objects)))
+    src = src_index if group.process_group is None else dist.get_global_rank(group.process_group, src_index)
+    dist.broadcast_object_list(objects, src=src, group=group.process_group)
+    return objects
+
+
+def all_gather_values(values: list[int], group: Group, purpose: str = "resilience") -> list[list[int]]:
+    """A few int64 values from every member of `group`, in group order (fingerprints, flags); the
+    tensors live on the group's device."""
+    if group.size == 1:
+        return [list(values)]
+    local = torch.tensor(values, dtype=torch.int64, device=group.device)
+    out = [torch.empty_like(local) for _ in range(group.size)]
+    group.ledger.record(group.name, purpose, local.numel() * local.element_size() * group.size)
+    dist.all_gather(out, local, group=group.process_group)
+    return [t.tolist() for t in out]
+
+
+def barrier(group: Group) -> None:
+    """Wait until every member of `group` has arrived (not booked: it moves no payload)."""
+    if group.size > 1:
+        dist.barrier(group=group.process_group)
+
+
+def world_group(ledger: CommLedger, device: Optional[torch.device] = None) -> Group:
+    """The default group of every rank (a size-1 group without torch.distributed)."""
+    if not dist.is_initialized():
+        return Group("world", None, 1, 0, ledger, device)
+    return Group("world", None, dist.get_world_size(), dist.get_rank(), ledger, device)
 
 
 # torch 2.13 renamed the single-tensor collectives; older releases only have the old names.

@@ -259,7 +259,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: Group) -> Tensor:
 
 
 class RingAttention:
-    """Attention core (engine.model.Attention.core) bound to a CP group: `core(q, k, v)`."""
+    """Attention core (engine.model.decoder.Attention.core) bound to a CP group: `core(q, k, v)`."""
 
     def __init__(self, group: Group):
         self.group = group

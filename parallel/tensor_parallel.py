@@ -7,7 +7,7 @@ walks the module names, and for each name matching a pattern of the plan applies
 it either swaps the module for a parallel one with the same parameter names (so layout-invariant
 init gives each rank its slice, and checkpoints keep their keys) or attaches what the region
 needs (a forward hook, a gradient marker). The plan is data, so the model-specific part is one
-dict per model family (engine/parallelize.py holds Llama's) and this module knows no model.
+dict per model family (engine/model/parallelize.py holds Llama's) and this module knows no model.
 
 Styles (a plan value is one style or a tuple of them, applied in order):
 
@@ -35,7 +35,7 @@ Styles (a plan value is one style or a tuple of them, applied in order):
 
 Parameters marked `tp_partial_grad` must have their gradients summed over the TP group after
 backward (engine/parallelize.finish_sequence_parallel_grads). Sharded parameters carry
-`tp_shard = (dim, tp_rank, tp)`; `engine.model.init_parameters` then copies chunk tp_rank of the
+`tp_shard = (dim, tp_rank, tp)`; `engine.model.decoder.init_parameters` then copies chunk tp_rank of the
 full tensor, so TP starts from exactly the single-rank weights.
 
 Sequence parallelism keeps the residual stream [b, s/t, h] between blocks: the embedding
@@ -98,7 +98,7 @@ class ColumnParallelLinear(nn.Module):
         local = _shard_size(out_features, group, "out_features")
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device))
         self.weight.tp_shard = (0, group.rank, group.size)
-        # The local GEMM (x, W) -> x W^T; engine.precision swaps in its fp8 GEMM.
+        # The local GEMM (x, W) -> x W^T; engine.model.precision swaps in its fp8 GEMM.
         self.linear_fn = F.linear
 
     def forward(self, x: Tensor) -> Tensor:
@@ -217,7 +217,7 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, targets: Tensor, group: G
 
     logits_shard [b, s, V/t] holds vocabulary rows [r*V/t, (r+1)*V/t) of this TP rank; the max,
     the sum of exp and the target logit are all-reduced over `group` (booked as 'cross_entropy':
-    3 * b * s * 4 bytes). Returns (loss_sum fp32, token_count int64) like `engine.model.lm_loss`,
+    3 * b * s * 4 bytes). Returns (loss_sum fp32, token_count int64) like `engine.model.decoder.lm_loss`,
     and the same value on every TP rank.
     """
     from_shard = _VocabParallelCrossEntropy.apply(logits_shard, targets, group, z_loss_weight)

@@ -88,7 +88,7 @@ class ShardedOptimizer:
     def step(self, lr: float, grad_norm_sq_reduce: Optional[Callable[[Tensor], Tensor]] = None) -> float:
         """Clip, AdamW at `lr`, round masters into the parameters, then `after_step`; return the norm.
 
-        Same rules as engine.optim.MasterWeightOptimizer: norm before clipping, scale by
+        Same rules as engine.train.optim.MasterWeightOptimizer: norm before clipping, scale by
         clip / (norm + 1e-6) when norm > clip, a non-finite norm skips the update (the
         parameters are still all-gathered, so every rank issues the same collectives).
         """

@@ -1,11 +1,11 @@
 """`apogee pretrain`: the pre-training stage, the engine's core loop with nothing added."""
 from __future__ import annotations
 
-import argparse
-
-from engine.runner import run_stage
+from engine.stage import Stage
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    """Load the config (defaults <- --config <- --set), check its inputs are this stage's, run it."""
-    return run_stage("pretrain", args)
+class PretrainStage(Stage):
+    """Next-token prediction on the pre-training blend (data.inputs, data.weights, data.phases)."""
+
+    name = "pretrain"
+    help = "pre-train a model"

@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from engine.train.synthetic_data import SyntheticData as FakeData  # noqa: F401 (tests import it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 
@@ -30,60 +32,6 @@ PARITY_OVERRIDES = (
     "optim.warmup_steps=2", "optim.lr=3.0e-3", "precision.dtype=fp32",
 )
 """The parity model and batch on top of configs/tiny.yaml."""
-
-
-class FakeData:
-    """Deterministic stand-in for TrainingData: sample p of the run depends only on (seed, p).
-
-    Global position p = step * GBS + j * (mbs * dp) + r * mbs + i for sample i of microbatch j on
-    DP rank r, so every DP layout trains on the same global batch. Each token continues an
-    arithmetic progression mod vocab or is one of 8 frequent tokens, so there is something to
-    learn and the loss falls within ten steps.
-    """
-
-    def __init__(self, seed: int, vocab_size: int, seq_length: int, micro_batch_size: int, global_batch_size: int,
-                 masked: bool = False):
-        self.seed, self.vocab_size, self.seq_length = seed, vocab_size, seq_length
-        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
-        self.masked = masked
-
-    @classmethod
-    def for_config(cls, cfg, masked: bool = False) -> "FakeData":
-        """The data of a config's model and batch sizes (masked: SFT-style microbatches)."""
-        return cls(cfg.seed, cfg.model.vocab_size, cfg.model.seq_length, cfg.train.micro_batch_size,
-                   cfg.train.global_batch_size, masked)
-
-    def loss_mask(self, position: int) -> torch.Tensor:
-        """SFT-style mask [seq] of sample `position`: a prompt of 0..seq/2 untrained targets, then trained ones."""
-        from parallel.random import generator
-
-        prompt = int(torch.randint(0, self.seq_length // 2 + 1, (1,), generator=generator(self.seed, "mask", position)))
-        return (torch.arange(self.seq_length) >= prompt).float()
-
-    def sample(self, position: int) -> torch.Tensor:
-        """Tokens [seq + 1] of global sample `position`."""
-        from parallel.random import generator
-
-        gen = generator(self.seed, "parity-data", position)
-        n = self.seq_length + 1
-        start = int(torch.randint(0, self.vocab_size, (1,), generator=gen))
-        stride = int(torch.randint(1, 4, (1,), generator=gen))
-        progression = (start + stride * torch.arange(n)) % self.vocab_size
-        frequent = torch.randint(0, 8, (n,), generator=gen)  # a skewed unigram: learnt in a few steps
-        return progression.where(torch.rand(n, generator=gen) < 0.5, frequent)
-
-    def microbatch(self, step: int, microbatch: int, dp_rank: int, dp_size: int, skip_steps=()) -> torch.Tensor:
-        """LongTensor [mbs, seq + 1]: microbatch `microbatch` of DP rank `dp_rank` at optimizer step `step`."""
-        data_step = step
-        for skipped in sorted(skip_steps):  # skipped batches are never trained on: shift past them
-            if skipped <= data_step:
-                data_step += 1
-        mbs = self.micro_batch_size
-        first = data_step * self.global_batch_size + microbatch * mbs * dp_size + dp_rank * mbs
-        tokens = torch.stack([self.sample(first + i) for i in range(mbs)])
-        if not self.masked:
-            return tokens
-        return tokens, torch.stack([self.loss_mask(first + i) for i in range(mbs)])
 
 
 @dataclass
@@ -108,18 +56,27 @@ class LayoutRun:
     """Per rank: buckets of its DP gradient buffer (pipeline stages hold different parameters)."""
 
 
-def parity_config(overrides: list[str], world_size: int, steps: int):
-    """The validated tiny parity config with `overrides` for `world_size` ranks and `steps` steps."""
-    from engine.config import load_config
-    from engine.config_validation import validate
+def parity_config(overrides: list[str], world_size: int, steps: int, stage: str = "pretrain"):
+    """The validated tiny parity config with `overrides` for `world_size` ranks and `steps` steps,
+    with the config sections of `stage` (e.g. 'dpo' for dpo.* keys)."""
+    return stage_config(TINY_CONFIG, [*PARITY_OVERRIDES, *overrides, f"train.steps={steps}"], world_size, stage)
 
-    return validate(load_config(TINY_CONFIG, [*PARITY_OVERRIDES, *overrides] + [f"train.steps={steps}"]),
-                    world_size)
+
+def stage_config(path, overrides: list[str], world_size: int, stage: str = "pretrain"):
+    """A config as `apogee <stage>` loads and validates it (its sections, its rules) for `world_size` ranks."""
+    from engine.config_validation import validate
+    from stages.registry import builtin_stages
+
+    registry = builtin_stages()
+    chosen = registry.get(stage)
+    cfg = validate(registry.load_config(chosen, path, overrides), world_size)
+    chosen.validate(cfg, world_size)
+    return cfg
 
 
 def _run_layout(overrides: list[str], world_size: int, steps: int, ctx_factory, masked: bool = False) -> LayoutRun:
-    from engine.parallelize import gather_full_state_dict
-    from engine.trainer import Trainer
+    from engine.model.parallelize import gather_full_state_dict
+    from engine.train.trainer import Trainer
 
     cfg = parity_config(overrides, world_size, steps)
     ctx = ctx_factory(cfg)
@@ -132,10 +89,9 @@ def _run_layout(overrides: list[str], world_size: int, steps: int, ctx_factory, 
 
 
 def _distributed_context(cfg):
-    from parallel.topology import ParallelContext, ParallelDims
+    from parallel.topology import ParallelContext
 
-    p = cfg.parallel
-    return ParallelContext.create(ParallelDims(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp, ep=p.ep))
+    return ParallelContext.create(cfg.parallel)
 
 
 def _layouts_worker(rank: int, world_size: int, layouts: list[list[str]], steps: int,

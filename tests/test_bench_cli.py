@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.bench import summarise
+from engine.perf.bench import summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,10 +24,10 @@ def test_summary_is_the_median_of_the_measured_steps():
 
 
 def test_apogee_bench_runs_a_config_and_prints_its_summary(tmp_path, ):
-    from tests.corpus import make_dataset
+    from data_pipeline.words_corpus import make_dataset
 
     dataset = make_dataset(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--steps", "3", "--warmup", "1", "--json",
+    done = subprocess.run([sys.executable, "-m", "cli.main", "bench", "--steps", "3", "--warmup", "1", "--json",
                            "--run-dir", str(tmp_path / "bench"), "--set", "model.hidden_size=64",
                            "model.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=2",
                            f"data.inputs=[{dataset}]", f"data.cache_dir={tmp_path / 'cache'}"],
@@ -37,6 +37,6 @@ def test_apogee_bench_runs_a_config_and_prints_its_summary(tmp_path, ):
     assert summary["steps"] == 3 and summary["tokens_per_s"] > 0 and 0 < summary["mfu"] < 1
     records = (tmp_path / "bench" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 4  # the warm-up step is run and logged, then left out of the summary
-    again = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--run-dir", str(tmp_path / "bench")],
+    again = subprocess.run([sys.executable, "-m", "cli.main", "bench", "--run-dir", str(tmp_path / "bench")],
                            capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 2 and "already holds a run" in again.stderr

@@ -22,11 +22,11 @@ def _segment(rank, world_size, overrides, steps, run_dir, stop_after=None):
 
     Returns ({step: loss} of the steps run here, full state dict at the end (rank 0), resumed-from step).
     """
-    from engine.checkpoint import Checkpointer
-    from engine.parallelize import gather_full_state_dict
-    from engine.resume import checkpoint_store, run_id
-    from engine.runner import parallel_dims, resume_trainer
-    from engine.trainer import Trainer
+    from engine.state.checkpoint import Checkpointer
+    from engine.model.parallelize import gather_full_state_dict
+    from engine.state.resume import checkpoint_store, run_id
+    from engine.job.runner import parallel_dims, resume_trainer
+    from engine.train.trainer import Trainer
     from parallel.topology import ParallelContext
 
     cfg = parity_config(overrides, world_size, steps)
@@ -60,7 +60,7 @@ def _run(world_size, *args):
 
 
 def _new_run_dir(tmp_path, name):
-    from engine.resume import run_id
+    from engine.state.resume import run_id
     run_dir = tmp_path / name
     run_id(run_dir)  # created once here, so ranks only read it
     return run_dir
@@ -130,12 +130,12 @@ def test_a_checkpoint_reshards_to_dp4_and_to_one_rank_and_continues_on_the_refer
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from tests.corpus import make_dataset
+    from data_pipeline.words_corpus import make_dataset
     return make_dataset(tmp_path_factory.mktemp("corpus"))
 
 
@@ -180,7 +180,7 @@ def test_a_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
 def test_export_to_hugging_face_gives_the_same_logits(tmp_path, dataset):
     from transformers import LlamaForCausalLM
 
-    from engine.export import load_model
+    from engine.state.export import load_model
     run = tmp_path / "run"
     assert _pretrain(run, dataset).returncode == 0
     checkpoint = run / "checkpoints" / "step_00000002"

@@ -1,7 +1,7 @@
 """Atomic publishing: a torn or corrupt checkpoint is never loaded; retention keeps the last k."""
 import pytest
 
-from engine.checkpoint_store import CheckpointError, CheckpointStore, read_manifest, verify
+from engine.state.checkpoint_store import CheckpointError, CheckpointStore, read_manifest, verify
 
 
 def _save(store, step, payload=b"weights"):
@@ -75,7 +75,7 @@ def test_a_failed_publish_leaves_earlier_checkpoints_untouched(tmp_path, monkeyp
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr("engine.checkpoint_store.os.rename", disk_full)
+    monkeypatch.setattr("engine.state.checkpoint_store.os.rename", disk_full)
     with pytest.raises(CheckpointError, match="No space left on device.*earlier checkpoints are untouched"):
         store.publish(partial, 2)
     assert store.latest_good().step == 1 and verify(first.path) is None

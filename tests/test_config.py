@@ -50,8 +50,9 @@ def test_bad_override_names_the_key_and_what_is_valid(override, message):
     (["model.num_experts=4", "parallel.ep=3"], 3, r"parallel.ep=3: must divide model.num_experts=4"),
     (["parallel.ep=2"], 2, r"parallel.ep=2: expert parallelism needs model.num_experts > 0"),
     (["precision.dtype=fp8", "train.compile=true"], 1, r"train.compile=True: precision.dtype=fp8 runs eagerly"),
-    (["sft.lora_rank=4", "parallel.zero=1"], 2, r"parallel.zero=1: LoRA trains a few adapters"),
-    (["sft.lora_rank=-1"], 1, r"sft.lora_rank=-1: must be >= 0"),
+    (["lora.rank=4", "parallel.zero=1"], 2, r"parallel.zero=1: LoRA trains a few adapters"),
+    (["lora.rank=-1"], 1, r"lora.rank=-1: must be >= 0"),
+    (["lora.rank=4", "lora.targets=[q_proj, wq]"], 1, r"lora.targets=\['q_proj', 'wq'\]: a non-empty list of q_proj"),
 ])
 def test_invalid_layout_is_refused_before_launch(overrides, world, message):
     cfg = load_config("configs/tiny.yaml", overrides)

@@ -1,10 +1,10 @@
-"""The block-causal attention backward (engine/cpu_attention.py) against SDPA and an fp64 reference."""
+"""The block-causal attention backward (engine/model/cpu_attention.py) against SDPA and an fp64 reference."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import engine.cpu_attention as cpu_attention
-from engine.cpu_attention import BLOCK, MAX_SEQ, _BlockCausalAttention, block_causal_applies, causal_attention
+import engine.model.cpu_attention as cpu_attention
+from engine.model.cpu_attention import BLOCK, MAX_SEQ, _BlockCausalAttention, block_causal_applies, causal_attention
 
 
 def _inputs(b, hq, hkv, s, d, dtype, seed=0):

@@ -94,7 +94,7 @@ def test_training_data_matches_megatron_blended_dataset(tmp_path):
     for dataset_ours, dataset_theirs in zip(ours.datasets, theirs.datasets):
         assert dataset_ours.description and len(dataset_ours) == len(dataset_theirs)
     for step in range(steps):
-        batch = np.concatenate([ours.microbatch(step, j, 0, 1).numpy() for j in range(4)])
+        batch = np.concatenate([ours.microbatch(step, j, 0, 1).tokens.numpy() for j in range(4)])
         for row in range(gbs):
             position = step * gbs + row
             dataset = theirs.datasets[theirs.dataset_index[position]]
@@ -114,4 +114,4 @@ def test_training_data_single_dataset_matches_megatron_sampler_order(tmp_path):
                 # Megatron's MegatronPretrainingSampler: rank r of a dp*mbs slice takes [r*mbs, (r+1)*mbs).
                 first = step * gbs + j * mbs * dp + rank * mbs
                 expected = [theirs._query_document_sample_shuffle_indices(first + k)[0] for k in range(mbs)]
-                np.testing.assert_array_equal(ours.microbatch(step, j, rank, dp).numpy(), np.stack(expected))
+                np.testing.assert_array_equal(ours.microbatch(step, j, rank, dp).tokens.numpy(), np.stack(expected))

@@ -37,16 +37,16 @@ def _global_batch(data, step, dp, skip_steps=()):
     rows = []
     for j in range(data.global_batch_size // (data.micro_batch_size * dp)):
         for rank in range(dp):
-            rows.append(data.microbatch(step, j, rank, dp, skip_steps))
+            rows.append(data.microbatch(step, j, rank, dp, skip_steps).tokens)
     return torch.cat(rows)
 
 
 def test_microbatch_shape_and_purity(two_datasets, tmp_path):
     data = _data(two_datasets, tmp_path)
-    first = data.microbatch(7, 1, 1, 2)
+    first = data.microbatch(7, 1, 1, 2).tokens
     assert first.shape == (2, 17) and first.dtype == torch.int64
     fresh = _data(two_datasets, tmp_path)  # a restarted process: same config, no shared state
-    assert torch.equal(fresh.microbatch(7, 1, 1, 2), first)
+    assert torch.equal(fresh.microbatch(7, 1, 1, 2).tokens, first)
 
 
 def test_resume_at_step_k_yields_what_an_uninterrupted_run_would(two_datasets, tmp_path):
@@ -56,7 +56,7 @@ def test_resume_at_step_k_yields_what_an_uninterrupted_run_would(two_datasets, t
     assert sorted(reference) == list(range(20))
     with _data(two_datasets, tmp_path).iterate(12, dp_rank=0, dp_size=2) as resumed:
         for step, batches in resumed:
-            assert all(torch.equal(a, b) for a, b in zip(batches, reference[step]))
+            assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(batches, reference[step]))
 
 
 def test_dp_size_partitions_samples_differently_but_keeps_each_steps_global_batch(two_datasets, tmp_path):
@@ -65,10 +65,10 @@ def test_dp_size_partitions_samples_differently_but_keeps_each_steps_global_batc
         batches = {dp: _global_batch(data, step, dp) for dp in (1, 2, 4)}
         assert torch.equal(batches[1], batches[2]) and torch.equal(batches[1], batches[4])
     # ... while a given (microbatch, rank) maps to different samples: j*(mbs*dp) + r*mbs.
-    assert torch.equal(data.microbatch(3, 1, 0, 1), _global_batch(data, 3, 1)[2:4])
-    assert torch.equal(data.microbatch(3, 1, 0, 2), _global_batch(data, 3, 1)[4:6])
-    assert torch.equal(data.microbatch(3, 0, 1, 4), _global_batch(data, 3, 1)[2:4])
-    assert not torch.equal(data.microbatch(3, 1, 0, 1), data.microbatch(3, 1, 0, 2))
+    assert torch.equal(data.microbatch(3, 1, 0, 1).tokens, _global_batch(data, 3, 1)[2:4])
+    assert torch.equal(data.microbatch(3, 1, 0, 2).tokens, _global_batch(data, 3, 1)[4:6])
+    assert torch.equal(data.microbatch(3, 0, 1, 4).tokens, _global_batch(data, 3, 1)[2:4])
+    assert not torch.equal(data.microbatch(3, 1, 0, 1).tokens, data.microbatch(3, 1, 0, 2).tokens)
 
 
 def test_skipped_batches_are_never_trained_on(two_datasets, tmp_path):
@@ -115,9 +115,9 @@ def test_bad_schedules_name_the_field(two_datasets, tmp_path):
 
 def test_steps_beyond_the_built_range_raise_a_clear_error(two_datasets, tmp_path):
     data = _data(two_datasets, tmp_path, reserve_steps=2)
-    data.microbatch(21, 0, 0, 1)  # reserve covers two skipped batches
+    data.microbatch(21, 0, 0, 1).tokens  # reserve covers two skipped batches
     with pytest.raises(DataError, match="beyond the 22 batches built .*increase train.steps"):
-        data.microbatch(22, 0, 0, 1)
+        data.microbatch(22, 0, 0, 1).tokens
 
 
 def test_prefetch_iterator_matches_direct_calls_and_shuts_down(two_datasets, tmp_path):
@@ -126,9 +126,9 @@ def test_prefetch_iterator_matches_direct_calls_and_shuts_down(two_datasets, tmp
     iterator = data.iterate(2, dp_rank=1, dp_size=2, skip_steps=[4])
     step, batches = next(iterator)
     assert step == 2 and len(batches) == 2
-    assert all(torch.equal(b, data.microbatch(2, j, 1, 2, [4])) for j, b in enumerate(batches))
+    assert all(torch.equal(b.tokens, data.microbatch(2, j, 1, 2, [4]).tokens) for j, b in enumerate(batches))
     step, batches = next(iterator)
-    assert all(torch.equal(b, data.microbatch(3, j, 1, 2, [4])) for j, b in enumerate(batches))
+    assert all(torch.equal(b.tokens, data.microbatch(3, j, 1, 2, [4]).tokens) for j, b in enumerate(batches))
     iterator.close()  # mid-run, with a full queue
     assert not iterator._thread.is_alive()
     with pytest.raises(StopIteration):

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from engine.config import ModelConfig, OptimConfig
-from engine.model import LlamaModel, init_parameters, lm_loss
-from engine.optim import MasterWeightOptimizer
+from engine.model.decoder import LlamaModel, init_parameters, lm_loss
+from engine.train.optim import MasterWeightOptimizer
 from parallel.collectives import CommLedger, Group
 from parallel.data_parallel import GradBuffer
 

@@ -9,7 +9,8 @@ import pytest
 
 from data_pipeline import DataError
 from data_pipeline.indexed_dataset import IndexedDatasetReader
-from data_pipeline.preprocess import add_cli_arguments, preprocess, run_cli
+from cli.preprocess import add_cli_arguments, run_cli
+from data_pipeline.preprocess import preprocess
 
 
 def _corpus(tmp_path):

@@ -1,4 +1,4 @@
-"""DPO (engine/dpo.py): the pair loss against the reference model, every layout on the
+"""DPO (stages/dpo.py): the pair loss against the reference model, every layout on the
 single-rank run, and `apogee dpo` end to end."""
 import json
 import math
@@ -39,14 +39,12 @@ class PairedFakeData:
 
 
 def _train(overrides, world_size, steps):
-    from engine.dpo import DPOTrainer
-    from engine.parallelize import gather_full_state_dict
-    from parallel.topology import ParallelContext, ParallelDims
+    from stages.dpo import DPOTrainer
+    from engine.model.parallelize import gather_full_state_dict
+    from parallel.topology import ParallelContext
 
-    cfg = parity_config(overrides, world_size, steps)
-    p = cfg.parallel
-    ctx = ParallelContext.single() if world_size == 1 else ParallelContext.create(
-        ParallelDims(tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp))
+    cfg = parity_config(overrides, world_size, steps, stage="dpo")
+    ctx = ParallelContext.single() if world_size == 1 else ParallelContext.create(cfg.parallel)
     trainer = DPOTrainer(cfg, ctx, PairedFakeData(cfg))
     results = [trainer.train_step(step) for step in range(steps)]
     state = gather_full_state_dict(trainer.chunks, ctx)
@@ -102,7 +100,7 @@ def test_dpo_layouts_match_the_single_rank_run(layout, reference):
     ([], "dpo.inputs=[]: `apogee dpo` needs JSONL files of preference pairs"),
 ])
 def test_bad_dpo_runs_are_refused(tmp_path, sets, message):
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "dpo", "--nproc", "2", "--run-dir", str(tmp_path / "r"),
+    done = subprocess.run([sys.executable, "-m", "cli.main", "dpo", "--nproc", "2", "--run-dir", str(tmp_path / "r"),
                            *(["--set", *sets] if sets else [])], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and message in done.stderr, done.stderr
 
@@ -120,12 +118,12 @@ def test_apogee_dpo_runs_from_a_checkpoint(tmp_path):
     examples = tmp_path / "sft.jsonl"
     examples.write_text("".join(json.dumps({"prompt": f"{i % 7}+{i % 5}=", "response": str(i % 7 + i % 5)}) + "\n"
                                 for i in range(32)))
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "sft", "--run-dir", str(sft), "--set", *small,
+    done = subprocess.run([sys.executable, "-m", "cli.main", "sft", "--run-dir", str(sft), "--set", *small,
                            "train.steps=4", "checkpoint.interval=4", f"sft.inputs=[{examples}]"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     run = tmp_path / "dpo"
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "dpo", "--nproc", "2", "--run-dir", str(run),
+    done = subprocess.run([sys.executable, "-m", "cli.main", "dpo", "--nproc", "2", "--run-dir", str(run),
                            "--set", *small, "train.steps=6", f"dpo.inputs=[{pairs}]", f"train.init_from={sft}"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr

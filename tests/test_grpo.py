@@ -1,4 +1,4 @@
-"""GRPO (engine/grpo.py): rewards, advantages and the loss by hand, layout-invariant sampling, a
+"""GRPO (stages/grpo/trainer.py): rewards, advantages and the loss by hand, layout-invariant sampling, a
 toy task learnt from scratch, dp2/tp2 on the single-rank run, and `apogee grpo` end to end."""
 import json
 import math
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from data_pipeline import DataError
-from data_pipeline.prompts import PromptData, contains, exact_match, read_prompts
+from data_pipeline.prompts import PromptData, read_prompts
+from engine.rewards import contains, exact_match
 from data_pipeline.tokenizer import ByteTokenizer
 from tests.parity import TINY_CONFIG, max_weight_diff
 
@@ -32,19 +33,17 @@ def ascii_share(completion: str, answer: str) -> float:
 
 
 def _config(overrides, world_size=1, steps=4):
-    from engine.config import load_config
-    from engine.config_validation import validate
+    from tests.parity import stage_config
 
-    return validate(load_config(TINY_CONFIG, [*overrides, f"train.steps={steps}"]), world_size)
+    return stage_config(TINY_CONFIG, [*overrides, f"train.steps={steps}"], world_size, "grpo")
 
 
 def _trainer(overrides, world_size, steps, prompts, answer="7"):
-    from engine.grpo import GRPOTrainer
-    from parallel.topology import ParallelContext, ParallelDims
+    from stages.grpo.trainer import GRPOTrainer
+    from parallel.topology import ParallelContext
 
     cfg = _config(overrides, world_size, steps)
-    p = cfg.parallel
-    ctx = ParallelContext.single() if world_size == 1 else ParallelContext.create(ParallelDims(tp=p.tp, dp=p.dp))
+    ctx = ParallelContext.single() if world_size == 1 else ParallelContext.create(cfg.parallel)
     tokenizer = ByteTokenizer()
     data = PromptData([(tuple(tokenizer.encode(text)), answer) for text in prompts], cfg.seed,
                       cfg.train.global_batch_size, cfg.train.micro_batch_size)
@@ -53,7 +52,7 @@ def _trainer(overrides, world_size, steps, prompts, answer="7"):
 
 def _train(overrides, world_size, steps):
     """Per step: loss, metrics and {(prompt position, completion index): tokens}; the final weights."""
-    from engine.parallelize import gather_full_state_dict
+    from engine.model.parallelize import gather_full_state_dict
 
     trainer = _trainer(overrides, world_size, steps, PARITY_PROMPTS)
     losses, extras, samples = [], [], []
@@ -96,7 +95,7 @@ def test_rewards_by_hand():
 
 
 def test_group_advantages_and_loss_by_hand():
-    from engine.grpo import clipped_policy_loss, group_advantages, k3_kl
+    from stages.grpo.objective import clipped_policy_loss, group_advantages, k3_kl
 
     rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     # Group 1: mean 1/4, Bessel-corrected std sqrt((3/4)^2 + 3 (1/4)^2) / 3) = 1/2; group 2: all equal.
@@ -137,7 +136,7 @@ def test_rollouts_are_deterministic_and_stop_at_eod():
 
 
 def test_a_positive_advantage_gains_probability():
-    from engine.grpo import RolloutBatch
+    from stages.grpo.trainer import RolloutBatch
 
     trainer = _trainer([*PARITY, "grpo.kl_coeff=0"], 1, 1, ["ab"])
     tokens = torch.full((2, 17), 257)
@@ -160,7 +159,7 @@ def test_a_positive_advantage_gains_probability():
 
 def test_the_step_guard_only_flags_non_finite_steps():
     from engine.config import ResilienceConfig
-    from engine.grpo import PolicyGradientAnomalyDetector
+    from stages.grpo.objective import PolicyGradientAnomalyDetector
     from engine.resilience.guard import StepGuard
 
     trainer = _trainer(PARITY, 1, 1, PARITY_PROMPTS)
@@ -221,14 +220,14 @@ def test_dp2_and_tp2_sample_and_train_like_the_single_rank_run(reference):
     ("grpo", ["precision.dtype=fp8"], "precision.dtype='fp8': GRPO runs in bf16 or fp32"),
     ("grpo", ["grpo.max_new_tokens=128"], "grpo.max_new_tokens=128: must be in 1..model.seq_length-1 = 127"),
     ("grpo", ["grpo.reward=nowhere:reward"], "grpo.reward='nowhere:reward': cannot import 'reward' from 'nowhere'"),
-    ("grpo", ["sft.inputs=[y.jsonl]"], "a run trains GRPO prompts, SFT examples or DPO pairs, only one of them"),
+    ("grpo", ["sft.inputs=[y.jsonl]"], "a run trains fine-tuning examples, preference pairs or prompts with answers, only one of them"),
     ("grpo", None, "grpo.inputs=[]: `apogee grpo` needs JSONL files of prompts"),
     ("pretrain", [], "grpo.inputs=['x.jsonl']: prompts with answers are trained by `apogee grpo`"),
     ("sft", [], "grpo.inputs=['x.jsonl']: prompts with answers are trained by `apogee grpo`"),
     ("dpo", [], "grpo.inputs=['x.jsonl']: prompts with answers are trained by `apogee grpo`"),
 ])
 def test_bad_grpo_runs_are_refused(tmp_path, capsys, command, sets, message):
-    from engine.cli import main
+    from cli.main import main
 
     sets = [] if sets is None else ["grpo.inputs=[x.jsonl]", *sets]
     status = main([command, "--nproc", "2", "--run-dir", str(tmp_path / "r"), *(["--set", *sets] if sets else [])])
@@ -244,14 +243,14 @@ def test_apogee_grpo_runs_from_a_checkpoint_on_two_ranks(tmp_path):
     examples.write_text("".join(json.dumps({"prompt": f"say {i % 10}:", "response": str(i % 10)}) + "\n"
                                 for i in range(16)))
     sft = tmp_path / "sft"
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "sft", "--run-dir", str(sft), "--set", *small,
+    done = subprocess.run([sys.executable, "-m", "cli.main", "sft", "--run-dir", str(sft), "--set", *small,
                            "train.global_batch_size=4", "train.steps=2", f"sft.inputs=[{examples}]"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"say {i}:", "answer": str(i)}) + "\n" for i in range(10)))
     run = tmp_path / "grpo"
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "grpo", "--nproc", "2", "--run-dir", str(run),
+    done = subprocess.run([sys.executable, "-m", "cli.main", "grpo", "--nproc", "2", "--run-dir", str(run),
                            "--set", *small, "train.global_batch_size=2", "train.steps=3", "grpo.group_size=4",
                            "grpo.max_new_tokens=3", f"grpo.inputs=[{prompts}]", f"train.init_from={sft}"],
                           capture_output=True, text=True, cwd=ROOT)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from engine.config import ModelConfig
-from engine.hf_interop import from_hf_state_dict, hf_config, load_hf, save_hf, to_hf_state_dict
-from engine.model import LlamaModel, init_parameters
+from engine.model.hf_interop import from_hf_state_dict, hf_config, load_hf, save_hf, to_hf_state_dict
+from engine.model.decoder import LlamaModel, init_parameters
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.launch import derived_port, detect_launcher, first_host, tasks_on_node
-from tests.corpus import make_dataset
+from engine.job.launch import derived_port, detect_launcher, first_host, tasks_on_node
+from data_pipeline.words_corpus import make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 120  # a hang fails the test instead of stalling the suite
@@ -66,7 +66,7 @@ def logged_losses(run_dir: Path) -> list[float]:
 def elastic_losses(dataset, tmp_path_factory):
     """`apogee pretrain --nproc 2`: the elastic agent's run, the reference for every other launcher."""
     tmp_path = tmp_path_factory.mktemp("elastic")
-    apogee = [shutil.which("apogee")] if shutil.which("apogee") else [sys.executable, "-m", "engine.cli"]
+    apogee = [shutil.which("apogee")] if shutil.which("apogee") else [sys.executable, "-m", "cli.main"]
     result = run(apogee + pretrain_args(dataset, tmp_path, ["--nproc", "2"]))
     rendezvous_port(result.stdout, "elastic")
     return losses(result, tmp_path / "run")
@@ -116,7 +116,7 @@ def test_apogee_nproc_2_trains_under_the_elastic_agent(elastic_losses):
 @pytest.mark.distributed
 def test_torchrun_ranks_match_the_elastic_losses(dataset, tmp_path, elastic_losses):
     # torch.distributed.run is the module behind the `torchrun` script, run with this interpreter.
-    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "engine.cli",
+    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "cli.main",
                   *pretrain_args(dataset, tmp_path)])
     rendezvous_port(result.stdout, "elastic")
     assert_same_losses(losses(result, tmp_path / "run"), elastic_losses)
@@ -144,7 +144,7 @@ def test_mpirun_ranks_meet_through_mpi4py_and_match_the_elastic_losses(dataset, 
     probe = run([sys.executable, "-c", "import mpi4py.MPI"])
     if probe.returncode != 0:
         pytest.skip(f"mpi4py not importable (pip install mpi4py, the 'mpi' extra): {probe.stderr.strip()[-200:]}")
-    result = run([*MPIRUN, sys.executable, "-m", "engine.cli", *pretrain_args(dataset, tmp_path)])
+    result = run([*MPIRUN, sys.executable, "-m", "cli.main", *pretrain_args(dataset, tmp_path)])
     # A free port that rank 0 had the kernel pick and broadcast: in the ephemeral range (by
     # default 32768-60999, above the ports derived from job ids).
     low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
@@ -159,7 +159,7 @@ def test_mpirun_ranks_meet_on_one_node_without_mpi4py(dataset, tmp_path, elastic
     shadow = tmp_path / "no_mpi4py" / "mpi4py"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('mpi4py hidden by test_launch')\n")
-    result = run([*MPIRUN, sys.executable, "-m", "engine.cli", *pretrain_args(dataset, tmp_path)],
+    result = run([*MPIRUN, sys.executable, "-m", "cli.main", *pretrain_args(dataset, tmp_path)],
                  PYTHONPATH=str(shadow.parent))
     assert 10000 <= rendezvous_port(result.stdout, "mpi") < 30000  # derived from Open MPI's job id
     assert_same_losses(losses(result, tmp_path / "run"), elastic_losses)
@@ -172,7 +172,7 @@ BAD_LAYOUT_MESSAGE = "apogee: error: parallel='tp*cp*pp=3': must divide the worl
 @pytest.mark.distributed
 def test_srun_ranks_each_refuse_a_bad_layout_with_status_2(tmp_path):
     slurm_is_up()
-    result = run(["srun", "-n", "2", "--overcommit", sys.executable, "-m", "engine.cli", "pretrain",
+    result = run(["srun", "-n", "2", "--overcommit", sys.executable, "-m", "cli.main", "pretrain",
                   "--run-dir", str(tmp_path / "run"), *BAD_LAYOUT])
     assert result.returncode == 2, result.stderr
     assert result.stderr.count(BAD_LAYOUT_MESSAGE) == 2, result.stderr  # one per rank, no hang
@@ -181,7 +181,7 @@ def test_srun_ranks_each_refuse_a_bad_layout_with_status_2(tmp_path):
 
 @pytest.mark.distributed
 def test_torchrun_ranks_refuse_a_bad_layout_with_status_2(tmp_path):
-    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "engine.cli",
+    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "cli.main",
                   "pretrain", "--run-dir", str(tmp_path / "run"), *BAD_LAYOUT])
     # torchrun itself always exits 1 when a rank fails; it reports the rank's own status, 2. The
     # agent stops the other rank as soon as one exits, so that one may not get to print.

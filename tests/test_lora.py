@@ -1,17 +1,17 @@
-"""LoRA adapters (engine/lora.py): the adapted GEMM, frozen base weights, every layout on the
+"""LoRA adapters (engine/model/lora.py): the adapted GEMM, frozen base weights, every layout on the
 single-rank run, and an export that folds the adapters into the weights."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.lora import lora_linear, merge_lora
+from engine.model.lora import lora_linear, merge_lora
 from tests.parity import FakeData, max_relative_loss_diff, max_weight_diff, parity_config, train_layouts
 
 # Adam divides by sqrt(v) + eps: adapter gradients that are zero up to rounding (B starts at zero,
 # so A's first gradients are; TP sums partial products that cancel) become updates of ~lr *
 # noise / eps. At eps 1e-8 tp2 weights drifted 4e-5 from single-rank with every loss equal to
 # 1e-7; at 1e-4 the drift is 3e-7 (measured): the larger eps keeps the test on the parallel math.
-LORA = ["sft.lora_rank=4", "sft.lora_alpha=8", "optim.lr=1e-2", "optim.eps=1e-4"]
+LORA = ["lora.rank=4", "lora.alpha=8", "optim.lr=1e-2", "optim.eps=1e-4"]
 
 
 def test_lora_linear_adds_the_scaled_low_rank_path():
@@ -22,7 +22,7 @@ def test_lora_linear_adds_the_scaled_low_rank_path():
 
 
 def _trainer(overrides, masked=True):
-    from engine.trainer import Trainer
+    from engine.train.trainer import Trainer
     from parallel.topology import ParallelContext
 
     cfg = parity_config(overrides, 1, 4)
@@ -73,9 +73,9 @@ def test_merge_folds_adapters_into_weights():
 
 
 def test_export_of_a_lora_checkpoint_gives_the_adapted_model(tmp_path):
-    from engine.checkpoint import Checkpointer
-    from engine.export import load_model
-    from engine.resume import checkpoint_store, run_id
+    from engine.state.checkpoint import Checkpointer
+    from engine.state.export import load_model
+    from engine.state.resume import checkpoint_store, run_id
 
     trainer = _trainer(LORA)
     for step in range(3):

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from engine.config import ModelConfig
-from engine.metrics import (MetricsWriter, flops_per_step, format_step_line, gpu_peak_flops,
+from engine.train.metrics import (MetricsWriter, flops_per_step, format_step_line, gpu_peak_flops,
                             measure_cpu_bf16_peak)
 
 

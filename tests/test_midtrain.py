@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.corpus import make_dataset
+from data_pipeline.words_corpus import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.hidden_size=64", "model.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4",
@@ -15,7 +15,7 @@ SMALL = ["model.hidden_size=64", "model.seq_length=32", "train.micro_batch_size=
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=ROOT)
 
 
 def _metrics(run_dir):

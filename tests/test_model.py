@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from engine.config import ModelConfig, OptimConfig
-from engine.model import (LlamaModel, count_parameters, init_parameters, lm_loss, rope_cos_sin,
+from engine.model.decoder import (LlamaModel, count_parameters, init_parameters, lm_loss, rope_cos_sin,
                           rope_inv_freq)
-from engine.optim import build_optimizer
+from engine.train.optim import build_optimizer
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
                    vocab_size=64, seq_length=16)

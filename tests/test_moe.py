@@ -1,11 +1,11 @@
-"""The MoE layer (engine/moe.py) on one rank: routing, dropless expert math and the balance loss."""
+"""The MoE layer (engine/model/moe.py) on one rank: routing, dropless expert math and the balance loss."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from engine.model import LlamaModel, count_parameters, init_parameters
-from engine.moe import MoE, set_aux_loss_scale
+from engine.model.decoder import LlamaModel, count_parameters, init_parameters
+from engine.model.moe import MoE, set_aux_loss_scale
 
 CFG = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
                   vocab_size=64, seq_length=16, num_experts=4, moe_topk=2, moe_aux_loss_coeff=0.0)
@@ -120,7 +120,7 @@ def test_init_is_layout_invariant_per_expert():
 
 def test_trainer_logs_the_balance_loss_per_layer():
     """A uniform router (zero weights) balances perfectly: the logged loss is exactly the coefficient."""
-    from engine.trainer import Trainer
+    from engine.train.trainer import Trainer
     from parallel.topology import ParallelContext
     from tests.parity import FakeData, parity_config
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from engine.config import OptimConfig
-from engine.optim import MasterWeightOptimizer, build_optimizer, lr_at
+from engine.train.optim import MasterWeightOptimizer, build_optimizer, lr_at
 
 
 def _cfg(**kw):

@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-from engine.cli import main as apogee_main
+from cli.main import main as apogee_main
 from engine.config import ModelConfig, load_config
 from engine.config_validation import validate
-from engine.metrics import flops_per_step
-from engine.perf_model import (Assumptions, Layout, PerfModelError, activation_bytes_per_layer, cp_ring_bytes,
+from engine.train.metrics import flops_per_step
+from engine.perf.perf_model import (Assumptions, Layout, PerfModelError, activation_bytes_per_layer, cp_ring_bytes,
                                dp_traffic_elements, ep_all_to_all_bytes, estimate_step, in_flight_microbatches,
                                make_cluster, model_state_bytes, pipeline_bubble_fraction, tp_comm_bytes)
-from engine.plan import PlanError, plan
+from engine.perf.plan import PlanError, plan
 
 CALIBRATION_TOLERANCE = 0.25
 """Largest relative error of predicted vs published MFU accepted for a calibration row."""
@@ -256,7 +256,7 @@ def test_planner_refuses_a_world_that_is_not_whole_nodes():
 
 
 def _run_cli(*args):
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", "plan", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "plan", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

@@ -9,7 +9,7 @@ from engine.config import ConfigError, load_config
 from engine.config_validation import validate
 from parallel.pipeline import (PipelineError, interleaved_order, max_in_flight, one_f_one_b_order, partition_layers,
                                schedule_order, simulate, stage_layer_ids)
-from parallel.topology import ParallelDims
+from parallel.layout import ParallelLayout
 from tests.parity import TINY_CONFIG
 
 
@@ -108,9 +108,9 @@ def test_fewer_layers_than_chunks_is_refused_naming_the_fields():
 
 
 def test_embedding_group_is_first_and_last_stage_of_each_pp_group():
-    dims = ParallelDims(tp=2, pp=4)
+    dims = ParallelLayout(tp=2, pp=4)
     assert dims.groups("pp") == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert dims.groups("embedding") == [[0, 6], [1, 7]]
     assert dims.group_of("embedding", 7) == [1, 7]
     assert dims.group_of("embedding", 2) == [2]  # a middle stage holds no embedding copy
-    assert ParallelDims(dp=2).groups("embedding") == [[0], [1]]
+    assert ParallelLayout(dp=2).groups("embedding") == [[0], [1]]

@@ -1,11 +1,11 @@
-"""fp8 delayed scaling (engine/precision.py): the quantisation, the GEMM emulation, the scale
+"""fp8 delayed scaling (engine/model/precision.py): the quantisation, the GEMM emulation, the scale
 updates of TE's recipe, and training with it on one rank and across layouts."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.precision import (E4M3, E5M2, FP8_MAX, Fp8Linear, Fp8LinearMeta, Fp8Recipe, fp8_linear, quantize)
+from engine.model.precision import (E4M3, E5M2, FP8_MAX, Fp8Linear, Fp8LinearMeta, Fp8Recipe, fp8_linear, quantize)
 from tests.parity import max_relative_loss_diff, train_layout, train_layouts
 
 
@@ -84,7 +84,7 @@ def test_delayed_scaling_update_follows_te():
 
 def test_convert_routes_decoder_gemms_only():
     from engine.config import ModelConfig
-    from engine.model import LlamaModel
+    from engine.model.decoder import LlamaModel
 
     model = LlamaModel(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
                                    vocab_size=64, seq_length=16))

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from parallel.random import derive_seed, generator, replicated_generator, sharded_generator
-from parallel.topology import ParallelContext, ParallelDims
+from parallel.layout import ParallelLayout
+from parallel.topology import ParallelContext
 
-DIMS = ParallelDims(tp=2, cp=2, dp=2, pp=2)  # 16 ranks
+DIMS = ParallelLayout(tp=2, cp=2, dp=2, pp=2)  # 16 ranks
 
 
 def draw(gen):

@@ -46,7 +46,7 @@ def test_a_bad_fault_is_refused_naming_the_entry_the_value_and_the_valid_forms(e
 
 
 def test_a_bad_fault_on_the_command_line_exits_2_before_any_rank_starts(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "pretrain", "--nproc", "2", "--run-dir",
+    result = subprocess.run([sys.executable, "-m", "cli.main", "pretrain", "--nproc", "2", "--run-dir",
                              str(tmp_path / "run"), "--set", "resilience.inject=[kill:rank=5:step=3]"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.export import load_model
-from tests.corpus import make_dataset
+from engine.state.export import load_model
+from data_pipeline.words_corpus import make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 10
@@ -31,7 +31,7 @@ def dataset(tmp_path_factory):
 
 
 def pretrain(dataset: str, run_dir: Path, *settings: str) -> subprocess.CompletedProcess:
-    apogee = [shutil.which("apogee")] if shutil.which("apogee") else [sys.executable, "-m", "engine.cli"]
+    apogee = [shutil.which("apogee")] if shutil.which("apogee") else [sys.executable, "-m", "cli.main"]
     cmd = apogee + ["pretrain", "--nproc", "2", "--run-dir", str(run_dir), "--set", *TRAIN,
                     f"data.inputs=[{dataset}]", f"data.cache_dir={run_dir.parent / 'cache'}", *settings]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)

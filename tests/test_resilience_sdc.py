@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.export import load_model
-from tests.corpus import make_dataset
+from engine.state.export import load_model
+from data_pipeline.words_corpus import make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24
@@ -28,7 +28,7 @@ def dataset(tmp_path_factory):
 
 
 def pretrain(dataset, run_dir: Path, *settings: str, status: int = 0) -> subprocess.CompletedProcess:
-    apogee = [shutil.which("apogee")] if shutil.which("apogee") else [sys.executable, "-m", "engine.cli"]
+    apogee = [shutil.which("apogee")] if shutil.which("apogee") else [sys.executable, "-m", "cli.main"]
     cmd = apogee + ["pretrain", "--nproc", "2", "--run-dir", str(run_dir), "--set", *TRAIN,
                     f"data.inputs=[{dataset}]", f"data.cache_dir={run_dir.parent / 'cache'}", *settings]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)

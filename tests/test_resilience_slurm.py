@@ -5,11 +5,10 @@ Slurm's requeue latency, hence marked slow (run with -m slow)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.corpus import make_dataset
+from data_pipeline.words_corpus import make_dataset
 from tests.test_launch import ROOT, launcher_env, slurm_is_up, wait_for_job
 
 TRAIN = ["train.steps=6", "model.hidden_size=64", "model.seq_length=32", "train.global_batch_size=4",

@@ -66,7 +66,7 @@ def test_samples_pad_truncate_and_reshuffle_per_epoch():
 
 
 def test_masked_loss_is_the_mean_over_trained_tokens_only():
-    from engine.trainer import Trainer
+    from engine.train.trainer import Trainer
     from parallel.topology import ParallelContext
 
     cfg = parity_config([], 1, 1)
@@ -110,11 +110,11 @@ def test_masked_layouts_match_the_single_rank_run():
 
 
 def test_init_from_a_checkpoint_of_another_layout_loads_its_weights(tmp_path):
-    from engine.checkpoint import Checkpointer
-    from engine.initialize import initialize_from
-    from engine.parallelize import gather_full_state_dict
-    from engine.resume import checkpoint_store, run_id
-    from engine.trainer import Trainer
+    from engine.state.checkpoint import Checkpointer
+    from engine.state.init_from import initialize_from
+    from engine.model.parallelize import gather_full_state_dict
+    from engine.state.resume import checkpoint_store, run_id
+    from engine.train.trainer import Trainer
     from parallel.topology import ParallelContext
 
     cfg = parity_config(["precision.dtype=bf16"], 1, 2)
@@ -133,7 +133,7 @@ def test_init_from_a_checkpoint_of_another_layout_loads_its_weights(tmp_path):
     assert all(torch.equal(masters[k], source[k].float()) for k in source)  # fresh optimizer from these weights
     fine.train_step(0)  # and it trains
     # The same weights through a Hugging Face directory.
-    from engine.hf_interop import save_hf
+    from engine.model.hf_interop import save_hf
 
     save_hf(pre.model, cfg.model, tmp_path / "hf")
     from_hf = Trainer(fresh_cfg, ParallelContext.single(), FakeData.for_config(fresh_cfg, masked=True))
@@ -151,12 +151,12 @@ def _write_examples(path: Path, n: int = 64) -> Path:
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from tests.corpus import make_dataset
+    from data_pipeline.words_corpus import make_dataset
     return make_dataset(tmp_path_factory.mktemp("corpus"))
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.corpus import make_dataset
+from data_pipeline.words_corpus import make_dataset
 from tests.test_launch import ROOT, launcher_env, slurm_is_up, wait_for_job
 
 TRAIN = ["model.hidden_size=64", "model.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=2",
@@ -16,7 +16,7 @@ TRAIN = ["model.hidden_size=64", "model.seq_length=32", "train.global_batch_size
 
 
 def _submit(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "engine.cli", "submit", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", "submit", *args], capture_output=True, text=True,
                           cwd=ROOT, env=env or launcher_env(), timeout=60)
 
 

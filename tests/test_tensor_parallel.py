@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from engine.model import LlamaModel, init_parameters, lm_loss
-from engine.parallelize import LLAMA_TP_PLAN, parallelize_model
+from engine.model.decoder import LlamaModel, init_parameters, lm_loss
+from engine.model.parallelize import LLAMA_TP_PLAN, parallelize_model
 from parallel.collectives import (CommLedger, Group, copy_to_tp_region, gather_from_sequence_parallel_region,
                                   reduce_from_tp_region, reduce_scatter_to_sequence_parallel_region,
                                   scatter_to_sequence_parallel_region)
@@ -206,7 +206,7 @@ def _check_cross_entropy(rank, tp):
 def _check_llama(rank, ctx, sequence_parallel):
     from engine.config import load_config
     from engine.config_validation import validate
-    from engine.parallelize import (counts_in_norm, finish_sequence_parallel_grads, gather_full_state_dict,
+    from engine.model.parallelize import (counts_in_norm, finish_sequence_parallel_grads, gather_full_state_dict,
                                     grad_norm_sq_reduce, loss_function)
 
     cfg = validate(load_config(None, [
@@ -243,9 +243,10 @@ def _check_llama(rank, ctx, sequence_parallel):
 
 
 def _two_rank_checks(rank, world_size):
-    from parallel.topology import ParallelContext, ParallelDims
+    from parallel.layout import ParallelLayout
+    from parallel.topology import ParallelContext
 
-    ctx = ParallelContext.create(ParallelDims(tp=2))
+    ctx = ParallelContext.create(ParallelLayout(tp=2))
     checks = {
         "mappings": lambda tp: _check_mappings(rank, tp),
         "column_row": lambda tp: _check_column_row_pair(rank, tp, False),

@@ -1,12 +1,13 @@
-"""parallel/topology.py: rank groups match megatron-core, the JSON contract, clear errors, real groups."""
+"""parallel/layout.py and parallel/topology.py: rank groups match megatron-core, the JSON contract, clear errors, real groups."""
 import argparse
 import json
 import warnings
 
 import pytest
 
-from parallel.topology import (ParallelContext, ParallelDims, RankGrid, TopologyError,
-                               add_cli_arguments, run_cli, topology_dict)
+from cli.topology import add_cli_arguments, run_cli
+from parallel.layout import ParallelLayout, RankGrid, TopologyError, topology_dict
+from parallel.topology import ParallelContext
 from tests.distributed import run_distributed
 
 ORDER = "tp-cp-ep-dp-pp"
@@ -23,7 +24,7 @@ def RankGenerator():
 
 
 def valid_layouts(world_size):
-    """Every ParallelDims on `world_size` ranks that validates, expert_tp over None and all sizes."""
+    """Every ParallelLayout on `world_size` ranks that validates, expert_tp over None and all sizes."""
     for tp in range(1, world_size + 1):
         for cp in range(1, world_size // tp + 1):
             for pp in range(1, world_size // (tp * cp) + 1):
@@ -32,7 +33,7 @@ def valid_layouts(world_size):
                 dp = world_size // (tp * cp * pp)
                 for ep in range(1, world_size + 1):
                     for expert_tp in (None, *range(1, world_size + 1)):
-                        dims = ParallelDims(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, expert_tp=expert_tp)
+                        dims = ParallelLayout(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, expert_tp=expert_tp)
                         try:
                             yield dims.validate(world_size)
                         except TopologyError:
@@ -69,7 +70,7 @@ def test_every_layout_matches_megatron_rank_generator(world_size, RankGenerator)
 
 
 def test_sixteen_ranks_example_from_interop_notes(RankGenerator):
-    dims = ParallelDims(tp=2, cp=2, dp=2, pp=2)
+    dims = ParallelLayout(tp=2, cp=2, dp=2, pp=2)
     assert dims.groups("tp") == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]]
     assert dims.groups("cp") == [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]]
     assert dims.groups("dp") == [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]]
@@ -91,7 +92,7 @@ def test_rank_grid_coordinates_put_tp_fastest_and_pp_slowest():
 def test_ep_coordinate_is_position_in_expert_parallel_group():
     # tp=2, dp=4, ep=2: the expert grid is expert_tp=2 x ep=2 x expert_dp=2; EP groups pair
     # ranks two apart, so ranks 0,1 hold expert slice 0 and ranks 2,3 slice 1.
-    dims = ParallelDims(tp=2, dp=4, ep=2)
+    dims = ParallelLayout(tp=2, dp=4, ep=2)
     assert dims.groups("ep") == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert [dims.coordinates(r)["ep"] for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
     assert dims.expert_dp == 2 and dims.groups("expert-dp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
@@ -117,7 +118,7 @@ def test_json_has_exactly_the_documented_shape(capsys):
         assert all(type(v) is int for v in entry.values())
         assert entry["rank"] == rank
     assert doc["ranks"][5] == {"rank": 5, "tp": 1, "cp": 0, "ep": 0, "dp": 0, "pp": 1}
-    assert doc == topology_dict(ParallelDims(tp=2, cp=1, dp=2, pp=2, ep=2))
+    assert doc == topology_dict(ParallelLayout(tp=2, cp=1, dp=2, pp=2, ep=2))
 
 
 def test_human_format_prints_one_line_per_rank(capsys):
@@ -148,12 +149,12 @@ def test_bad_layout_is_refused_naming_field_and_value(capsys, argv, expected):
 
 def test_validate_raises_topology_error_which_is_a_value_error():
     with pytest.raises(ValueError, match=r"tp\*cp\*dp\*pp = 2\*1\*3\*2 = 12 does not equal the world size 8"):
-        ParallelDims(tp=2, dp=3, pp=2).validate(8)
+        ParallelLayout(tp=2, dp=3, pp=2).validate(8)
     with pytest.raises(TopologyError, match="expert_tp=0"):
-        ParallelDims(expert_tp=0).validate()
+        ParallelLayout(expert_tp=0).validate()
     with pytest.raises(TopologyError, match="does not divide the world size 12"):
-        ParallelDims.from_world_size(12, tp=8)
-    assert ParallelDims.from_world_size(12, tp=2, pp=3) == ParallelDims(tp=2, dp=2, pp=3)
+        ParallelLayout.from_world_size(12, tp=8)
+    assert ParallelLayout.from_world_size(12, tp=2, pp=3) == ParallelLayout(tp=2, dp=2, pp=3)
 
 
 def test_single_context_has_size_one_everywhere():
@@ -189,7 +190,7 @@ def _context_body(rank, world_size, dims):
 
 @pytest.mark.distributed
 def test_context_groups_on_eight_gloo_ranks():
-    dims = ParallelDims(tp=2, cp=1, dp=2, pp=2, ep=2)
+    dims = ParallelLayout(tp=2, cp=1, dp=2, pp=2, ep=2)
     reports = run_distributed(_context_body, 8, dims, timeout=120)
     for rank, report in enumerate(reports):
         assert report["rank"] == rank and report["device"] == "cpu"

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from engine.config import load_config
+from stages.pretrain import PretrainStage
 from engine.config_validation import validate
-from engine.runner import build_training_data
-from engine.trainer import Trainer
+from engine.job.runner import build_training_data
+from engine.train.trainer import Trainer
 from parallel.topology import ParallelContext
-from tests.corpus import make_dataset
+from data_pipeline.words_corpus import make_dataset
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_fp32_losses.json"
 
@@ -26,7 +27,7 @@ def dataset(tmp_path_factory):
 
 def make_trainer(dataset, tmp_path, overrides=()):
     cfg = validate(load_config("configs/tiny.yaml", [f"data.cache_dir={tmp_path}/cache", *overrides]), 1)
-    data = build_training_data(cfg, [dataset])
+    data = build_training_data(cfg, PretrainStage(), [dataset])
     return Trainer(cfg, ParallelContext.single(), data, run_dir=tmp_path / "run")
 
 
@@ -80,7 +81,7 @@ def test_fit_writes_metrics_events_and_tensorboard(dataset, tmp_path):
 
 
 def test_cli_refuses_a_bad_config_before_starting(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "pretrain", "--nproc", "3",
+    result = subprocess.run([sys.executable, "-m", "cli.main", "pretrain", "--nproc", "3",
                              "--set", "parallel.tp=2", "--run-dir", str(tmp_path / "run")],
                             capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert result.returncode == 2

@@ -36,7 +36,7 @@ def test_layout_pads_each_bucket_to_a_multiple_of_dp_and_every_element_has_one_o
 
 
 def test_memory_figures_appear_in_the_runs_metrics(tmp_path):
-    from engine.trainer import Trainer
+    from engine.train.trainer import Trainer
     from parallel.topology import ParallelContext
 
     cfg = parity_config(["parallel.zero=2", "logging.tensorboard=false"], 1, 2)
@@ -58,12 +58,13 @@ def _two_rank_zero1(rank, world_size, checkpoint_dir):
     """zero=1 on dp=2: observe when reduce-scatters launch, then DCP-save the optimizer state."""
     import torch.distributed.checkpoint as dcp
 
-    from engine.trainer import Trainer
-    from parallel.topology import ParallelContext, ParallelDims
+    from engine.train.trainer import Trainer
+    from parallel.layout import ParallelLayout
+    from parallel.topology import ParallelContext
     from parallel.zero_optimizer import to_sharded_tensors
 
     cfg = parity_config(["parallel.dp=2", "parallel.zero=1", "parallel.grad_bucket_mb=0.05"], 2, 3)
-    trainer = Trainer(cfg, ParallelContext.create(ParallelDims(dp=2)), FakeData.for_config(cfg))
+    trainer = Trainer(cfg, ParallelContext.create(ParallelLayout(dp=2)), FakeData.for_config(cfg))
     grads = trainer.grads
     launched = []  # after each gradient of the last backward: buckets on the wire
     for _, p in grads.named_params:  # registered after the buffer's hooks: each runs right after it
@@ -118,7 +119,7 @@ def test_optimizer_state_saved_at_dp2_loads_whole_at_dp1(two_rank_zero1):
 
 
 def test_zero3_holds_at_most_two_layers_gathered_in_forward_and_frees_everything_after_the_step():
-    from engine.trainer import Trainer
+    from engine.train.trainer import Trainer
     from parallel.topology import ParallelContext
 
     cfg = parity_config(["parallel.zero=3", "model.num_layers=4"], 1, 1)

@@ -43,9 +43,9 @@ def _portable(state: dict) -> dict:
 
 
 def _run(overrides: list[str], world_size: int, steps: int, ctx_factory) -> ZeroRun:
-    from engine.grad_sync import memory_bytes, sharded_optimizer_state
-    from engine.parallelize import gather_full_state_dict
-    from engine.trainer import Trainer
+    from engine.train.grad_sync import memory_bytes, sharded_optimizer_state
+    from engine.model.parallelize import gather_full_state_dict
+    from engine.train.trainer import Trainer
 
     cfg = parity_config(overrides, world_size, steps)
     ctx = ctx_factory(cfg)

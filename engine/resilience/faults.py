@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from engine.config import ConfigError
-from engine.events import EventLog
+from engine.train.events import EventLog
 from engine.resilience.recovery import record_durably
 
 # kind -> (required fields, optional fields)

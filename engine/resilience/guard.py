@@ -25,10 +25,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from data_pipeline.microbatch import Microbatch
 from engine.config import ResilienceConfig
-from engine.resilience.sdc import (StepFingerprints, fingerprint, gather_ints, loss_bits, odd_ones_out,
+from engine.resilience.sdc import (StepFingerprints, fingerprint, loss_bits, odd_ones_out,
                                    parameter_fingerprint)
-from parallel.collectives import Group, all_reduce
+from parallel.collectives import Group, all_gather_values, all_reduce
 from parallel.sharding import is_expert_shard
 
 
@@ -119,8 +120,8 @@ class StepGuard:
             flip_bit(output, fault.element, fault.bit)
         return output
 
-    def garbage_batch(self, step: int, data_batch: int, microbatches: list[torch.Tensor],
-                      vocab_size: int) -> list[torch.Tensor]:
+    def garbage_batch(self, step: int, data_batch: int, microbatches: list[Microbatch],
+                      vocab_size: int) -> list[Microbatch]:
         """The step's microbatches, replaced by uniform random tokens if a garbage batch is rehearsed.
 
         A bad batch is data: once injected, data batch `data_batch` stays bad every time it is
@@ -132,12 +133,8 @@ class StepGuard:
             return microbatches
         gen = torch.Generator().manual_seed(1000003 * (data_batch + 1))
 
-        def garbage(mb):  # tokens, or (tokens, loss mask): the tokens go bad, the mask stays
-            if isinstance(mb, torch.Tensor):
-                return torch.randint(0, vocab_size, mb.shape, generator=gen)
-            return torch.randint(0, vocab_size, mb[0].shape, generator=gen), mb[1]
-
-        return [garbage(mb) for mb in microbatches]
+        # The tokens go bad; a loss mask stays as it was.
+        return [mb._replace(tokens=torch.randint(0, vocab_size, mb.tokens.shape, generator=gen)) for mb in microbatches]
 
     # -- the decision after each step --------------------------------------------------------------
 
@@ -195,7 +192,7 @@ class StepGuard:
             kinds.append((self.fingerprints.params[1], self.trainer.expert_group))
         named, odd_kinds = [], []
         for value, group in kinds:
-            values = [v[0] for v in gather_ints([value], group)]
+            values = [v[0] for v in all_gather_values([value], group)]
             odd = odd_ones_out(values)
             ranks = dist.get_process_group_ranks(group.process_group) if group.size > 1 else [self.trainer.ctx.rank]
             named += [ranks[i] for i in odd]
@@ -241,7 +238,7 @@ class StepGuard:
 
     def _ranks_with(self, changed: Optional[str]) -> list[int]:
         """World ranks whose `changed` is set (every rank calls this: it gathers)."""
-        flags = gather_ints([1 if changed else 0], self.world)
+        flags = all_gather_values([1 if changed else 0], self.world)
         return [rank for rank, (flag,) in enumerate(flags) if flag]
 
     def audits(self, step: int) -> bool:

@@ -10,7 +10,7 @@ Events (each with `rank`, `step` and `time`, see DESIGN.md):
 - failure: rank (the failed rank, None if unknown), cause (kill, raise, hang, exception,
   unknown), exit_code, step (the step in progress), steps_completed, failed_at.
 - restart: restart_count, launcher.
-- resume (engine.runner.resume_trainer): step resumed from, and on a restart work_lost_steps
+- resume (engine.job.runner.resume_trainer): step resumed from, and on a restart work_lost_steps
   (steps completed after that checkpoint, to be re-run), work_lost_s (seconds from that
   checkpoint's snapshot to the failure) and downtime_s (failure to resume).
 """
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from engine.events import EventLog
+from engine.train.events import EventLog
 from engine.resilience.exit_codes import EXCEPTION, HANG_DETECTED, SIGNAL_BASE, describe
 
 ATTEMPT_MARKERS = ("start", "restart")  # events that open an attempt

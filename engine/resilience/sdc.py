@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from parallel.collectives import Group
+from parallel.collectives import Group, all_gather_values
 
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
              torch.float64: torch.int64}
@@ -77,17 +77,6 @@ def loss_bits(loss: torch.Tensor) -> int:
     return int(loss.detach().float().reshape(1).view(torch.int32)[0])
 
 
-def gather_ints(values: list[int], group: Group) -> list[list[int]]:
-    """All-gather a few int64 values from every member of `group` (in group-rank order)."""
-    local = torch.tensor(values, dtype=torch.int64)
-    if group.size == 1:
-        return [values]
-    out = [torch.empty_like(local) for _ in range(group.size)]
-    group.ledger.record(group.name, "resilience", local.numel() * local.element_size() * group.size)
-    dist.all_gather(out, local, group=group.process_group)
-    return [t.tolist() for t in out]
-
-
 def odd_ones_out(values: list) -> list[int]:
     """Indices whose value differs from the majority; all of them when there is no strict majority."""
     counts = Counter(map(tuple, values) if values and isinstance(values[0], list) else values)
@@ -107,6 +96,6 @@ def parameter_fingerprint(named_params: Iterable) -> int:
 
 def replicas_disagree(local: list[int], group: Group) -> tuple[list[int], list[list[int]]]:
     """Compare `local` across the replicas of `group`; returns (global ranks that differ, all values)."""
-    values = gather_ints(local, group)
+    values = all_gather_values(local, group)
     ranks = dist.get_process_group_ranks(group.process_group) if group.size > 1 else [0]
     return [ranks[i] for i in odd_ones_out(values)], values

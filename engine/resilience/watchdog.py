@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from engine.events import EventLog
+from engine.train.events import EventLog
 from engine.resilience.exit_codes import HANG_DETECTED
 from engine.resilience.recovery import record_durably
 

@@ -1,0 +1,43 @@
+"""Rewards that verify a completion against a task's answer: GRPO trains on them, evaluation scores with them.
+
+A reward maps (completion text, answer) to a float: `exact_match` (1.0 when the completion, up to
+the end-of-document token and stripped, equals the stripped answer) and `contains` (1.0 when the
+stripped answer occurs in it) are built in; 'package.module:function' names any importable
+function of the same signature (importing a module the user named is how rewards are extended,
+as with an external stage).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+REWARDS = ("exact_match", "contains")
+"""Built-in reward names; 'module:function' names a user function instead."""
+
+
+def exact_match(completion: str, answer: str) -> float:
+    """1.0 if the stripped completion equals the stripped answer, else 0.0."""
+    return float(completion.strip() == answer.strip())
+
+
+def contains(completion: str, answer: str) -> float:
+    """1.0 if the stripped answer occurs in the completion, else 0.0."""
+    return float(answer.strip() in completion)
+
+
+def reward_function(name: str) -> Callable[[str, str], float]:
+    """The reward called `name`: a built-in (REWARDS) or an importable 'module:function'."""
+    if name == "exact_match":
+        return exact_match
+    if name == "contains":
+        return contains
+    module, _, attribute = name.partition(":")
+    if not module or not attribute:
+        raise ValueError(f"expected one of {', '.join(REWARDS)} or 'module:function'")
+    try:
+        function = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import {attribute!r} from {module!r} ({error})") from None
+    if not callable(function):
+        raise ValueError(f"{name} is not a function of (completion, answer)")
+    return function
