@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from data_pipeline import DataError
-from data_pipeline.corpus import NAMED_INPUTS
+from data_pipeline.named_inputs import NAMED_INPUTS
 from data_pipeline.indexed_dataset import TOKEN_DTYPES
 from data_pipeline.preprocess import preprocess
 

@@ -9,32 +9,11 @@ import fcntl
 import hashlib
 import json
 import os
-import sysconfig
 
 from data_pipeline import DataError
 from data_pipeline.indexed_dataset import dataset_exists
+from data_pipeline.named_inputs import NAMED_INPUTS
 from data_pipeline.tokenizer import tokenizer_fingerprint
-
-_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
-NAMED_INPUTS = ("stdlib",)
-
-
-def stdlib_files() -> list:
-    """Sorted paths of the interpreter's standard-library *.py files (tests and packages excluded)."""
-    root = sysconfig.get_paths()["stdlib"]
-    files = []
-    for directory, subdirs, names in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d not in _EXCLUDED_DIRS and not d.startswith("."))
-        files.extend(os.path.join(directory, name) for name in sorted(names) if name.endswith(".py"))
-    return files
-
-
-def named_input_files(name: str) -> list:
-    """The files of a named input (see NAMED_INPUTS)."""
-    if name == "stdlib":
-        return stdlib_files()
-    raise DataError(f"input {name!r}: not a named input; valid names are {list(NAMED_INPUTS)}")
-
 
 def _fingerprint(spec: str, tokenizer: str) -> str:
     """Hash of the input file list (path, size, mtime) and the tokenizer: the cache key."""
@@ -58,7 +37,7 @@ def ensure_corpus(spec: str, cache_dir: str, tokenizer: str = "byte") -> str:
     if spec not in NAMED_INPUTS and not os.path.exists(spec):
         raise DataError(f"data input {spec!r}: neither a dataset prefix (no {spec}.bin/.idx) nor an existing "
                         f"file or directory; valid: a PREFIX with .bin/.idx, a text/jsonl path, or {list(NAMED_INPUTS)}")
-    from data_pipeline.preprocess import preprocess  # preprocess imports this module's names
+    from data_pipeline.preprocess import preprocess
 
     os.makedirs(cache_dir, exist_ok=True)
     label = spec if spec in NAMED_INPUTS else os.path.basename(os.path.normpath(spec)) or "input"

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from data_pipeline import DataError
-from data_pipeline.corpus import NAMED_INPUTS, named_input_files
+from data_pipeline.named_inputs import NAMED_INPUTS, named_input_files
 from data_pipeline.indexed_dataset import TOKEN_DTYPES, IndexedDatasetWriter, bin_path, dtype_for_vocab, idx_path
 from data_pipeline.tokenizer import get_tokenizer
 

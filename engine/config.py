@@ -246,12 +246,12 @@ class ApogeeConfig:
 
     def __post_init__(self):
         self.sections: dict = {}
-        """The running stage's config sections (engine/stage.py), by name: `cfg.sft` reads one."""
+        """The running stage's config sections (engine/stage.py), by name: `cfg.<section>` reads one."""
         self.foreign: dict = {}
         """Sections of other stages found in the config (accepted for old config files, never run)."""
 
     def __getattr__(self, name: str):
-        # Only called when normal lookup fails: a stage's own section, e.g. cfg.sft.
+        # Only called when normal lookup fails: a stage's own section (cfg.<section>).
         sections = self.__dict__.get("sections")
         if sections is not None and name in sections:
             return sections[name]

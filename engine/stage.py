@@ -5,7 +5,7 @@ mid-training, SFT, DPO and GRPO live in `stages/`, and a stage outside the packa
 'package.module:attribute' and registered the same way. A stage is four things:
 
 - its config sections (`sections`: {"sft": SFTConfig}), loaded, checked and saved like the
-  engine's own sections (`cfg.sft.inputs`), and the data they name (`inputs_key`);
+  engine's own sections (`cfg.<section>.<field>`), and the data they name (`inputs_key`);
 - how it checks them (`validate`) and how it adjusts the run before it starts (`prepare`:
   e.g. a branch's starting checkpoint, a deprecated key);
 - how it builds its data (`build_data`; None trains on the pre-training blend);

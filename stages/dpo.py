@@ -53,6 +53,8 @@ class DPOStage(Stage):
     inputs_what = "preference pairs"
     inputs_needs = ("JSONL files of preference pairs, e.g. --set dpo.inputs=[pairs.jsonl] "
                     "(lines {prompt, chosen, rejected})")
+    section = "dpo"
+    """The config section with `inputs` and `beta` (a stage with another preference loss names its own)."""
 
     def validate(self, cfg: ApogeeConfig, world_size: int) -> None:
         """pp = cp = 1 (a pair's log-probabilities must be whole), no fp8, beta > 0."""
@@ -64,8 +66,9 @@ class DPOStage(Stage):
         if cfg.precision.dtype == "fp8":
             raise ConfigError("precision.dtype='fp8': DPO runs in bf16 or fp32 (the reference model would share the "
                               "policy's fp8 scales)")
-        if not cfg.dpo.beta > 0:
-            raise ConfigError(f"dpo.beta={cfg.dpo.beta!r}: must be > 0")
+        beta = getattr(cfg, self.section).beta
+        if not beta > 0:
+            raise ConfigError(f"{self.section}.beta={beta!r}: must be > 0")
 
     def build_data(self, cfg: ApogeeConfig):
         """Chosen and rejected sides of each pair, SFT-style masked (data_pipeline/preference.py)."""
@@ -73,7 +76,7 @@ class DPOStage(Stage):
         from data_pipeline.tokenizer import get_tokenizer
 
         tokenizer, t = get_tokenizer(cfg.data.tokenizer), cfg.train
-        chosen, rejected = read_pairs(cfg.dpo.inputs, tokenizer, key=self.inputs_key)
+        chosen, rejected = read_pairs(getattr(cfg, self.section).inputs, tokenizer, key=self.inputs_key)
         return PreferenceData(chosen, rejected, cfg.model.seq_length, cfg.seed, t.global_batch_size,
                               t.micro_batch_size, tokenizer.pad_id)
 
@@ -83,11 +86,15 @@ class DPOStage(Stage):
 
 
 class DPOTrainer(Trainer):
-    """A Trainer whose step is DPO over (chosen, rejected) microbatches; see the module doc."""
+    """A Trainer whose step is DPO over (chosen, rejected) microbatches; see the module doc. Another
+    preference objective (IPO, ...) overrides `pair_loss` (and names its config `section`)."""
+
+    section = "dpo"
+    """The config section holding beta."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.beta = self.cfg.dpo.beta
+        self.beta = getattr(self.cfg, self.section).beta
         self.reference = self.frozen_reference()
         self.last_accuracy: Optional[float] = None
 
@@ -112,14 +119,18 @@ class DPOTrainer(Trainer):
                 ref = self.sequence_logps(self.reference[0], inputs, targets, positions, loss_mask)
             policy = self.sequence_logps(self.model, inputs, targets, positions, loss_mask)
             pairs = policy.shape[0] // 2
-            margin = self.beta * ((policy[:pairs] - ref[:pairs]) - (policy[pairs:] - ref[pairs:]))
-            loss_sum = F.softplus(-margin).sum()  # -log sigmoid(margin)
+            log_ratios = (policy[:pairs] - ref[:pairs]) - (policy[pairs:] - ref[pairs:])
+            loss_sum = self.pair_loss(log_ratios).sum()
             (loss_sum / self.step_tokens).backward()
             loss_total += loss_sum.detach()
-            correct += (margin.detach() > 0).float().sum()
+            correct += (log_ratios.detach() > 0).float().sum()
         all_reduce(correct, self.dp, purpose="metrics")
         self.last_accuracy = correct.item() / self.cfg.train.global_batch_size
         return loss_total
+
+    def pair_loss(self, log_ratios: torch.Tensor) -> torch.Tensor:
+        """Each pair's loss from h = (log p_c - log ref_c) - (log p_r - log ref_r): -log sigmoid(beta h)."""
+        return F.softplus(-(self.beta * log_ratios))
 
     def train_step(self, step: int, microbatches=None):
         """A DPO step; its result carries the reward accuracy."""

@@ -25,12 +25,12 @@ def _segment(rank, world_size, overrides, steps, run_dir, stop_after=None):
     from engine.state.checkpoint import Checkpointer
     from engine.model.parallelize import gather_full_state_dict
     from engine.state.resume import checkpoint_store, run_id
-    from engine.job.runner import parallel_dims, resume_trainer
+    from engine.job.runner import resume_trainer
     from engine.train.trainer import Trainer
     from parallel.topology import ParallelContext
 
     cfg = parity_config(overrides, world_size, steps)
-    ctx = ParallelContext.single() if world_size == 1 else ParallelContext.create(parallel_dims(cfg))
+    ctx = ParallelContext.single() if world_size == 1 else ParallelContext.create(cfg.parallel)
     run_dir = Path(run_dir)
     trainer = Trainer(cfg, ctx, FakeData.for_config(cfg), run_dir=run_dir)
     checkpointer = Checkpointer(checkpoint_store(cfg, run_dir), ctx.rank, ctx.world_size, run_id(run_dir),

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from data_pipeline import DataError
-from data_pipeline.corpus import ensure_corpus, stdlib_files
+from data_pipeline.corpus import ensure_corpus
+from data_pipeline.named_inputs import stdlib_files
 from data_pipeline.indexed_dataset import IndexedDatasetReader
 
 

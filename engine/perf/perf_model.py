@@ -20,11 +20,14 @@ tests/test_perf_model.py.
 """
 from __future__ import annotations
 
+from typing import Optional
 from dataclasses import dataclass
 
 from engine.config import ModelConfig
 from engine.train.metrics import GPU_BF16_PEAK_TFLOPS, flops_per_step, flops_per_token_breakdown
 from parallel.pipeline import partition_layers
+
+from parallel.layout import ParallelLayout
 
 GIB = 2**30
 """Bytes in a GiB (memory is reported in GiB)."""
@@ -103,37 +106,24 @@ def make_cluster(gpu: str, gpus_per_node: int = 8) -> Cluster:
     return Cluster(spec, gpus_per_node, nvlink, nic)
 
 
-@dataclass(frozen=True)
-class Layout:
-    """A parallel layout and batch shape; rank order tp-cp-ep-dp-pp (tp fastest), as the engine."""
+@dataclass
+class Layout(ParallelLayout):
+    """A parallel layout (the engine's own type, parallel/layout.py) with the batch shape and the
+    recomputation that the model prices; rank order tp-cp-ep-dp-pp (tp fastest), as the engine."""
 
-    tp: int = 1
-    """Tensor-parallel size."""
-    cp: int = 1
-    """Context-parallel size."""
-    pp: int = 1
-    """Pipeline stages."""
-    dp: int = 1
+    dp: Optional[int] = 1
     """Data-parallel size."""
-    ep: int = 1
-    """Expert-parallel size, carved out of dp*cp (MoE only)."""
-    virtual_stages: int = 1
-    """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
     micro_batch_size: int = 1
     """Samples per microbatch per data-parallel rank."""
     global_batch_size: int = 1
     """Samples per optimizer step."""
-    zero: int = 0
-    """ZeRO stage 0-3 over the dp*cp gradient group."""
     recompute: str = "none"
     """Activation recomputation: none, selective (attention core) or full (whole layer)."""
-    sequence_parallel: bool = False
-    """Norm/element-wise regions sharded along the sequence over TP."""
 
     @property
     def world(self) -> int:
         """GPUs used: tp * cp * dp * pp."""
-        return self.tp * self.cp * self.dp * self.pp
+        return self.world_size
 
     @property
     def microbatches(self) -> int:

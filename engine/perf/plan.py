@@ -14,6 +14,7 @@ from typing import Iterator
 
 from engine.config import ApogeeConfig, ConfigError
 from engine.config_validation import validate
+from parallel.layout import ParallelLayout
 from engine.perf.perf_model import (Assumptions, Cluster, Layout, StepEstimate, estimate_step,
                                known_gpus)
 
@@ -40,9 +41,8 @@ def _accepted(cfg: ApogeeConfig, layout: Layout) -> tuple[bool, str]:
     candidate = dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, recompute=layout.recompute),
-        parallel=dataclasses.replace(cfg.parallel, tp=layout.tp, cp=layout.cp, pp=layout.pp, dp=layout.dp,
-                                     ep=layout.ep, virtual_stages=layout.virtual_stages, zero=layout.zero,
-                                     sequence_parallel=layout.sequence_parallel),
+        parallel=ParallelLayout(**{f.name: getattr(layout, f.name) for f in dataclasses.fields(ParallelLayout)
+                                   if f.name != "grad_bucket_mb"}, grad_bucket_mb=cfg.parallel.grad_bucket_mb),
         train=dataclasses.replace(cfg.train, micro_batch_size=layout.micro_batch_size))
     try:
         validate(candidate, layout.world)
@@ -71,7 +71,8 @@ def candidate_layouts(cfg: ApogeeConfig, world: int, gpus_per_node: int) -> Iter
                     for v in _virtual_stages(m.num_layers, pp):
                         for b in (b for b in _divisors(MAX_MICRO_BATCH) if batch % (b * dp) == 0):
                             for zero in (0, 1, 2, 3):
-                                base = Layout(tp, cp, pp, dp, ep, v, b, batch, zero, "none", tp > 1)
+                                base = Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, virtual_stages=v, micro_batch_size=b,
+                                              global_batch_size=batch, zero=zero, sequence_parallel=tp > 1)
                                 if not _accepted(cfg, base)[0]:
                                     continue
                                 for recompute in RECOMPUTE_MODES:

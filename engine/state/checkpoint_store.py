@@ -199,19 +199,25 @@ def read_manifest(path: str | Path) -> dict:
 def resolve_checkpoint(source: str | Path, key: str) -> Path:
     """The checkpoint that a command's `key` (train.init_from, midtrain.branch_from, --resume,
     --checkpoint) names: a step_* directory itself, or a run's checkpoints/ folder or run
-    directory, meaning its newest intact checkpoint. CheckpointError names the key otherwise."""
+    directory, meaning its newest intact checkpoint. CheckpointError names the key otherwise
+    (its `reason` attribute holds the reason alone)."""
     path = Path(source)
+
+    def refuse(reason: str):
+        error = CheckpointError(f"{key}={str(source)!r}: not an intact checkpoint ({reason})")
+        error.reason = reason
+        return error
+
     if (path / MANIFEST).is_file() or _STEP_DIR.match(path.name):
         problem = verify(path) if path.is_dir() else "no such directory"
         if problem is not None:
-            raise CheckpointError(f"{key}={str(source)!r}: not an intact checkpoint ({problem})")
+            raise refuse(problem)
         return path
     for root in (path, path / "checkpoints"):
         store = CheckpointStore(root)
         if store.published() or store.latest_pointer() is not None:
             found = store.latest_good(report=lambda _: None)
             if found is None:
-                raise CheckpointError(f"{key}={str(source)!r}: no intact checkpoint in {root}")
+                raise refuse(f"no intact checkpoint in {root}")
             return found.path
-    reason = "no such directory" if not path.is_dir() else "neither a checkpoint (manifest.json) nor a folder of them"
-    raise CheckpointError(f"{key}={str(source)!r}: not an intact checkpoint ({reason})")
+    raise refuse("no such directory" if not path.is_dir() else "neither a checkpoint (manifest.json) nor a folder of them")

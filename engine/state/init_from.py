@@ -17,7 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from engine.state.checkpoint import model_views, single_process_quietly, sync_masters
-from engine.state.checkpoint_store import read_manifest, verify
+from engine.state.checkpoint_store import CheckpointError, read_manifest, resolve_checkpoint
 from engine.config import ApogeeConfig, ConfigError, ModelConfig
 from parallel.sharding import shard_of
 
@@ -28,19 +28,15 @@ RoPE or the loss settings, which a later stage may change)."""
 
 
 def resolve_source(source: str) -> tuple[str, Path]:
-    """('hf' | 'apogee', directory) of an init_from path; a checkpoints/ directory means its latest."""
+    """('hf' | 'apogee', directory) of an init_from path; a checkpoints/ directory means its newest intact one."""
     path = Path(source)
     if (path / "config.json").is_file():
         return "hf", path
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
-    elif (path / "checkpoints" / "latest").is_file():
-        path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
-    problem = verify(path) if path.is_dir() else "no such directory"
-    if problem is not None:
+    try:
+        return "apogee", resolve_checkpoint(source, "train.init_from")
+    except CheckpointError as error:
         raise ConfigError(f"train.init_from={source!r}: not a Hugging Face Llama directory (config.json) nor an "
-                          f"intact Apogee checkpoint ({problem})")
-    return "apogee", path
+                          f"intact Apogee checkpoint ({error.reason})") from None
 
 
 def _source_model(kind: str, path: Path) -> ModelConfig:

@@ -1,7 +1,8 @@
 """Which checkpoint a run starts from, and whether it may: `--resume auto|never|PATH`.
 
 `auto` (the default) continues from the newest intact checkpoint of the run directory, if any;
-`never` starts fresh; a path names one checkpoint directory. A checkpoint must hold the same
+`never` starts fresh; a path names one checkpoint directory, or a run's checkpoints/ folder (its
+newest intact checkpoint). A checkpoint must hold the same
 model (the differing fields are named) and, unless checkpoint.allow_other_run is set, come from
 this run (its run id, kept in RUN_DIR/run_id, is written into every manifest).
 """
@@ -12,7 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
-from engine.state.checkpoint_store import CheckpointError, CheckpointInfo, CheckpointStore, read_manifest, verify
+from engine.state.checkpoint_store import (CheckpointError, CheckpointInfo, CheckpointStore, read_manifest,
+                                           resolve_checkpoint)
 from engine.config import ApogeeConfig
 
 
@@ -37,10 +39,7 @@ def choose_checkpoint(resume: str, store: CheckpointStore,
         return None
     if resume == "auto":
         return store.latest_good(report)
-    path = Path(resume)
-    problem = verify(path) if path.is_dir() else "no such directory"
-    if problem is not None:
-        raise CheckpointError(f"--resume {resume}: {problem}")
+    path = resolve_checkpoint(resume, "--resume")  # a step_* directory, or a folder of them: its newest intact
     return CheckpointInfo(path, int(read_manifest(path)["step"]))
 
 
