@@ -12,7 +12,7 @@ import os
 import sysconfig
 
 from data_pipeline import DataError
-from data_pipeline.indexed_dataset import dataset_exists
+from data_pipeline.indexed_dataset import dataset_exists, prefix_of_dataset_file
 from data_pipeline.tokenizer import tokenizer_fingerprint
 
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
@@ -55,6 +55,10 @@ def ensure_corpus(spec: str, cache_dir: str, tokenizer: str = "byte") -> str:
     """
     if dataset_exists(spec):
         return spec
+    prefix = prefix_of_dataset_file(spec)
+    if prefix is not None:  # read as text, a .bin would be trained on as if its bytes were words
+        raise DataError(f"data input {spec!r}: one file of the dataset {prefix!r} ({prefix}.bin + {prefix}.idx); "
+                        f"did you mean {prefix!r}? A dataset is named by its prefix, without .bin/.idx")
     if spec not in NAMED_INPUTS and not os.path.exists(spec):
         raise DataError(f"data input {spec!r}: neither a dataset prefix (no {spec}.bin/.idx) nor an existing "
                         f"file or directory; valid: a PREFIX with .bin/.idx, a text/jsonl path, or {list(NAMED_INPUTS)}")
