@@ -45,7 +45,7 @@ def saved_dataset_files(directory: str) -> list | None:
     dict_file = os.path.join(directory, "dataset_dict.json")
     if os.path.isfile(dict_file):
         splits = sorted(name for name in os.listdir(directory) if os.path.isdir(os.path.join(directory, name)))
-        example = os.path.join(directory, splits[0]) if splits else os.path.join(directory, "train")
+        example = os.path.join(directory, "train" if "train" in splits or not splits else splits[0])
         raise DataError(f"{directory}: a `datasets` DatasetDict with splits {splits}; give the directory of "
                         f"the split to read, e.g. {example}")
     state_file = os.path.join(directory, "state.json")

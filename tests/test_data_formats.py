@@ -141,7 +141,8 @@ def test_a_dataset_dict_asks_for_one_split(tmp_path):
     split = datasets.Dataset.from_dict({"text": ["a", "b"]})
     datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "dd"))
     _assert_fails_cleanly(tmp_path, r"dd: a `datasets` DatasetDict with splits \['test', 'train'\]; give the "
-                                    r"directory of the split to read, e.g. .*dd/test", [str(tmp_path / "dd")], workers=1)
+                                    r"directory of the split to read, e.g. .*dd/train", [str(tmp_path / "dd")],
+                          workers=1)
     preprocess([str(tmp_path / "dd" / "train")], str(tmp_path / "train"), workers=1, progress=False)
     assert len(IndexedDatasetReader(str(tmp_path / "train"))) == 2
 
