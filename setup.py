@@ -33,9 +33,11 @@ setup(
         "tensorboard>=2.12",
         "safetensors>=0.4",
         "tokenizers>=0.15",
+        "pyarrow>=12",  # preprocess reads Parquet and `datasets` save_to_disk (Arrow) corpora
+        "zstandard>=0.18",  # and .jsonl.zst
     ],
     extras_require={
-        "dev": ["pytest>=7", "megatron-core>=0.16", "transformers>=4.45"],
+        "dev": ["pytest>=7", "megatron-core>=0.16", "transformers>=4.45", "datasets>=2.14"],  # datasets: test fixtures
         "gpu": ["transformer-engine", "nvidia-dali-cuda120"],
         "mpi": ["mpi4py>=3.1"],
     },

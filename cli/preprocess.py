@@ -13,10 +13,12 @@ from data_pipeline.preprocess import preprocess
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `apogee preprocess` options on `parser`."""
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help=f".txt/.jsonl files, directories (recursive) or a named input: {', '.join(sorted(NAMED_INPUTS))}")
+                        help=f"text, .jsonl(.gz/.zst), .parquet or .arrow files, `datasets` save_to_disk directories, "
+                        f"directories (recursive) or a named input: {', '.join(sorted(NAMED_INPUTS))}")
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of a tokenizer.json")
-    parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl inputs (default: text)")
+    parser.add_argument("--json-key", default="text",
+                        help="key (JSONL) or column (Parquet, Arrow) holding the text (default: text)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--dtype", default=None, choices=sorted(TOKEN_DTYPES),
                         help="token dtype (default: uint16 if vocab < 65500 else int32)")

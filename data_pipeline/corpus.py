@@ -1,19 +1,14 @@
-"""Corpora by name, and raw inputs preprocessed once into a shared cache.
-
-The default corpus, 'stdlib', is the running interpreter's own standard library: every *.py
-file under sysconfig's stdlib directory, sorted, without site-packages/dist-packages, test
-directories (test, tests, idle_test) and __pycache__. It is real text present on every machine
-(about 12 MB / 730 files on CPython 3.11), so a run works offline with no download.
-"""
+"""Raw inputs (files, directories, named corpora such as 'stdlib') preprocessed once into a shared cache."""
 import fcntl
 import hashlib
 import json
 import os
 
 from data_pipeline import DataError
-from data_pipeline.indexed_dataset import dataset_exists
+from data_pipeline.indexed_dataset import dataset_exists, prefix_of_dataset_file
 from data_pipeline.named_inputs import NAMED_INPUTS
 from data_pipeline.tokenizer import tokenizer_fingerprint
+
 
 def _fingerprint(spec: str, tokenizer: str) -> str:
     """Hash of the input file list (path, size, mtime) and the tokenizer: the cache key."""
@@ -34,6 +29,10 @@ def ensure_corpus(spec: str, cache_dir: str, tokenizer: str = "byte") -> str:
     """
     if dataset_exists(spec):
         return spec
+    prefix = prefix_of_dataset_file(spec)
+    if prefix is not None:  # read as text, a .bin would be trained on as if its bytes were words
+        raise DataError(f"data input {spec!r}: one file of the dataset {prefix!r} ({prefix}.bin + {prefix}.idx); "
+                        f"did you mean {prefix!r}? A dataset is named by its prefix, without .bin/.idx")
     if spec not in NAMED_INPUTS and not os.path.exists(spec):
         raise DataError(f"data input {spec!r}: neither a dataset prefix (no {spec}.bin/.idx) nor an existing "
                         f"file or directory; valid: a PREFIX with .bin/.idx, a text/jsonl path, or {list(NAMED_INPUTS)}")

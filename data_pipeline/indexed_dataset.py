@@ -47,6 +47,17 @@ def dataset_exists(prefix: str) -> bool:
     return os.path.isfile(bin_path(prefix)) and os.path.isfile(idx_path(prefix))
 
 
+def prefix_of_dataset_file(path: str) -> str | None:
+    """PREFIX when `path` is PREFIX.bin or PREFIX.idx of a dataset whose two files both exist, else None.
+
+    Inputs are named by their prefix; a .bin given instead would otherwise be read as text.
+    """
+    for suffix in (".bin", ".idx"):
+        if isinstance(path, str) and path.endswith(suffix) and dataset_exists(path[:-len(suffix)]):
+            return path[:-len(suffix)]
+    return None
+
+
 def _map_file(path: str):
     """Read-only mmap of `path` (None for an empty file, which mmap cannot map)."""
     with open(path, "rb") as handle:
@@ -98,6 +109,11 @@ class IndexedDatasetReader:
         self.sequence_lengths = np.frombuffer(buffer, np.int32, sequences, HEADER_BYTES)
         self.sequence_pointers = np.frombuffer(buffer, np.int64, sequences, HEADER_BYTES + 4 * sequences)
         self.document_indices = np.frombuffer(buffer, np.int64, documents, HEADER_BYTES + 12 * sequences)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """Every token of the .bin that the index describes, as one read-only array (no copy)."""
+        return self._tokens
 
     def __len__(self) -> int:
         """Number of sequences (one per document for text corpora)."""

@@ -1,4 +1,10 @@
-"""Inputs known by name (`data.inputs=[stdlib]`, `apogee preprocess --input stdlib`): corpora every machine has."""
+"""Inputs known by name (`data.inputs=[stdlib]`, `apogee preprocess --input stdlib`): corpora every machine has.
+
+The default corpus, 'stdlib', is the running interpreter's own standard library: every *.py
+file under sysconfig's stdlib directory, sorted, without site-packages/dist-packages, test
+directories (test, tests, idle_test) and __pycache__. It is real text present on every machine
+(about 12 MB / 730 files on CPython 3.11), so a run works offline with no download.
+"""
 from __future__ import annotations
 
 import os

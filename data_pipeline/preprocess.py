@@ -1,15 +1,19 @@
-"""`apogee preprocess`: text, JSON lines and directories -> a Megatron PREFIX.bin/.idx dataset.
+"""`apogee preprocess`: text, JSON lines, Parquet, `datasets` and directories -> a Megatron PREFIX.bin/.idx dataset.
 
-Inputs, each one of:
-  - a .jsonl file: one JSON object per line, the document is the value of `json_key`
-    (blank lines are skipped);
+Inputs, each one of (data_pipeline.readers reads the formats):
+  - a .jsonl, .jsonl.gz or .jsonl.zst file: one JSON object per line, the document is the
+    value of `json_key` (blank lines are skipped);
+  - a .parquet or .arrow file: one document per row, the `json_key` column;
+  - a Hugging Face `datasets` Dataset saved with save_to_disk (its directory);
   - any other file: the whole file (UTF-8) is one document;
   - a directory: its files, recursively and in sorted order, whose suffix is in TEXT_SUFFIXES
-    or .jsonl (hidden entries and __pycache__ are skipped);
-  - a named input from data_pipeline.corpus (e.g. 'stdlib').
+    or CORPUS_SUFFIXES, and the save_to_disk datasets in it (hidden entries and __pycache__
+    are skipped);
+  - a named input from data_pipeline.named_inputs (e.g. 'stdlib').
 Every document is tokenized, gets EOD appended and becomes one sequence and one document of
-the output. Empty documents are skipped. Tokenization runs in a pool of worker processes;
-results are written in input order, so the output does not depend on the number of workers.
+the output: the same documents give the same bytes whatever format held them. Empty documents
+are skipped. Tokenization runs in a pool of worker processes; results are written in input
+order, so the output does not depend on the number of workers.
 The dataset is written under temporary names and renamed when complete: an interrupted or
 failed run leaves no PREFIX.bin/.idx behind.
 """
@@ -24,24 +28,34 @@ import numpy as np
 
 from data_pipeline import DataError
 from data_pipeline.named_inputs import NAMED_INPUTS, named_input_files
-from data_pipeline.indexed_dataset import TOKEN_DTYPES, IndexedDatasetWriter, bin_path, dtype_for_vocab, idx_path
+from data_pipeline.indexed_dataset import (TOKEN_DTYPES, IndexedDatasetWriter, bin_path, dtype_for_vocab, idx_path,
+                                           prefix_of_dataset_file)
+from data_pipeline.readers import JSONL_SUFFIXES, documents, saved_dataset_files, where
 from data_pipeline.tokenizer import get_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")
-JSONL_SUFFIXES = (".jsonl",)
+# .arrow files are read inside save_to_disk directories or when named; loose ones in a tree are
+# often caches (e.g. a `datasets` cache directory), so a directory walk does not take them.
+CORPUS_SUFFIXES = JSONL_SUFFIXES + (".parquet",)
 DOCUMENTS_PER_TASK = 64  # documents shipped to a worker at once: amortizes IPC, keeps order cheap
 
 
 def expand_inputs(inputs: list) -> list:
     """The files behind `inputs` (files, directories, named inputs), in a deterministic order."""
     if not inputs:
-        raise DataError(f"--input: no inputs given; give .txt/.jsonl files, directories or one of {sorted(NAMED_INPUTS)}")
+        raise DataError(f"--input: no inputs given; give text, .jsonl(.gz/.zst) or .parquet files, save_to_disk "
+                        f"datasets, directories or one of {sorted(NAMED_INPUTS)}")
     files = []
     for spec in inputs:
         if spec in NAMED_INPUTS:
             files.extend(named_input_files(spec))
         elif os.path.isdir(spec):
             files.extend(_walk(spec))
+        elif prefix_of_dataset_file(spec) is not None:
+            prefix = prefix_of_dataset_file(spec)
+            raise DataError(f"--input {spec!r}: one file of the already preprocessed dataset {prefix!r} "
+                            f"({prefix}.bin + {prefix}.idx), not text; did you mean {prefix!r}? Train on it "
+                            f"by its prefix (data.inputs=[{prefix}])")
         elif os.path.isfile(spec):
             files.append(spec)
         else:
@@ -51,27 +65,19 @@ def expand_inputs(inputs: list) -> list:
 
 
 def _walk(directory: str) -> list:
-    """Text and JSONL files under `directory`, recursively, sorted."""
+    """Text, JSONL and Parquet files and save_to_disk datasets under `directory`, recursively, sorted."""
     found = []
     for root, dirs, names in os.walk(directory):
+        saved = saved_dataset_files(root)
+        if saved is not None:  # a dataset's directory: its Arrow files, in its own order
+            found.extend(saved)
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
         for name in sorted(names):
-            if not name.startswith(".") and name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+            if not name.startswith(".") and name.endswith(TEXT_SUFFIXES + CORPUS_SUFFIXES):
                 found.append(os.path.join(root, name))
     return found
-
-
-def _documents(files: list):
-    """Yield (file, line or None, raw bytes) per document; JSON lines are parsed by the workers."""
-    for path in files:
-        if path.endswith(JSONL_SUFFIXES):
-            with open(path, "rb") as handle:
-                for line_number, line in enumerate(handle, start=1):
-                    if line.strip():
-                        yield path, line_number, line
-        else:
-            with open(path, "rb") as handle:
-                yield path, None, handle.read()
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,8 +92,10 @@ class _Encoder:
     def __init__(self, tokenizer: str, json_key: str, dtype):
         self.tokenizer, self.json_key, self.dtype = tokenizer, json_key, np.dtype(dtype)
 
-    def text_of(self, path: str, line: int | None, raw: bytes) -> str:
+    def text_of(self, path: str, line: int | None, raw) -> str:
         """The document's text, or DataError naming file and line."""
+        if isinstance(raw, str):  # an Arrow/Parquet row: the reader has checked it already
+            return raw
         where = f"{path}:{line}" if line else path
         try:
             decoded = raw.decode("utf-8")
@@ -109,22 +117,23 @@ class _Encoder:
         return text
 
     def __call__(self, batch: list) -> list:
-        """[(path, line, raw)] -> [(tokens or None if empty, input bytes)]."""
+        """[(path, position, payload, disk bytes)] -> [(tokens or None if empty, input bytes, disk bytes)]."""
         tokenizer = _cached_tokenizer(self.tokenizer)
         info = np.iinfo(self.dtype)
         out = []
-        for path, line, raw in batch:
+        for path, line, raw, disk in batch:
             text = self.text_of(path, line, raw)
+            # Input bytes are UTF-8 bytes; isascii() is a flag lookup, so only non-ASCII rows are encoded.
+            size = len(raw) if not isinstance(raw, str) or raw.isascii() else len(raw.encode("utf-8"))
             if not text:
-                out.append((None, len(raw)))
+                out.append((None, size, disk))
                 continue
             ids = np.append(tokenizer.encode_array(text), tokenizer.eod_id)
             high, low = int(ids.max()), int(ids.min())
             if high > info.max or low < info.min:
-                where = f"{path}:{line}" if line else path
-                raise DataError(f"{where}: token id {high if high > info.max else low} does not fit dtype "
-                                f"{self.dtype} (valid ids {info.min}..{info.max}); use --dtype int32")
-            out.append((ids.astype(self.dtype), len(raw)))
+                raise DataError(f"{where(path, line, raw)}: token id {high if high > info.max else low} does not "
+                                f"fit dtype {self.dtype} (valid ids {info.min}..{info.max}); use --dtype int32")
+            out.append((ids.astype(self.dtype), size, disk))
         return out
 
 
@@ -165,11 +174,11 @@ def preprocess(inputs: list, output_prefix: str, tokenizer: str = "byte", json_k
                                   idx_path(output_prefix) + suffix)
     encoder = _Encoder(tokenizer, json_key, token_dtype)
     total_bytes = sum(os.path.getsize(path) for path in files)
-    documents = input_bytes = 0
+    written = input_bytes = 0
     bar = _progress_bar(total_bytes, progress)
     pool = None
     try:
-        batches = _batches(_documents(files), DOCUMENTS_PER_TASK)
+        batches = _batches(documents(files, json_key), DOCUMENTS_PER_TASK)
         if workers > 1:
             # fork: workers inherit the imported modules, so starting the pool costs milliseconds.
             pool = multiprocessing.get_context("fork").Pool(workers)
@@ -177,16 +186,16 @@ def preprocess(inputs: list, output_prefix: str, tokenizer: str = "byte", json_k
         else:
             results = map(encoder, batches)
         for batch in results:
-            for tokens, size in batch:
+            for tokens, size, _ in batch:
                 input_bytes += size
                 if tokens is not None:
                     writer.add_document(tokens)
-                    documents += 1
+                    written += 1
             if bar is not None:
-                bar.update(sum(size for _, size in batch))
+                bar.update(sum(disk for _, _, disk in batch))
                 elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(docs_per_s=f"{documents / elapsed:.0f}", refresh=False)
-        if documents == 0:
+                bar.set_postfix(docs_per_s=f"{written / elapsed:.0f}", refresh=False)
+        if written == 0:
             raise DataError(f"--input {inputs}: empty corpus, no non-empty documents in {len(files)} file(s)")
         writer.finalize()
         # .bin first, .idx last: a PREFIX.idx next to its PREFIX.bin marks a complete dataset.
@@ -202,9 +211,9 @@ def preprocess(inputs: list, output_prefix: str, tokenizer: str = "byte", json_k
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
-    summary = {"output_prefix": output_prefix, "documents": documents, "tokens": writer.num_tokens,
+    summary = {"output_prefix": output_prefix, "documents": written, "tokens": writer.num_tokens,
                "bytes": input_bytes, "seconds": seconds, "dtype": np.dtype(token_dtype).name, "tokenizer": tokenizer}
-    print(f"preprocess: {documents} documents, {writer.num_tokens} tokens, {input_bytes} bytes in {seconds:.2f} s "
+    print(f"preprocess: {written} documents, {writer.num_tokens} tokens, {input_bytes} bytes in {seconds:.2f} s "
           f"({writer.num_tokens / max(seconds, 1e-9):,.0f} tokens/s) -> {output_prefix}.bin/.idx ({summary['dtype']})",
           flush=True)
     return summary

@@ -30,3 +30,10 @@ def test_checks_overhead_bench_prints_percentages():
 def test_checkpoint_bench_prints_pause_and_size():
     out = _run("bench_checkpoint.py", "--quick")
     assert "pause ms" in out and "size MB" in out
+
+
+def test_data_bench_prints_every_corpus_format_side_by_side():
+    out = _run("bench_data.py", "--quick", "--workers", "1")
+    rows = {line.split()[0] for line in out.splitlines() if line.strip()}
+    assert {"jsonl", "jsonl.gz", "jsonl.zst", "parquet", "save_to_disk"} <= rows
+    assert "MB/s" in out and "docs/s" in out and "byte-identical: checked" in out

@@ -1,6 +1,7 @@
 """corpus: the stdlib corpus and preprocess-once caching that is safe under concurrent ranks."""
 import multiprocessing
 import os
+import re
 import sysconfig
 
 import numpy as np
@@ -67,3 +68,14 @@ def test_changed_inputs_get_a_new_cache_entry(tmp_path):
 def test_unknown_input_is_rejected(tmp_path):
     with pytest.raises(DataError, match=r"data input 'nowhere': neither a dataset prefix .* or \['stdlib'\]"):
         ensure_corpus("nowhere", str(tmp_path))
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".idx"])
+def test_a_dataset_file_instead_of_its_prefix_asks_for_the_prefix(tmp_path, suffix):
+    (tmp_path / "a.txt").write_text("some text")
+    prefix = ensure_corpus(str(tmp_path / "a.txt"), str(tmp_path / "cache"))
+    before = sorted(os.listdir(tmp_path / "cache"))
+    expected = rf"data input {re.escape(repr(prefix + suffix))}: .* did you mean {re.escape(repr(prefix))}\?"
+    with pytest.raises(DataError, match=expected):
+        ensure_corpus(prefix + suffix, str(tmp_path / "cache"))
+    assert sorted(os.listdir(tmp_path / "cache")) == before  # nothing was preprocessed from the .bin's bytes

@@ -1,6 +1,7 @@
 """preprocess: text/jsonl/directories -> .bin/.idx; clear errors that leave nothing behind."""
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -146,3 +147,14 @@ def test_hf_tokenizer_file_with_workers_and_int32(tmp_path):
     reader = IndexedDatasetReader(str(tmp_path / "hf"))
     assert reader.dtype == np.int32 and summary["documents"] == 200
     assert reader[0].tolist() == [1, 2, 3] and reader[199].tolist() == [1, 2] * 200 + [3]
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".idx"])
+def test_a_dataset_file_as_input_asks_for_the_prefix(tmp_path, suffix):
+    (tmp_path / "a.txt").write_text("abc")
+    preprocess([str(tmp_path / "a.txt")], str(tmp_path / "ds"), workers=1, progress=False)
+    prefix = str(tmp_path / "ds")
+    quoted = re.escape(repr(prefix))
+    _assert_fails_cleanly(tmp_path, rf"--input {re.escape(repr(prefix + suffix))}: one file of the already "
+                                    rf"preprocessed dataset {quoted} .* did you mean {quoted}\?", [prefix + suffix],
+                          workers=1)

@@ -52,6 +52,7 @@ def build_training_data(cfg: ApogeeConfig, stage: Stage, prefixes: list[str]):
 def prepare_data(cfg: ApogeeConfig, stage: Stage) -> list[str]:
     """Preprocess raw inputs on first use and build the sample indices; returns dataset prefixes."""
     from data_pipeline.corpus import ensure_corpus
+    from data_pipeline.token_range import check_token_ids
     from data_pipeline.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer(cfg.data.tokenizer)
@@ -63,6 +64,8 @@ def prepare_data(cfg: ApogeeConfig, stage: Stage) -> list[str]:
     if stage.build_data(cfg) is not None:  # reads every example once: a bad line fails here, before ranks start
         return []
     prefixes = [ensure_corpus(spec, cfg.data.cache_dir, cfg.data.tokenizer) for spec in cfg.data.inputs]
+    for prefix in prefixes:  # an id past the vocabulary indexes past the embedding: refused before ranks start
+        check_token_ids(prefix, cfg.model.vocab_size, cfg.data.cache_dir, option="model.vocab_size")
     build_training_data(cfg, stage, prefixes)  # builds and caches the indices once, before ranks start
     return prefixes
 
