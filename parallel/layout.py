@@ -79,10 +79,9 @@ class ParallelLayout:
 
     @property
     def data_parallel(self) -> int:
-        """dp, which must be known (set, or derived by config validation) for the grid math."""
-        if self.dp is None:
-            raise TopologyError("parallel.dp is not resolved yet: give dp, or validate the config for a world size")
-        return self.dp
+        """dp for the grid math: 1 when left out (a run's config validation derives it from the world
+        size before any grid is built)."""
+        return 1 if self.dp is None else self.dp
 
     @property
     def world_size(self) -> int:
@@ -119,23 +118,22 @@ class ParallelLayout:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TopologyError(f"{name}={value!r} must be a positive integer (>= 1)")
-        self.data_parallel  # noqa: B018 - raises when dp is still unresolved
         if world_size is not None and self.world_size != world_size:
             hint = ""
             model_parallel = self.tp * self.cp * self.pp
             if world_size % model_parallel == 0:
                 hint = f"; with tp={self.tp}, cp={self.cp}, pp={self.pp} use dp={world_size // model_parallel}"
             raise TopologyError(
-                f"tp*cp*dp*pp = {self.tp}*{self.cp}*{self.dp}*{self.pp} = {self.world_size} "
+                f"tp*cp*dp*pp = {self.tp}*{self.cp}*{self.data_parallel}*{self.pp} = {self.world_size} "
                 f"does not equal the world size {world_size}{hint}")
         # The expert grid must tile the ranks of one pipeline stage (tp*cp*dp of them) so that
         # both grids share their PP groups; Megatron asserts the same.
-        stage_ranks = self.tp * self.cp * self.dp
+        stage_ranks = self.tp * self.cp * self.data_parallel
         if stage_ranks % (self.etp * self.ep):
             if self.expert_tp is None or self.expert_tp == self.tp:
-                valid = _divisors(self.cp * self.dp)
+                valid = _divisors(self.cp * self.data_parallel)
                 raise TopologyError(
-                    f"ep={self.ep} must divide dp*cp={self.dp * self.cp} (experts are spread over "
+                    f"ep={self.ep} must divide dp*cp={self.data_parallel * self.cp} (experts are spread over "
                     f"the data- and context-parallel ranks of a stage); valid ep: {valid}")
             valid = [d for d in _divisors(stage_ranks) if d % self.etp == 0]
             valid_ep = [d // self.etp for d in valid]
@@ -148,7 +146,7 @@ class ParallelLayout:
     def dense_grid(self) -> "RankGrid":
         """The grid of attention/dense layers: tp x cp x dp x pp (ep = 1)."""
         self.validate()
-        return RankGrid(dict(tp=self.tp, cp=self.cp, ep=1, dp=self.dp, pp=self.pp))
+        return RankGrid(dict(tp=self.tp, cp=self.cp, ep=1, dp=self.data_parallel, pp=self.pp))
 
     def expert_grid(self) -> "RankGrid":
         """The grid of MoE layers: expert_tp x ep x expert_dp x pp (cp = 1)."""

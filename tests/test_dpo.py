@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from data_pipeline import DataError
+from data_pipeline.microbatch import Microbatch
 from data_pipeline.preference import read_pairs
 from data_pipeline.tokenizer import ByteTokenizer
 from tests.parity import FakeData, max_relative_loss_diff, max_weight_diff, parity_config
@@ -35,7 +36,7 @@ class PairedFakeData:
         # Response positions (mask on target t covers token t + 1) take the noise.
         response = torch.cat([torch.zeros(mask.shape[0], 1), mask], dim=1).bool()
         rejected = tokens.where(~response, noise)
-        return torch.cat([tokens, rejected]), torch.cat([mask, mask])
+        return Microbatch(torch.cat([tokens, rejected]), torch.cat([mask, mask]))
 
 
 def _train(overrides, world_size, steps):
