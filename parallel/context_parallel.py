@@ -28,6 +28,11 @@ with it, picking up every other rank's contribution and arriving back at its own
 hops. Only the rank's own q, k, v, output and LSE are saved; autograd through the ring would keep
 every rank's K/V, which is exactly what ring attention avoids.
 
+The ring's messages follow NCCL's rules (`ring_plan`): each step is one batch that sends to the
+next rank and receives from the previous one together (Transformer Engine's and Megatron's
+send-recv pairs), with no tags, and the dK/dV accumulators travel in the same batches as the
+next K/V, so at cp=2, where both neighbours are one peer, nothing waits on a lone send.
+
 Traffic per attention call on each rank (booked under group 'cp', sender side), with
 B_kv = b * (s/cp) * kv_heads * d * element_size the bytes of the local K (or V):
     forward   'ring_kv'           (cp-1) * 2 * B_kv
@@ -43,7 +48,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from parallel.collectives import Group, irecv, isend
+from parallel.collectives import P2P, RECV, SEND, Group, batch_isend_irecv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,30 +149,43 @@ def _visible(step: int, cp_rank: int, cp_size: int, half: int) -> tuple[slice, s
 # The ring
 
 
-class _Ring:
-    """Send to the next CP rank, receive from the previous one; waits for both before handing over."""
+KV, DKV = "kv", "dkv"
+"""The two messages of the ring: a K/V block, and a block's dK/dV accumulator (backward only)."""
 
-    def __init__(self, group: Group):
-        self.group = group
-        self.next, self.prev = (group.rank + 1) % group.size, (group.rank - 1) % group.size
-        self._works: list = []
 
-    def start(self, send: Tensor, purpose: str, tag: int) -> Tensor:
-        """Start passing `send` on; returns the buffer that will hold the previous rank's tensor."""
-        received = torch.empty_like(send)
-        # Post the receive first: on a two-rank ring next == prev, and both messages are in flight.
-        self._works.append(irecv(received, self.prev, self.group, tag=tag))
-        self._works.append(isend(send, self.next, self.group, purpose=purpose, tag=tag))
-        return received
+def ring_plan(cp_size: int, backward: bool) -> list[tuple[str, ...]]:
+    """The batches of one ring pass: entry i is what every rank sends to the next rank and receives
+    from the previous one, in that order, in the batch posted at the start of ring step i (its
+    transfer overlaps step i's block); in backward one more entry follows the last step.
 
-    def wait(self) -> None:
-        """Block until every started transfer has completed."""
+    Forward: the K/V for step i+1 (none at the last step). Backward: the same K/V, and from step 2
+    on the accumulator of the block held at step i-1 (the block a rank first sees at step 1 starts
+    its accumulator there); the batch after the last step brings every accumulator home. Each
+    batch is one send and one receive per message with the same peers on every rank, so at cp=2,
+    where the next and the previous rank are one peer, the two ranks post facing sends in one batch
+    together with the receives each waits for (NCCL's grouped p2p cannot deadlock on that).
+    """
+    plan = [tuple(([KV] if step < cp_size - 1 else []) + ([DKV] if backward and step >= 2 else []))
+            for step in range(cp_size)]
+    return plan + [(DKV,)] if backward and cp_size > 1 else plan
+
+
+class _RingBatch:
+    """One posted ring batch: tensors sent to the next rank, buffers filled from the previous one."""
+
+    def __init__(self, group: Group, messages: tuple[str, ...], tensors: dict, purposes: dict):
+        self.messages = messages
+        self.received = {name: torch.empty_like(tensors[name]) for name in messages}
+        following, preceding = (group.rank + 1) % group.size, (group.rank - 1) % group.size
+        ops = [P2P(SEND, tensors[name], following, purposes[name]) for name in messages]
+        ops += [P2P(RECV, self.received[name], preceding) for name in messages]
+        self._works = batch_isend_irecv(ops, group)
+
+    def wait(self) -> dict:
+        """Block until the whole batch is done; returns {message: received tensor}."""
         for work in self._works:
             work.wait()
-        self._works.clear()
-
-
-_KV_TAG, _DKV_TAG = 0, 1  # K/V and dK/dV travel to the same neighbour in the same step
+        return self.received
 
 
 class _RingAttention(torch.autograd.Function):
@@ -180,11 +198,9 @@ class _RingAttention(torch.autograd.Function):
         compute = _compute_dtype(q.dtype)
         q_c = q.to(compute).reshape(b, hkv, hq // hkv, s_local, d)
         kv = torch.stack((k, v)).contiguous()  # one message per step
-        ring = _Ring(group)
         out = lse = None
-        for step in range(group.size):
-            if step < group.size - 1:
-                next_kv = ring.start(kv, "ring_kv", _KV_TAG)  # overlaps with this block's math
+        for step, messages in enumerate(ring_plan(group.size, backward=False)):
+            batch = _RingBatch(group, messages, {KV: kv}, {KV: "ring_kv"})  # overlaps this block's math
             rows, keys, causal = _visible(step, group.rank, group.size, half)
             block_out, block_lse = _block_forward(q_c[..., rows, :], kv[0, :, :, keys].to(compute),
                                                   kv[1, :, :, keys].to(compute), scale, causal)
@@ -192,9 +208,7 @@ class _RingAttention(torch.autograd.Function):
                 out, lse = block_out, block_lse
             else:
                 _merge_into(out[..., rows, :], lse[..., rows], block_out, block_lse)
-            if step < group.size - 1:
-                ring.wait()
-                kv = next_kv
+            kv = batch.wait().get(KV, kv)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale = group, scale
         return out.reshape(b, hq, s_local, d).to(q.dtype)
@@ -212,11 +226,11 @@ class _RingAttention(torch.autograd.Function):
         delta = (grad_out_c * out).sum(-1)
         grad_q = torch.zeros_like(q_c)
         kv = torch.stack((k, v)).contiguous()
-        own_grad_kv = traveling = None
-        ring = _Ring(group)
+        plan = ring_plan(group.size, backward=True)
+        purposes = {KV: "ring_kv_backward", DKV: "ring_dkv"}
+        own_grad_kv = finished = None  # finished: the accumulator of the previous step's block, to pass on
         for step in range(group.size):
-            if step < group.size - 1:
-                next_kv = ring.start(kv, "ring_kv_backward", _KV_TAG)
+            batch = _RingBatch(group, plan[step], {KV: kv, DKV: finished}, purposes)
             rows, keys, causal = _visible(step, group.rank, group.size, half)
             block_dq, block_dk, block_dv = _block_backward(
                 q_c[..., rows, :], kv[0, :, :, keys].to(compute), kv[1, :, :, keys].to(compute),
@@ -226,20 +240,18 @@ class _RingAttention(torch.autograd.Function):
             grad_kv = torch.zeros((2, *k.shape), dtype=compute, device=k.device)
             grad_kv[0, :, :, keys] = block_dk
             grad_kv[1, :, :, keys] = block_dv
+            received = batch.wait()
             if step == 0:
                 own_grad_kv = grad_kv
             else:
                 # The accumulator of this block arrived from the previous rank (none at step 1,
-                # where the block is first seen by a non-owner); add to it and pass it on. After
-                # the last step it reaches the block's owner.
-                if traveling is not None:
-                    grad_kv += traveling
-                traveling = ring.start(grad_kv, "ring_dkv", _DKV_TAG)
-            ring.wait()
-            if step < group.size - 1:
-                kv = next_kv
-        if traveling is not None:
-            own_grad_kv += traveling
+                # where the block is first seen by a non-owner); add to it and pass it on next.
+                if DKV in received:
+                    grad_kv += received[DKV]
+                finished = grad_kv
+            kv = received.get(KV, kv)
+        if group.size > 1:  # the batch after the last step: every accumulator reaches its owner
+            own_grad_kv += _RingBatch(group, plan[-1], {DKV: finished}, purposes).wait()[DKV]
         grad_q = grad_q.reshape(b, hq, s_local, d).to(q.dtype)
         return grad_q, own_grad_kv[0].to(k.dtype), own_grad_kv[1].to(v.dtype), None
 
