@@ -20,13 +20,15 @@ of source rank j = (r - i) mod cp, i.e. chunks j and 2cp-1-j:
 So every off-diagonal block is an unmasked n x 2n or 2n x n attention, 2n^2 query-key pairs,
 about as many as the causal diagonal block keeps, on every rank and at every step.
 
-Partial results are merged with their log-sum-exp (online softmax) in fp32 (fp64 inputs stay
-fp64, which lets tests compare with the full-sequence attention to ~1e-12). The backward is
-written by hand (FlashAttention's: dS = P * (dP - rowsum(dO * O))), with the saved final LSE, and
-runs the ring again: K/V travel as in forward, and a dK/dV accumulator for each block travels
-with it, picking up every other rank's contribution and arriving back at its owner after cp-1
-hops. Only the rank's own q, k, v, output and LSE are saved; autograd through the ring would keep
-every rank's K/V, which is exactly what ring attention avoids.
+Each block runs the fused attention kernel in the model's dtype (parallel/block_attention.py:
+ATen's flash attention on CPU) and returns its log-sum-exp; blocks are merged by it (online
+softmax) in fp32 (fp64 inputs stay fp64, which lets tests compare with the full-sequence attention
+to ~1e-12). The backward runs the ring again with each block's flash backward fed the saved
+*final* output and LSE, which makes every block's gradients its exact share: K/V travel as in
+forward, and a dK/dV accumulator (fp32) for each block travels with it, picking up every other
+rank's contribution and arriving back at its owner after cp-1 hops. Only the rank's own q, k, v,
+output and LSE are saved; autograd through the ring would keep every rank's K/V, which is
+exactly what ring attention avoids.
 
 The ring's messages follow NCCL's rules (`ring_plan`): each step is one batch that sends to the
 next rank and receives from the previous one together (Transformer Engine's and Megatron's
@@ -48,6 +50,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from parallel.block_attention import block_backward, block_forward, compute_dtype, merge_into
 from parallel.collectives import P2P, RECV, SEND, Group, batch_isend_irecv
 
 
@@ -92,47 +95,7 @@ def merge_context_parallel_shards(shards: Sequence[Tensor], dim: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Block attention math (fp32), queries grouped by their K/V head: q [b, hkv, g, sq, d]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for bf16/fp16/fp32 inputs, fp64 for fp64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _scores(q: Tensor, k: Tensor, scale: float, causal: bool) -> Tensor:
-    """Scaled scores [b, hkv, g, sq, sk]; with `causal`, query i sees keys 0..i (sq == sk)."""
-    scores = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)).mul_(scale)
-    if causal:
-        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu_(1)
-        scores.masked_fill_(future, float("-inf"))
-    return scores
-
-
-def _block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    """(softmax(scores) @ v, logsumexp of the scores) of one block; every row sees >= 1 key."""
-    scores = _scores(q, k, scale, causal)
-    lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(scores.sub_(lse.unsqueeze(-1)).exp_(), v.unsqueeze(2))
-    return out, lse
-
-
-def _merge_into(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
-    """Online softmax: fold a block's normalised output and LSE into the running (out, lse) in place."""
-    new_lse = torch.logaddexp(lse, block_lse)
-    out.mul_((lse - new_lse).exp_().unsqueeze(-1)).add_(block_out * (block_lse - new_lse).exp_().unsqueeze(-1))
-    lse.copy_(new_lse)
-
-
-def _block_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse: Tensor, delta: Tensor,
-                    scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of one block given the final LSE and delta = rowsum(dO * O) (FlashAttention-2)."""
-    probs = _scores(q, k, scale, causal).sub_(lse.unsqueeze(-1)).exp_()
-    grad_v = torch.matmul(probs.transpose(-1, -2), grad_out).sum(2)  # GQA: sum over the query group
-    grad_scores = torch.matmul(grad_out, v.unsqueeze(2).transpose(-1, -2)).sub_(delta.unsqueeze(-1)).mul_(probs)
-    grad_q = torch.matmul(grad_scores, k.unsqueeze(2)).mul_(scale)
-    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q).sum(2).mul_(scale)
-    return grad_q, grad_k, grad_v
+# Which blocks see each other
 
 
 def _visible(step: int, cp_rank: int, cp_size: int, half: int) -> tuple[slice, slice, bool]:
@@ -191,40 +154,34 @@ class _RingBatch:
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: Group) -> Tensor:
-        b, hq, s_local, d = q.shape
-        hkv = k.shape[1]
+        s_local, d = q.shape[2], q.shape[3]
         scale = 1.0 / math.sqrt(d)
         half = s_local // 2
-        compute = _compute_dtype(q.dtype)
-        q_c = q.to(compute).reshape(b, hkv, hq // hkv, s_local, d)
+        compute = compute_dtype(q.dtype)
         kv = torch.stack((k, v)).contiguous()  # one message per step
         out = lse = None
         for step, messages in enumerate(ring_plan(group.size, backward=False)):
-            batch = _RingBatch(group, messages, {KV: kv}, {KV: "ring_kv"})  # overlaps this block's math
+            batch = _RingBatch(group, messages, {KV: kv}, {KV: "ring_kv"})  # overlaps this block's kernel
             rows, keys, causal = _visible(step, group.rank, group.size, half)
-            block_out, block_lse = _block_forward(q_c[..., rows, :], kv[0, :, :, keys].to(compute),
-                                                  kv[1, :, :, keys].to(compute), scale, causal)
-            if out is None:
-                out, lse = block_out, block_lse
+            block_out, block_lse = block_forward(q[:, :, rows], kv[0, :, :, keys], kv[1, :, :, keys], scale, causal)
+            if out is None:  # step 0: the causal diagonal block covers every query row
+                out, lse = block_out.to(compute), block_lse.to(compute)
             else:
-                _merge_into(out[..., rows, :], lse[..., rows], block_out, block_lse)
+                merge_into(out[:, :, rows], lse[:, :, rows], block_out.to(compute), block_lse.to(compute))
             kv = batch.wait().get(KV, kv)
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale = group, scale
-        return out.reshape(b, hq, s_local, d).to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         group, scale = ctx.group, ctx.scale
-        b, hq, s_local, d = q.shape
-        hkv = k.shape[1]
-        half = s_local // 2
-        compute = _compute_dtype(q.dtype)
-        q_c = q.to(compute).reshape(b, hkv, hq // hkv, s_local, d)
-        grad_out_c = grad_out.to(compute).reshape(b, hkv, hq // hkv, s_local, d)
-        delta = (grad_out_c * out).sum(-1)
-        grad_q = torch.zeros_like(q_c)
+        half = q.shape[2] // 2
+        compute = compute_dtype(q.dtype)
+        grad_out = grad_out.contiguous()
+        grad_q = torch.zeros(q.shape, dtype=compute, device=q.device)
         kv = torch.stack((k, v)).contiguous()
         plan = ring_plan(group.size, backward=True)
         purposes = {KV: "ring_kv_backward", DKV: "ring_dkv"}
@@ -232,10 +189,11 @@ class _RingAttention(torch.autograd.Function):
         for step in range(group.size):
             batch = _RingBatch(group, plan[step], {KV: kv, DKV: finished}, purposes)
             rows, keys, causal = _visible(step, group.rank, group.size, half)
-            block_dq, block_dk, block_dv = _block_backward(
-                q_c[..., rows, :], kv[0, :, :, keys].to(compute), kv[1, :, :, keys].to(compute),
-                grad_out_c[..., rows, :], lse[..., rows], delta[..., rows], scale, causal)
-            grad_q[..., rows, :] += block_dq
+            # Each block's backward takes the final output and LSE, so its gradients are exact shares.
+            block_dq, block_dk, block_dv = block_backward(
+                grad_out[:, :, rows], q[:, :, rows], kv[0, :, :, keys], kv[1, :, :, keys], out[:, :, rows],
+                lse[:, :, rows], scale, causal)
+            grad_q[:, :, rows] += block_dq
             # dK/dV of the K/V block held at this step: [2, b, hkv, s_local, d], accumulated in fp32.
             grad_kv = torch.zeros((2, *k.shape), dtype=compute, device=k.device)
             grad_kv[0, :, :, keys] = block_dk
@@ -252,8 +210,7 @@ class _RingAttention(torch.autograd.Function):
             kv = received.get(KV, kv)
         if group.size > 1:  # the batch after the last step: every accumulator reaches its owner
             own_grad_kv += _RingBatch(group, plan[-1], {DKV: finished}, purposes).wait()[DKV]
-        grad_q = grad_q.reshape(b, hq, s_local, d).to(q.dtype)
-        return grad_q, own_grad_kv[0].to(k.dtype), own_grad_kv[1].to(v.dtype), None
+        return grad_q.to(q.dtype), own_grad_kv[0].to(k.dtype), own_grad_kv[1].to(v.dtype), None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: Group) -> Tensor:
