@@ -28,6 +28,7 @@ import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from parallel.collectives import P2P, RECV, SEND, Group, batch_isend_irecv
 
@@ -340,8 +341,27 @@ ForwardStep = Callable[[int, int, Optional[torch.Tensor]], torch.Tensor]
 """(local chunk, microbatch, received input or None) -> output activation, or the scaled loss on the last model chunk."""
 
 
+def release_sent_output(output: torch.Tensor) -> bool:
+    """Free the data of a stage output whose send has completed (Megatron-Core's
+    deallocate_output_tensor): its backward needs only its autograd node, run through the gradient
+    edge taken at forward. Kept when the node saves the output itself (an exp-like last op, or a
+    custom Function holding it) or when it is a view (freeing would not release the base); returns
+    whether the data was freed."""
+    node = output.grad_fn
+    if node is None or output._base is not None or hasattr(node, "_saved_result"):
+        return False
+    try:
+        saved = getattr(node, "saved_tensors", ())
+    except RuntimeError:  # already released: nothing of it can be the output
+        saved = ()
+    if any(t.untyped_storage().data_ptr() == output.untyped_storage().data_ptr() for t in saved):
+        return False
+    output.data = torch.empty((1,), dtype=output.dtype, device=output.device)
+    return True
+
+
 def run_schedule(order: Sequence[Action], comm: StageComm, forward_step: ForwardStep,
-                 before_backward: Optional[Callable[[int, int], None]] = None) -> None:
+                 before_backward: Optional[Callable[[int, int], None]] = None, free_sent_outputs: bool = True) -> None:
     """Execute `order` through its `p2p_plan`: exchanges, forwards and backwards in the plan's order.
 
     A forward takes its received input (none on model chunk 0), runs `forward_step` and leaves its
@@ -349,16 +369,21 @@ def run_schedule(order: Sequence[Action], comm: StageComm, forward_step: Forward
     last model chunk, whose output is the loss already divided by the global token count, so its
     backward is `backward(loss)`), runs autograd and leaves its input's gradient for the next
     exchange. `before_backward(chunk, microbatch)` runs just before each backward (the trainer
-    marks the last backward of each chunk for the DP gradient buffer there). A microbatch's
-    activations are dropped as soon as its backward has run.
+    marks the last backward of each chunk for the DP gradient buffer there). With
+    `free_sent_outputs`, an output's data is freed once its send completed (`release_sent_output`),
+    so a stage holds at most one unsent output instead of every in-flight microbatch's; the rest
+    of a microbatch's activations are dropped as soon as its backward has run.
     """
     pp, stage = comm.group.size, comm.stage
-    in_flight: dict[tuple[int, int], tuple[Optional[torch.Tensor], torch.Tensor]] = {}
+    in_flight: dict[tuple[int, int], tuple] = {}  # (chunk, microbatch) -> (input, output, output's edge)
     inbox: dict = {}
     outbox: dict = {}
     for step in p2p_plan(order, pp, stage, comm.virtual_stages):
         if isinstance(step, Exchange):
+            sent = [outbox[m] for m in step.sends if m.kind == FORWARD]
             inbox.update(comm.exchange(step, outbox))
+            for output in sent if free_sent_outputs else ():
+                release_sent_output(output)
             continue
         key = (step.chunk, step.microbatch)
         k = comm.model_chunk(step.chunk)
@@ -369,19 +394,22 @@ def run_schedule(order: Sequence[Action], comm: StageComm, forward_step: Forward
             start = time.perf_counter()
             output = forward_step(step.chunk, step.microbatch, stage_input)
             comm.compute_seconds += time.perf_counter() - start
+            edge = None
             if not comm.is_last(step.chunk):
                 outbox[Message(FORWARD, k + 1, step.microbatch)] = output
-            in_flight[key] = (stage_input, output)
+                edge = get_gradient_edge(output)  # backward through it even once the data is freed
+            in_flight[key] = (stage_input, output, edge)
             continue
-        stage_input, output = in_flight.pop(key)
+        stage_input, output, edge = in_flight.pop(key)
         output_grad = None if comm.is_last(step.chunk) else inbox.pop(Message(BACKWARD, k, step.microbatch))
         if before_backward is not None:
             before_backward(step.chunk, step.microbatch)
         start = time.perf_counter()
-        torch.autograd.backward(output, output_grad)
+        torch.autograd.backward(output if edge is None else edge, output_grad)
         comm.compute_seconds += time.perf_counter() - start
         if not comm.is_first(step.chunk):
             outbox[Message(BACKWARD, k - 1, step.microbatch)] = stage_input.grad
+        del stage_input, output, output_grad, edge  # or they would live on until the next forward
     if in_flight or inbox or outbox:
         raise PipelineError(f"schedule ended with work left: forwards never run backward {sorted(in_flight)}, "
                             f"unused receives {sorted(inbox)}, unsent tensors {sorted(outbox)}")
