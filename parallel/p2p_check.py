@@ -27,10 +27,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Hashable, NamedTuple, Sequence
 
-from parallel.context_parallel import DKV, KV, ring_plan
+from parallel.collectives import RECV, SEND
+from parallel.context_parallel import DKV, ring_plan
 from parallel.pipeline import FORWARD, Exchange, message_peers, p2p_plan, partition_layers, schedule_order
-
-SEND, RECV = "send", "recv"
 
 
 class P2PError(RuntimeError):
@@ -174,9 +173,8 @@ def ring_programs(cp: int, call: Hashable, backward: bool, ranks: Sequence[int],
         following, preceding = ranks[(index + 1) % cp], ranks[(index - 1) % cp]
         batches = []
         for step, messages in enumerate(ring_plan(cp, backward)):
-            def op(kind, peer, name):
-                return Op(kind, "cp", peer, (call, name, step), kv_shape, "float32" if name == DKV else dtype)
-            ops = [op(SEND, following, name) for name in messages] + [op(RECV, preceding, name) for name in messages]
+            ops = [Op(kind, "cp", peer, (call, name, step), kv_shape, "float32" if name == DKV else dtype)
+                   for kind, peer in ((SEND, following), (RECV, preceding)) for name in messages]
             if ops:
                 batches.append(Batch(tuple(ops)))
         programs[rank] = batches

@@ -24,8 +24,7 @@ import torch
 import parallel.context_parallel as context_parallel
 import parallel.pipeline as pipeline
 from parallel.collectives import CommLedger, Group
-from parallel.p2p_check import (RECV, SEND, WAIT_ALL, Batch, Op, P2PError, check, pipeline_programs,
-                                ring_programs)
+from parallel.p2p_check import RECV, SEND, WAIT_ALL, Batch, Op, P2PError, check, pipeline_programs, ring_programs
 
 LEGACY = json.loads((Path(__file__).parent / "golden" / "legacy_p2p_calls.json").read_text())
 
