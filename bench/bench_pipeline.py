@@ -5,7 +5,8 @@ stage). Per rank and step, after aligning the stages with a barrier:
   span    = wall time of the schedule (trainer.forward_backward, which ends with the loss
             all-reduce over the PP group, so every stage's span ends together);
   compute = time inside forward and backward (StageComm.compute_seconds);
-  idle    = span - compute   (waiting on neighbours, the bubble; recv is the part spent in receives).
+  idle    = span - compute   (waiting on neighbours, the bubble; p2p is the part spent blocked in the
+            stage's batched send/receive exchanges, StageComm.wait_seconds).
 Printed: idle / compute, the quantity Narayanan et al. (arXiv 2104.04473) write as (p-1)/m for 1F1B
 and (1/v)(p-1)/m interleaved, and the same ratio from `parallel.pipeline.simulate` (unit costs,
 backward = 2 x forward, free communication).
@@ -57,7 +58,7 @@ def _worker(rank: int, world_size: int, layouts: list, steps: int) -> list:
             if step:
                 rows.append((span, comm.compute_seconds, comm.wait_seconds))
         span, compute, wait = (sum(r[i] for r in rows) / len(rows) for i in range(3))
-        results.append(dict(pp=pp, v=v, m=m, rank=ctx.pp_rank, span=span, compute=compute, recv=wait))
+        results.append(dict(pp=pp, v=v, m=m, rank=ctx.pp_rank, span=span, compute=compute, p2p=wait))
     return results
 
 
@@ -68,7 +69,7 @@ def main() -> None:
     from parallel.pipeline import simulate
     from parallel.spawn import run_distributed
 
-    print(f"{'layout':<14} {'rank':>4} {'span ms':>8} {'compute':>8} {'recv':>7} {'idle/compute':>12} "
+    print(f"{'layout':<14} {'rank':>4} {'span ms':>8} {'compute':>8} {'p2p':>7} {'idle/compute':>12} "
           f"{'simulated':>9} {'formula':>8}")
     for world, layouts in LAYOUTS.items():
         per_rank = run_distributed(_worker, world, layouts, args.steps, timeout=900)
@@ -80,7 +81,7 @@ def main() -> None:
                 idle = r["span"] - r["compute"]
                 name = f"pp={pp} v={v} m={m}"
                 print(f"{name:<14} {r['rank']:>4} {1e3 * r['span']:>8.1f} {1e3 * r['compute']:>8.1f} "
-                      f"{1e3 * r['recv']:>7.1f} {idle / r['compute']:>12.3f} {sim.bubble_fraction(r['rank']):>9.3f} "
+                      f"{1e3 * r['p2p']:>7.1f} {idle / r['compute']:>12.3f} {sim.bubble_fraction(r['rank']):>9.3f} "
                       f"{formula:>8.3f}")
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -123,19 +123,50 @@ def broadcast(tensor: torch.Tensor, src_index: int, group: Group, global_src: in
     return dist.broadcast(tensor, src=global_src, group=group.process_group)
 
 
-def isend(tensor: torch.Tensor, dst_index: int, group: Group, purpose: str = "p2p", tag: int = 0):
-    """Start sending contiguous `tensor` to the group member at `dst_index`; returns the work handle.
+class P2P(NamedTuple):
+    """One point-to-point op of a batch: send `tensor` to, or receive it from, group member `peer`.
 
-    A point-to-point message is booked once, by its sender, so a ledger's total is the bytes that
-    left this rank.
+    `purpose` is the ledger key of a send (receives are booked by their sender).
     """
-    group._record(purpose, tensor)
-    return dist.isend(tensor, group=group.process_group, group_dst=dst_index, tag=tag)
+
+    kind: str  # SEND or RECV
+    tensor: torch.Tensor
+    peer: int
+    purpose: str = "p2p"
 
 
-def irecv(tensor: torch.Tensor, src_index: int, group: Group, tag: int = 0):
-    """Start receiving into contiguous `tensor` from the group member at `src_index` (not booked: the sender books it)."""
-    return dist.irecv(tensor, group=group.process_group, group_src=src_index, tag=tag)
+SEND, RECV = "send", "recv"
+
+
+def batch_isend_irecv(ops: Sequence[P2P], group: Group) -> list:
+    """Post `ops` together as one batch (NCCL: one group call) and return their work handles.
+
+    No tags: NCCL ignores them and matches the messages between two ranks in the order they were
+    posted, so several sends to one peer arrive in list order and the peer must receive them in
+    the same order. Posting sends and receives together is what keeps two ranks that send to each
+    other from deadlocking; callers keep every rank's sequence of batches matched to its peers'
+    (parallel/p2p_check.py replays them under these rules). Every tensor must be contiguous and on
+    one device (NCCL takes GPU tensors only). Each send is booked once, by its sender, so a
+    ledger's total is the bytes that left this rank.
+    """
+    if not ops:
+        return []
+    device = ops[0].tensor.device
+    for op in ops:
+        if op.kind not in (SEND, RECV):
+            raise ValueError(f"p2p op kind {op.kind!r}: expected {SEND!r} or {RECV!r}")
+        if op.tensor.device != device or not op.tensor.is_contiguous():
+            raise ValueError(f"p2p batch on group {group.name!r}: every tensor must be contiguous and on "
+                             f"{device}, got {op.tensor.device} (contiguous={op.tensor.is_contiguous()})")
+        if not 0 <= op.peer < group.size or op.peer == group.rank:
+            raise ValueError(f"p2p peer {op.peer} on group {group.name!r} (size {group.size}, this rank "
+                             f"{group.rank}): expected another member")
+    for op in ops:
+        if op.kind == SEND:
+            group._record(op.purpose, op.tensor)
+    return dist.batch_isend_irecv([
+        dist.P2POp(dist.isend if op.kind == SEND else dist.irecv, op.tensor, group=group.process_group,
+                   group_peer=op.peer) for op in ops])
 
 
 def all_gather_objects(obj, group: Group, purpose: str = "all_gather_object") -> list:

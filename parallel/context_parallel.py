@@ -20,13 +20,20 @@ of source rank j = (r - i) mod cp, i.e. chunks j and 2cp-1-j:
 So every off-diagonal block is an unmasked n x 2n or 2n x n attention, 2n^2 query-key pairs,
 about as many as the causal diagonal block keeps, on every rank and at every step.
 
-Partial results are merged with their log-sum-exp (online softmax) in fp32 (fp64 inputs stay
-fp64, which lets tests compare with the full-sequence attention to ~1e-12). The backward is
-written by hand (FlashAttention's: dS = P * (dP - rowsum(dO * O))), with the saved final LSE, and
-runs the ring again: K/V travel as in forward, and a dK/dV accumulator for each block travels
-with it, picking up every other rank's contribution and arriving back at its owner after cp-1
-hops. Only the rank's own q, k, v, output and LSE are saved; autograd through the ring would keep
-every rank's K/V, which is exactly what ring attention avoids.
+Each block runs the fused attention kernel in the model's dtype (parallel/block_attention.py:
+ATen's flash attention on CPU) and returns its log-sum-exp; blocks are merged by it (online
+softmax) in fp32 (fp64 inputs stay fp64, which lets tests compare with the full-sequence attention
+to ~1e-12). The backward runs the ring again with each block's flash backward fed the saved
+*final* output and LSE, which makes every block's gradients its exact share: K/V travel as in
+forward, and a dK/dV accumulator (fp32) for each block travels with it, picking up every other
+rank's contribution and arriving back at its owner after cp-1 hops. Only the rank's own q, k, v,
+output and LSE are saved; autograd through the ring would keep every rank's K/V, which is
+exactly what ring attention avoids.
+
+The ring's messages follow NCCL's rules (`ring_plan`): each step is one batch that sends to the
+next rank and receives from the previous one together (Transformer Engine's and Megatron's
+send-recv pairs), with no tags, and the dK/dV accumulators travel in the same batches as the
+next K/V, so at cp=2, where both neighbours are one peer, nothing waits on a lone send.
 
 Traffic per attention call on each rank (booked under group 'cp', sender side), with
 B_kv = b * (s/cp) * kv_heads * d * element_size the bytes of the local K (or V):
@@ -43,7 +50,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from parallel.collectives import Group, irecv, isend
+from parallel.block_attention import block_backward, block_forward, compute_dtype, merge_into
+from parallel.collectives import P2P, RECV, SEND, Group, batch_isend_irecv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,47 +95,7 @@ def merge_context_parallel_shards(shards: Sequence[Tensor], dim: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Block attention math (fp32), queries grouped by their K/V head: q [b, hkv, g, sq, d]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for bf16/fp16/fp32 inputs, fp64 for fp64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _scores(q: Tensor, k: Tensor, scale: float, causal: bool) -> Tensor:
-    """Scaled scores [b, hkv, g, sq, sk]; with `causal`, query i sees keys 0..i (sq == sk)."""
-    scores = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)).mul_(scale)
-    if causal:
-        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu_(1)
-        scores.masked_fill_(future, float("-inf"))
-    return scores
-
-
-def _block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    """(softmax(scores) @ v, logsumexp of the scores) of one block; every row sees >= 1 key."""
-    scores = _scores(q, k, scale, causal)
-    lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(scores.sub_(lse.unsqueeze(-1)).exp_(), v.unsqueeze(2))
-    return out, lse
-
-
-def _merge_into(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
-    """Online softmax: fold a block's normalised output and LSE into the running (out, lse) in place."""
-    new_lse = torch.logaddexp(lse, block_lse)
-    out.mul_((lse - new_lse).exp_().unsqueeze(-1)).add_(block_out * (block_lse - new_lse).exp_().unsqueeze(-1))
-    lse.copy_(new_lse)
-
-
-def _block_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse: Tensor, delta: Tensor,
-                    scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of one block given the final LSE and delta = rowsum(dO * O) (FlashAttention-2)."""
-    probs = _scores(q, k, scale, causal).sub_(lse.unsqueeze(-1)).exp_()
-    grad_v = torch.matmul(probs.transpose(-1, -2), grad_out).sum(2)  # GQA: sum over the query group
-    grad_scores = torch.matmul(grad_out, v.unsqueeze(2).transpose(-1, -2)).sub_(delta.unsqueeze(-1)).mul_(probs)
-    grad_q = torch.matmul(grad_scores, k.unsqueeze(2)).mul_(scale)
-    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q).sum(2).mul_(scale)
-    return grad_q, grad_k, grad_v
+# Which blocks see each other
 
 
 def _visible(step: int, cp_rank: int, cp_size: int, half: int) -> tuple[slice, slice, bool]:
@@ -144,104 +112,105 @@ def _visible(step: int, cp_rank: int, cp_size: int, half: int) -> tuple[slice, s
 # The ring
 
 
-class _Ring:
-    """Send to the next CP rank, receive from the previous one; waits for both before handing over."""
+KV, DKV = "kv", "dkv"
+"""The two messages of the ring: a K/V block, and a block's dK/dV accumulator (backward only)."""
 
-    def __init__(self, group: Group):
-        self.group = group
-        self.next, self.prev = (group.rank + 1) % group.size, (group.rank - 1) % group.size
-        self._works: list = []
 
-    def start(self, send: Tensor, purpose: str, tag: int) -> Tensor:
-        """Start passing `send` on; returns the buffer that will hold the previous rank's tensor."""
-        received = torch.empty_like(send)
-        # Post the receive first: on a two-rank ring next == prev, and both messages are in flight.
-        self._works.append(irecv(received, self.prev, self.group, tag=tag))
-        self._works.append(isend(send, self.next, self.group, purpose=purpose, tag=tag))
-        return received
+def ring_plan(cp_size: int, backward: bool) -> list[tuple[str, ...]]:
+    """The batches of one ring pass: entry i is what every rank sends to the next rank and receives
+    from the previous one, in that order, in the batch posted at the start of ring step i (its
+    transfer overlaps step i's block); in backward one more entry follows the last step.
 
-    def wait(self) -> None:
-        """Block until every started transfer has completed."""
+    Forward: the K/V for step i+1 (none at the last step). Backward: the same K/V, and from step 2
+    on the accumulator of the block held at step i-1 (the block a rank first sees at step 1 starts
+    its accumulator there); the batch after the last step brings every accumulator home. Each
+    batch is one send and one receive per message with the same peers on every rank, so at cp=2,
+    where the next and the previous rank are one peer, the two ranks post facing sends in one batch
+    together with the receives each waits for (NCCL's grouped p2p cannot deadlock on that).
+    """
+    plan = [tuple(([KV] if step < cp_size - 1 else []) + ([DKV] if backward and step >= 2 else []))
+            for step in range(cp_size)]
+    return plan + [(DKV,)] if backward and cp_size > 1 else plan
+
+
+class _RingBatch:
+    """One posted ring batch: tensors sent to the next rank, buffers filled from the previous one."""
+
+    def __init__(self, group: Group, messages: tuple[str, ...], tensors: dict, purposes: dict):
+        self.messages = messages
+        self.received = {name: torch.empty_like(tensors[name]) for name in messages}
+        following, preceding = (group.rank + 1) % group.size, (group.rank - 1) % group.size
+        ops = [P2P(SEND, tensors[name], following, purposes[name]) for name in messages]
+        ops += [P2P(RECV, self.received[name], preceding) for name in messages]
+        self._works = batch_isend_irecv(ops, group)
+
+    def wait(self) -> dict:
+        """Block until the whole batch is done; returns {message: received tensor}."""
         for work in self._works:
             work.wait()
-        self._works.clear()
-
-
-_KV_TAG, _DKV_TAG = 0, 1  # K/V and dK/dV travel to the same neighbour in the same step
+        return self.received
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: Group) -> Tensor:
-        b, hq, s_local, d = q.shape
-        hkv = k.shape[1]
+        s_local, d = q.shape[2], q.shape[3]
         scale = 1.0 / math.sqrt(d)
         half = s_local // 2
-        compute = _compute_dtype(q.dtype)
-        q_c = q.to(compute).reshape(b, hkv, hq // hkv, s_local, d)
+        compute = compute_dtype(q.dtype)
         kv = torch.stack((k, v)).contiguous()  # one message per step
-        ring = _Ring(group)
         out = lse = None
-        for step in range(group.size):
-            if step < group.size - 1:
-                next_kv = ring.start(kv, "ring_kv", _KV_TAG)  # overlaps with this block's math
+        for step, messages in enumerate(ring_plan(group.size, backward=False)):
+            batch = _RingBatch(group, messages, {KV: kv}, {KV: "ring_kv"})  # overlaps this block's kernel
             rows, keys, causal = _visible(step, group.rank, group.size, half)
-            block_out, block_lse = _block_forward(q_c[..., rows, :], kv[0, :, :, keys].to(compute),
-                                                  kv[1, :, :, keys].to(compute), scale, causal)
-            if out is None:
-                out, lse = block_out, block_lse
+            block_out, block_lse = block_forward(q[:, :, rows], kv[0, :, :, keys], kv[1, :, :, keys], scale, causal)
+            if out is None:  # step 0: the causal diagonal block covers every query row
+                out, lse = block_out.to(compute), block_lse.to(compute)
             else:
-                _merge_into(out[..., rows, :], lse[..., rows], block_out, block_lse)
-            if step < group.size - 1:
-                ring.wait()
-                kv = next_kv
+                merge_into(out[:, :, rows], lse[:, :, rows], block_out.to(compute), block_lse.to(compute))
+            kv = batch.wait().get(KV, kv)
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale = group, scale
-        return out.reshape(b, hq, s_local, d).to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         group, scale = ctx.group, ctx.scale
-        b, hq, s_local, d = q.shape
-        hkv = k.shape[1]
-        half = s_local // 2
-        compute = _compute_dtype(q.dtype)
-        q_c = q.to(compute).reshape(b, hkv, hq // hkv, s_local, d)
-        grad_out_c = grad_out.to(compute).reshape(b, hkv, hq // hkv, s_local, d)
-        delta = (grad_out_c * out).sum(-1)
-        grad_q = torch.zeros_like(q_c)
+        half = q.shape[2] // 2
+        compute = compute_dtype(q.dtype)
+        grad_out = grad_out.contiguous()
+        grad_q = torch.zeros(q.shape, dtype=compute, device=q.device)
         kv = torch.stack((k, v)).contiguous()
-        own_grad_kv = traveling = None
-        ring = _Ring(group)
+        plan = ring_plan(group.size, backward=True)
+        purposes = {KV: "ring_kv_backward", DKV: "ring_dkv"}
+        own_grad_kv = finished = None  # finished: the accumulator of the previous step's block, to pass on
         for step in range(group.size):
-            if step < group.size - 1:
-                next_kv = ring.start(kv, "ring_kv_backward", _KV_TAG)
+            batch = _RingBatch(group, plan[step], {KV: kv, DKV: finished}, purposes)
             rows, keys, causal = _visible(step, group.rank, group.size, half)
-            block_dq, block_dk, block_dv = _block_backward(
-                q_c[..., rows, :], kv[0, :, :, keys].to(compute), kv[1, :, :, keys].to(compute),
-                grad_out_c[..., rows, :], lse[..., rows], delta[..., rows], scale, causal)
-            grad_q[..., rows, :] += block_dq
+            # Each block's backward takes the final output and LSE, so its gradients are exact shares.
+            block_dq, block_dk, block_dv = block_backward(
+                grad_out[:, :, rows], q[:, :, rows], kv[0, :, :, keys], kv[1, :, :, keys], out[:, :, rows],
+                lse[:, :, rows], scale, causal)
+            grad_q[:, :, rows] += block_dq
             # dK/dV of the K/V block held at this step: [2, b, hkv, s_local, d], accumulated in fp32.
             grad_kv = torch.zeros((2, *k.shape), dtype=compute, device=k.device)
             grad_kv[0, :, :, keys] = block_dk
             grad_kv[1, :, :, keys] = block_dv
+            received = batch.wait()
             if step == 0:
                 own_grad_kv = grad_kv
             else:
                 # The accumulator of this block arrived from the previous rank (none at step 1,
-                # where the block is first seen by a non-owner); add to it and pass it on. After
-                # the last step it reaches the block's owner.
-                if traveling is not None:
-                    grad_kv += traveling
-                traveling = ring.start(grad_kv, "ring_dkv", _DKV_TAG)
-            ring.wait()
-            if step < group.size - 1:
-                kv = next_kv
-        if traveling is not None:
-            own_grad_kv += traveling
-        grad_q = grad_q.reshape(b, hq, s_local, d).to(q.dtype)
-        return grad_q, own_grad_kv[0].to(k.dtype), own_grad_kv[1].to(v.dtype), None
+                # where the block is first seen by a non-owner); add to it and pass it on next.
+                if DKV in received:
+                    grad_kv += received[DKV]
+                finished = grad_kv
+            kv = received.get(KV, kv)
+        if group.size > 1:  # the batch after the last step: every accumulator reaches its owner
+            own_grad_kv += _RingBatch(group, plan[-1], {DKV: finished}, purposes).wait()[DKV]
+        return grad_q.to(q.dtype), own_grad_kv[0].to(k.dtype), own_grad_kv[1].to(v.dtype), None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: Group) -> Tensor:

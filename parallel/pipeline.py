@@ -13,10 +13,14 @@ input from the previous model chunk (unless it is model chunk 0), runs the calle
 the last model chunk, whose output is the loss), runs autograd, and sends the input's gradient
 back. The schedule knows nothing about the model: the trainer supplies `forward_step`.
 
-Sends are asynchronous and a receive blocks only when its tensor is needed, so a rank waits only
-on true data dependencies; the time spent blocked in receives is the rank's pipeline bubble
-(`StageComm.wait_seconds`). `simulate` replays the same orders with unit costs, which proves them
-deadlock-free and gives the bubble the schedule implies on ideal hardware.
+Point-to-point follows NCCL's rules, not gloo's: no tags (NCCL ignores them; messages between two
+ranks match in posting order) and sends that may block until the peer receives. `p2p_plan` turns
+an order into batches that a stage posts together and waits for (Megatron-Core's combined
+send-and-receive calls), and `run_schedule` executes exactly that plan, so what
+`parallel.p2p_check` proves deadlock-free and matched is what runs. The time blocked in those
+batches is the rank's pipeline bubble (`StageComm.wait_seconds`). `simulate` replays the orders
+with unit costs and free communication, which gives the bubble the schedule implies on ideal
+hardware.
 """
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
-from parallel.collectives import Group, irecv, isend
+from parallel.collectives import P2P, RECV, SEND, Group, batch_isend_irecv
 
 FORWARD, BACKWARD = "F", "B"
 
@@ -80,13 +85,21 @@ def stage_layer_ids(num_layers: int, pp: int, virtual_stages: int, stage: int) -
 # Schedules as arithmetic
 
 
+def warmup_forwards(pp: int, rank: int, microbatches: int, virtual_stages: int = 1) -> int:
+    """Forwards stage `rank` runs before its first backward: pp - r - 1 for 1F1B,
+    2*(pp - r - 1) + (v - 1)*pp interleaved, at most all of them."""
+    if virtual_stages == 1:
+        return min(pp - rank - 1, microbatches)
+    return min(2 * (pp - rank - 1) + (virtual_stages - 1) * pp, microbatches * virtual_stages)
+
+
 def one_f_one_b_order(pp: int, rank: int, microbatches: int) -> list[Action]:
     """PipeDream-flush 1F1B (Narayanan et al. 2021, fig. 4 top): warm-up forwards, 1F1B, cool-down.
 
     Stage r runs pp - r - 1 warm-up forwards, so at most pp - r microbatches are in flight.
     """
     m = microbatches
-    warmup = min(pp - rank - 1, m)
+    warmup = warmup_forwards(pp, rank, m, 1)
     order = [Action(FORWARD, 0, j) for j in range(warmup)]
     for j in range(m - warmup):
         order += [Action(FORWARD, 0, j + warmup), Action(BACKWARD, 0, j)]
@@ -110,7 +123,7 @@ def interleaved_order(pp: int, rank: int, microbatches: int, virtual_stages: int
         chunk = (k % (pp * v)) // pp
         return Action(kind, chunk if kind == FORWARD else v - 1 - chunk, (k // (pp * v)) * pp + k % pp)
 
-    warmup = min(2 * (pp - rank - 1) + (v - 1) * pp, total)
+    warmup = warmup_forwards(pp, rank, m, v)
     order = [action(FORWARD, k) for k in range(warmup)]
     for k in range(total - warmup):
         order += [action(FORWARD, k + warmup), action(BACKWARD, k)]
@@ -187,30 +200,101 @@ def simulate(pp: int, microbatches: int, virtual_stages: int = 1, forward_time: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Point-to-point exchange between neighbouring stages
+# Point-to-point plan: the schedule's messages, batched as NCCL needs them
+
+
+class Message(NamedTuple):
+    """One tensor crossing a stage boundary: the activation into (F) or the gradient out of (B)
+    model chunk `model_chunk` for `microbatch`, named by its receiving model chunk."""
+
+    kind: str
+    model_chunk: int
+    microbatch: int
+
+    def __repr__(self) -> str:
+        return f"{self.kind}>{self.model_chunk}.{self.microbatch}"
+
+
+class Exchange(NamedTuple):
+    """One batch of p2p ops that a stage posts together and waits for: sends first, then receives."""
+
+    sends: tuple
+    recvs: tuple
+
+
+def _units(order: Sequence[Action], pp: int, stage: int, virtual_stages: int) -> list[tuple[Action, ...]]:
+    """The order cut into units that run without p2p in between: single actions, except that
+    interleaved 1F1B runs each steady-state forward-backward pair as one unit."""
+    if virtual_stages == 1:
+        return [(action,) for action in order]
+    total = len(order) // 2
+    warmup = warmup_forwards(pp, stage, total // virtual_stages, virtual_stages)
+    steady = range(warmup, warmup + 2 * (total - warmup), 2)
+    if any(order[i].kind != FORWARD or order[i + 1].kind != BACKWARD for i in steady):
+        raise PipelineError(f"stage {stage}: order {list(order)} is not interleaved 1F1B with {warmup} warm-up forwards")
+    units = [(action,) for action in order[:warmup]] + [(order[i], order[i + 1]) for i in steady]
+    return units + [(action,) for action in order[warmup + 2 * (total - warmup):]]
+
+
+def p2p_plan(order: Sequence[Action], pp: int, stage: int, virtual_stages: int) -> list:
+    """The stage's actions with the p2p batches between them: a list of Action and Exchange.
+
+    The batch before each unit of actions holds the sends that the previous unit produced and the
+    receives that this unit needs, and a last batch holds the final sends. 1F1B's units are
+    single actions (Megatron-Core's send_forward_recv_backward / send_backward_recv_forward);
+    interleaved 1F1B runs each steady-state forward-backward pair as one unit (Megatron-Core's
+    send_forward_backward_recv_forward_backward): with v chunks per stage, a lone send after the
+    pair's forward could face the peer's lone send. With sends that block until received and no
+    tags (NCCL), a batch that also holds the receive its peer is waiting for cannot deadlock that
+    way; `parallel.p2p_check` replays every stage's plan under those rules.
+    """
+    chunks = pp * virtual_stages
+    plan: list = []
+    sends: tuple = ()
+    for unit in _units(order, pp, stage, virtual_stages):
+        recvs, produced = [], []
+        for action in unit:
+            k, j = action.chunk * pp + stage, action.microbatch
+            if action.kind == FORWARD:
+                recvs += [Message(FORWARD, k, j)] if k > 0 else []
+                produced += [Message(FORWARD, k + 1, j)] if k < chunks - 1 else []
+            else:
+                recvs += [Message(BACKWARD, k, j)] if k < chunks - 1 else []
+                produced += [Message(BACKWARD, k - 1, j)] if k > 0 else []
+        if sends or recvs:
+            plan.append(Exchange(sends, tuple(recvs)))
+        plan.extend(unit)
+        sends = tuple(produced)
+    if sends:
+        plan.append(Exchange(sends, ()))
+    return plan
+
+
+def message_peers(message: Message, pp: int) -> tuple[int, int]:
+    """(sending stage, receiving stage) of `message`: model chunk k lives on stage k mod pp."""
+    sender = message.model_chunk - 1 if message.kind == FORWARD else message.model_chunk + 1
+    return sender % pp, message.model_chunk % pp
 
 
 class StageComm:
     """Activations forward and gradients backward between this stage and its neighbours.
 
-    Shapes are known in advance ([b, s_local, h] in `dtype`), so nothing but the payload is sent.
-    Model chunk k = chunk*pp + stage sends to k+1 on the next stage (wrapping from the last stage
-    to the first for the next virtual chunk). Each (boundary, direction) has its own tag, so
-    messages between the same two ranks never match the wrong receive, and every send is booked
-    in the 'pp' ledger as 'send_forward' or 'send_backward'. `wait_seconds` accumulates the time
-    spent blocked in receives, `compute_seconds` (kept by `run_schedule`) the forwards and backwards.
+    Shapes are known in advance ([b, s_local, h] in `dtype`, on `device`), so nothing but the
+    payload is sent. Model chunk k = chunk*pp + stage sends to k+1 on the next stage (wrapping from
+    the last stage to the first for the next virtual chunk). `exchange` posts one `Exchange` of the
+    plan as one batch (no tags: messages between two ranks match in the order posted, which the
+    plan keeps equal on both sides) and waits for it; every send is booked in the 'pp' ledger as
+    'send_forward' or 'send_backward'. `wait_seconds` accumulates the time spent blocked in
+    exchanges, `compute_seconds` (kept by `run_schedule`) the forwards and backwards.
     """
 
     def __init__(self, group: Group, virtual_stages: int, shape: Sequence[int], dtype: torch.dtype,
                  device: torch.device):
         self.group, self.stage, self.virtual_stages = group, group.rank, virtual_stages
-        # Indices in the PP group; the ring wraps as in Megatron (last stage -> first for chunk c+1).
-        self.next_stage, self.prev_stage = (group.rank + 1) % group.size, (group.rank - 1) % group.size
-        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+        self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device(device)
         self.num_model_chunks = group.size * virtual_stages
         self.wait_seconds = 0.0
         self.compute_seconds = 0.0
-        self._pending: list = []
 
     def model_chunk(self, chunk: int) -> int:
         """Global model-chunk index of local `chunk`."""
@@ -224,53 +308,29 @@ class StageComm:
         """True for the last model chunk (its output is the loss)."""
         return self.model_chunk(chunk) == self.num_model_chunks - 1
 
-    def _tag(self, receiving_chunk: int, backward: bool) -> int:
-        return 2 * receiving_chunk + int(backward)
-
-    def _recv(self, peer: int, tag: int) -> torch.Tensor:
-        buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+    def exchange(self, step: Exchange, outbox: dict) -> dict:
+        """Post `step`'s sends (tensors taken from `outbox`, keyed by Message) and receives as one
+        batch, wait for all of them, and return {Message: received tensor}."""
+        ops = []
+        for message in step.sends:
+            tensor = outbox.pop(message).detach()
+            if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype or tensor.device != self.device:
+                raise PipelineError(
+                    f"stage {self.stage} sends {message!r} as {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}, "
+                    f"but the pipeline exchanges {self.shape} {self.dtype} on {self.device} "
+                    f"(micro_batch_size, local sequence, hidden)")
+            peer = message_peers(message, self.group.size)[1]
+            purpose = "send_forward" if message.kind == FORWARD else "send_backward"
+            ops.append(P2P(SEND, tensor.contiguous(), peer, purpose))
+        received = {}
+        for message in step.recvs:
+            received[message] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            ops.append(P2P(RECV, received[message], message_peers(message, self.group.size)[0]))
         start = time.perf_counter()
-        irecv(buffer, peer, self.group, tag=tag).wait()
-        self.wait_seconds += time.perf_counter() - start
-        return buffer
-
-    def recv_forward(self, chunk: int) -> Optional[torch.Tensor]:
-        """The input activation of local `chunk` (requires grad), or None on model chunk 0."""
-        if self.is_first(chunk):
-            return None
-        return self._recv(self.prev_stage, self._tag(self.model_chunk(chunk), False)).requires_grad_()
-
-    def send_forward(self, output: torch.Tensor, chunk: int) -> None:
-        """Send local `chunk`'s output activation to the next model chunk (nothing from the last)."""
-        if self.is_last(chunk):
-            return
-        self._send(output, self.next_stage, self._tag(self.model_chunk(chunk) + 1, False), "send_forward")
-
-    def recv_backward(self, chunk: int) -> Optional[torch.Tensor]:
-        """The gradient of local `chunk`'s output, or None on the last model chunk (it ends in the loss)."""
-        if self.is_last(chunk):
-            return None
-        return self._recv(self.next_stage, self._tag(self.model_chunk(chunk), True))
-
-    def send_backward(self, input_grad: Optional[torch.Tensor], chunk: int) -> None:
-        """Send the gradient of local `chunk`'s input to the previous model chunk (nothing from chunk 0)."""
-        if self.is_first(chunk):
-            return
-        self._send(input_grad, self.prev_stage, self._tag(self.model_chunk(chunk) - 1, True), "send_backward")
-
-    def _send(self, tensor: torch.Tensor, peer: int, tag: int, purpose: str) -> None:
-        tensor = tensor.detach().contiguous()
-        if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
-            raise PipelineError(f"stage {self.stage} sends {tuple(tensor.shape)} {tensor.dtype}, but the pipeline "
-                                f"exchanges {self.shape} {self.dtype} (micro_batch_size, local sequence, hidden)")
-        # The handle keeps the tensor alive until the transfer is done.
-        self._pending.append((isend(tensor, peer, self.group, purpose=purpose, tag=tag), tensor))
-
-    def finish(self) -> None:
-        """Wait for every outstanding send (end of the step's schedule)."""
-        for work, _ in self._pending:
+        for work in batch_isend_irecv(ops, self.group):
             work.wait()
-        self._pending = []
+        self.wait_seconds += time.perf_counter() - start
+        return received
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,38 +341,78 @@ ForwardStep = Callable[[int, int, Optional[torch.Tensor]], torch.Tensor]
 """(local chunk, microbatch, received input or None) -> output activation, or the scaled loss on the last model chunk."""
 
 
-def run_schedule(order: Sequence[Action], comm: StageComm, forward_step: ForwardStep,
-                 before_backward: Optional[Callable[[int, int], None]] = None) -> None:
-    """Execute `order`: forwards receive, compute and send; backwards receive, run autograd and send.
+def release_sent_output(output: torch.Tensor) -> bool:
+    """Free the data of a stage output whose send has completed (Megatron-Core's
+    deallocate_output_tensor): its backward needs only its autograd node, run through the gradient
+    edge taken at forward. Kept when the node saves the output itself (an exp-like last op, or a
+    custom Function holding it) or when it is a view (freeing would not release the base); returns
+    whether the data was freed."""
+    node = output.grad_fn
+    if node is None or output._base is not None or hasattr(node, "_saved_result"):
+        return False
+    try:
+        saved = getattr(node, "saved_tensors", ())
+    except RuntimeError:  # already released: nothing of it can be the output
+        saved = ()
+    if any(t.untyped_storage().data_ptr() == output.untyped_storage().data_ptr() for t in saved):
+        return False
+    output.data = torch.empty((1,), dtype=output.dtype, device=output.device)
+    return True
 
-    The last model chunk's forward output is the loss already divided by the global token count,
-    so its backward is `backward(loss)`; other chunks run `backward(output, received grad)`.
-    `before_backward(chunk, microbatch)` runs just before each backward (the trainer marks the
-    last backward of each chunk for the DP gradient buffer there). A microbatch's activations are
-    dropped as soon as its backward has run.
+
+def run_schedule(order: Sequence[Action], comm: StageComm, forward_step: ForwardStep,
+                 before_backward: Optional[Callable[[int, int], None]] = None, free_sent_outputs: bool = True) -> None:
+    """Execute `order` through its `p2p_plan`: exchanges, forwards and backwards in the plan's order.
+
+    A forward takes its received input (none on model chunk 0), runs `forward_step` and leaves its
+    output for the next exchange; a backward takes the received gradient of its output (none on the
+    last model chunk, whose output is the loss already divided by the global token count, so its
+    backward is `backward(loss)`), runs autograd and leaves its input's gradient for the next
+    exchange. `before_backward(chunk, microbatch)` runs just before each backward (the trainer
+    marks the last backward of each chunk for the DP gradient buffer there). With
+    `free_sent_outputs`, an output's data is freed once its send completed (`release_sent_output`),
+    so a stage holds at most one unsent output instead of every in-flight microbatch's; the rest
+    of a microbatch's activations are dropped as soon as its backward has run.
     """
-    in_flight: dict[tuple[int, int], tuple[Optional[torch.Tensor], torch.Tensor]] = {}
-    for action in order:
-        key = (action.chunk, action.microbatch)
-        if action.kind == FORWARD:
-            stage_input = comm.recv_forward(action.chunk)
-            start = time.perf_counter()
-            output = forward_step(action.chunk, action.microbatch, stage_input)
-            comm.compute_seconds += time.perf_counter() - start
-            comm.send_forward(output, action.chunk)
-            in_flight[key] = (stage_input, output)
+    pp, stage = comm.group.size, comm.stage
+    in_flight: dict[tuple[int, int], tuple] = {}  # (chunk, microbatch) -> (input, output, output's edge)
+    inbox: dict = {}
+    outbox: dict = {}
+    for step in p2p_plan(order, pp, stage, comm.virtual_stages):
+        if isinstance(step, Exchange):
+            sent = [outbox[m] for m in step.sends if m.kind == FORWARD]
+            inbox.update(comm.exchange(step, outbox))
+            for output in sent if free_sent_outputs else ():
+                release_sent_output(output)
             continue
-        stage_input, output = in_flight.pop(key)
-        output_grad = comm.recv_backward(action.chunk)
+        key = (step.chunk, step.microbatch)
+        k = comm.model_chunk(step.chunk)
+        if step.kind == FORWARD:
+            stage_input = None if comm.is_first(step.chunk) else inbox.pop(Message(FORWARD, k, step.microbatch))
+            if stage_input is not None:
+                stage_input.requires_grad_()
+            start = time.perf_counter()
+            output = forward_step(step.chunk, step.microbatch, stage_input)
+            comm.compute_seconds += time.perf_counter() - start
+            edge = None
+            if not comm.is_last(step.chunk):
+                outbox[Message(FORWARD, k + 1, step.microbatch)] = output
+                edge = get_gradient_edge(output)  # backward through it even once the data is freed
+            in_flight[key] = (stage_input, output, edge)
+            continue
+        stage_input, output, edge = in_flight.pop(key)
+        output_grad = None if comm.is_last(step.chunk) else inbox.pop(Message(BACKWARD, k, step.microbatch))
         if before_backward is not None:
-            before_backward(action.chunk, action.microbatch)
+            before_backward(step.chunk, step.microbatch)
         start = time.perf_counter()
-        torch.autograd.backward(output, output_grad)
+        torch.autograd.backward(output if edge is None else edge, output_grad)
         comm.compute_seconds += time.perf_counter() - start
-        comm.send_backward(None if stage_input is None else stage_input.grad, action.chunk)
-    if in_flight:
-        raise PipelineError(f"schedule ended with forwards never run backward: {sorted(in_flight)}")
-    comm.finish()
+        if not comm.is_first(step.chunk):
+            outbox[Message(BACKWARD, k - 1, step.microbatch)] = stage_input.grad
+        del stage_input, output, output_grad, edge  # or they would live on until the next forward
+    if in_flight or inbox or outbox:
+        raise PipelineError(f"schedule ended with work left: forwards never run backward {sorted(in_flight)}, "
+                            f"unused receives {sorted(inbox)}, unsent tensors {sorted(outbox)}")
 
 
 def one_f_one_b(comm: StageComm, microbatches: int, forward_step: ForwardStep,

@@ -1,8 +1,9 @@
 """Context parallelism: the zigzag split, ring attention against full-sequence attention, parity and traffic.
 
 Ring attention is checked on real gloo rings of 2 and 4 ranks against F.scaled_dot_product_attention
-over the whole sequence: in fp64 to ~1e-12 (the math is exact, not just close), in fp32 to fp32
-rounding, and in bf16 loosely; forward and the gradients of q, k and v; GQA and MHA.
+over the whole sequence: in fp64 to ~1e-12 (the math is exact, not just close), in fp32 and bf16
+within twice the noise floor (the single-device kernel's own error in that dtype, printed);
+forward and the gradients of q, k and v; GQA and MHA.
 
 Parity: cp=2, cp=4, cp=2 x tp=2 with sequence parallelism, cp=2 x dp=2 and (8 ranks, marked
 slow) tp=2 x pp=2 x cp=2 reproduce the single-rank run over ten fp32 steps of the tiny parity
@@ -41,9 +42,12 @@ FOUR_RANK_LAYOUTS = {
 }
 LAYOUTS = {**{k: (v, 2) for k, v in TWO_RANK_LAYOUTS.items()}, **{k: (v, 4) for k, v in FOUR_RANK_LAYOUTS.items()}}
 FULL_4D = ["parallel.tp=2", "parallel.pp=2", "parallel.cp=2"]  # 8 ranks: ~50 s here, so marked slow
-# (dtype, q heads, kv heads, tolerance) of the ring-attention checks; b=2, s=32, d=8.
-RING_CASES = [(torch.float64, 4, 2, 1e-12), (torch.float64, 4, 4, 1e-12), (torch.float32, 4, 2, 2e-6),
-              (torch.bfloat16, 4, 2, 3e-2)]
+# (dtype, q heads, kv heads, tolerance) of the ring-attention checks; b=2, s=32, d=8. In fp64 the
+# reference is the same precision, so the ring must be exact to 1e-12; in fp32 and bf16 (None) it
+# must stay within twice the noise floor: the error of the single-device kernel (SDPA over the
+# whole sequence in that dtype) against fp64, measured beside it and printed.
+RING_CASES = [(torch.float64, 4, 2, 1e-12), (torch.float64, 4, 4, 1e-12), (torch.float32, 4, 2, None),
+              (torch.bfloat16, 4, 2, None)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +106,12 @@ def _ring_attention_worker(rank: int, world_size: int, cases) -> list:
         reference = F.scaled_dot_product_attention(*(t.double() for t in full), is_causal=True,
                                                    enable_gqa=hq != hkv)
         reference.backward(grad)
+        # The noise floor: the single-device kernel in `dtype` on the whole sequence, against fp64.
+        alone = [t.detach().clone().requires_grad_() for t in full]
+        single = F.scaled_dot_product_attention(*alone, is_causal=True, enable_gqa=hq != hkv)
+        single.backward(grad.to(dtype))
+        floor = max([(single.double() - reference).abs().max().item()]
+                    + [(a.grad.double() - f.grad).abs().max().item() for a, f in zip(alone, full)])
 
         def local(t):
             return split_for_context_parallel(t.detach(), 2, rank, world_size)
@@ -114,6 +124,7 @@ def _ring_attention_worker(rank: int, world_size: int, cases) -> list:
         errors = {"out": (out.double() - local(reference)).abs().max().item(), "dtype": out.dtype}
         for name, mine, whole in (("dq", q_l, full[0]), ("dk", k_l, full[1]), ("dv", v_l, full[2])):
             errors[name] = (mine.grad.double() - local(whole.grad)).abs().max().item()
+        errors["floor"] = floor
         results.append((errors, dict(ledger.bytes), dict(ledger.calls)))
     return results
 
@@ -135,7 +146,11 @@ def test_ring_attention_equals_full_causal_attention_forward_and_backward(world,
     for rank, rank_results in enumerate(ring_results[world]):
         errors = dict(rank_results[case][0])
         assert errors.pop("dtype") == dtype
-        assert max(errors.values()) <= tolerance, f"rank {rank}: {errors}"
+        floor = errors.pop("floor")
+        limit = tolerance if tolerance is not None else 2 * floor
+        print(f"cp={world} rank {rank} {_case_id(RING_CASES[case])}: ring error {max(errors.values()):.1e} "
+              f"(out/dq/dk/dv), single-device kernel's error {floor:.1e}, limit {limit:.1e}")
+        assert max(errors.values()) <= limit, f"rank {rank}: {errors}"
 
 
 @pytest.mark.distributed

@@ -2,13 +2,15 @@
 Narayanan et al. 2021 (fig. 4) written out by hand, and the bubble they imply.
 
 Notation: F1.3 is the forward of microbatch 3 on the rank's local chunk 1 (model chunk 1*pp + rank).
+In a p2p plan, [sF>2.1 rB>0.3] is one batch posted together: send the activation into model chunk 2
+for microbatch 1, receive the gradient of model chunk 0's output for microbatch 3.
 """
 import pytest
 
 from engine.config import ConfigError, load_config
 from engine.config_validation import validate
-from parallel.pipeline import (PipelineError, interleaved_order, max_in_flight, one_f_one_b_order, partition_layers,
-                               schedule_order, simulate, stage_layer_ids)
+from parallel.pipeline import (Action, PipelineError, interleaved_order, max_in_flight, one_f_one_b_order, p2p_plan,
+                               partition_layers, schedule_order, simulate, stage_layer_ids)
 from parallel.layout import ParallelLayout
 from tests.parity import TINY_CONFIG
 
@@ -53,6 +55,34 @@ def test_interleaved_order_matches_the_paper(pp, rank, m, v):
 
 LAYOUTS = [(pp, m, v) for pp in (1, 2, 3, 4) for v in (1, 2, 3) for m in (pp, 2 * pp, 4 * pp)
            if not (pp == 1 and v > 1)] + [(4, 2, 1), (3, 5, 1)]
+
+
+def written_plan(plan) -> str:
+    return " ".join(repr(s) if isinstance(s, Action) else
+                    "[" + " ".join([f"s{m!r}" for m in s.sends] + [f"r{m!r}" for m in s.recvs]) + "]" for s in plan)
+
+
+# The batches between actions (Megatron-Core's combined send/recv calls); each batch's sends were
+# produced by the unit before it, its receives feed the unit after it. Interleaved steady-state
+# forward-backward pairs run as one unit. Checked against NCCL's rules in tests/test_p2p_check.py.
+P2P_PLANS = {
+    (2, 0, 3, 1): "F0.0 [sF>1.0] F0.1 [sF>1.1 rB>0.0] B0.0 F0.2 [sF>1.2 rB>0.1] B0.1 [rB>0.2] B0.2",
+    (2, 1, 3, 1): "[rF>1.0] F0.0 B0.0 [sB>0.0 rF>1.1] F0.1 B0.1 [sB>0.1 rF>1.2] F0.2 B0.2 [sB>0.2]",
+    (2, 1, 4, 2): ("[rF>1.0] F0.0 [sF>2.0 rF>1.1] F0.1 [sF>2.1 rF>3.0] F1.0 B1.0 [sB>2.0 rF>3.1] F1.1 B1.1 "
+                   "[sB>2.1 rF>1.2 rB>1.0] F0.2 B0.0 [sF>2.2 sB>0.0 rF>1.3 rB>1.1] F0.3 B0.1 [sF>2.3 sB>0.1 rF>3.2] "
+                   "F1.2 B1.2 [sB>2.2 rF>3.3] F1.3 B1.3 [sB>2.3 rB>1.2] B0.2 [sB>0.2 rB>1.3] B0.3 [sB>0.3]"),
+}
+
+
+@pytest.mark.parametrize("pp,rank,m,v", list(P2P_PLANS))
+def test_p2p_plan_batches_each_units_sends_with_the_next_units_receives(pp, rank, m, v):
+    assert written_plan(p2p_plan(schedule_order(pp, rank, m, v), pp, rank, v)) == P2P_PLANS[(pp, rank, m, v)]
+
+
+def test_p2p_plan_refuses_an_order_that_is_not_interleaved_1f1b():
+    order = schedule_order(2, 0, 4, 2)
+    with pytest.raises(PipelineError, match="is not interleaved 1F1B with 4 warm-up forwards"):
+        p2p_plan(order[:5] + order[6:7] + order[5:6] + order[7:], 2, 0, 2)
 
 
 @pytest.mark.parametrize("pp,m,v", LAYOUTS)
