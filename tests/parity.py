@@ -7,16 +7,22 @@ same global batches (`FakeData`: a sample depends only on its global position), 
 per-step loss and final weights must equal the single-rank ones up to fp32 rounding. Several
 layouts of one world size run inside one spawn (`train_layouts`), since starting gloo ranks costs
 seconds on this machine. Pipeline, context-parallel and ZeRO tests reuse these helpers.
+
+How close is close enough is measured, not fixed: `SingleRankRuns.tolerance` trains the reference
+a second time with its reductions reordered (tests/noise_floor.py) and derives the tolerance from
+that noise floor; `assert_matches_reference` prints difference, floor and tolerance.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from engine.train.synthetic_data import SyntheticData as FakeData  # noqa: F401 (tests import it from here)
+from tests.noise_floor import Reordered, Tolerance, floor_scope, max_loss_diff, max_weight_diff  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
@@ -74,16 +80,22 @@ def stage_config(path, overrides: list[str], world_size: int, stage: str = "pret
     return cfg
 
 
-def _run_layout(overrides: list[str], world_size: int, steps: int, ctx_factory, masked: bool = False) -> LayoutRun:
+def _run_layout(overrides: list[str], world_size: int, steps: int, ctx_factory, masked: bool = False,
+                reordered: Optional[str] = None, bug: Optional[Callable] = None) -> LayoutRun:
     from engine.model.parallelize import gather_full_state_dict
     from engine.train.trainer import Trainer
 
     cfg = parity_config(overrides, world_size, steps)
     ctx = ctx_factory(cfg)
     trainer = Trainer(cfg, ctx, FakeData.for_config(cfg, masked))
-    losses = [trainer.train_step(step).loss for step in range(steps)]
+    floor = Reordered(trainer, reordered) if reordered else None
+    with bug(trainer) if bug is not None else contextlib.nullcontext():
+        losses = [trainer.train_step(step, floor.microbatches(step, trainer.microbatches(step)) if floor else None).loss
+                  for step in range(steps)]
     ledger = dict(trainer.ledger.bytes), dict(trainer.ledger.calls)
     state = gather_full_state_dict(trainer.chunks, ctx)
+    if floor is not None:
+        state = floor.state(state)
     return LayoutRun(losses, state if ctx.rank == 0 else None, [ledger[0]], [ledger[1]], [trainer.grads.num_bytes],
                      trainer.num_microbatches, len(trainer.grads.buckets), [len(trainer.grads.buckets)])
 
@@ -95,8 +107,10 @@ def _distributed_context(cfg):
 
 
 def _layouts_worker(rank: int, world_size: int, layouts: list[list[str]], steps: int,
-                    masked: bool = False) -> list[LayoutRun]:
-    runs = [_run_layout(overrides, world_size, steps, _distributed_context, masked) for overrides in layouts]
+                    masked: bool = False, bugs: Optional[list] = None) -> list[LayoutRun]:
+    bugs = bugs or [None] * len(layouts)
+    runs = [_run_layout(overrides, world_size, steps, _distributed_context, masked, bug=bug)
+            for overrides, bug in zip(layouts, bugs)]
     for run in runs:
         if run.state_dict is not None:
             # Tensors cross the process boundary by shared-memory handle, which dies with the
@@ -107,12 +121,13 @@ def _layouts_worker(rank: int, world_size: int, layouts: list[list[str]], steps:
 
 
 def train_layouts(layouts: list[list[str]], world_size: int, steps: int, timeout: float = 300.0,
-                  masked: bool = False) -> list[LayoutRun]:
+                  masked: bool = False, bugs: Optional[list] = None) -> list[LayoutRun]:
     """Train each layout (a list of --set overrides) on `world_size` ranks, all inside one spawn.
 
     Returns one LayoutRun per layout: losses and state dict from rank 0, ledgers from every rank.
     world_size=1 trains in this process (no torch.distributed). masked: SFT-style microbatches
-    (tokens, loss mask) with a different number of trained tokens per sample.
+    (tokens, loss mask) with a different number of trained tokens per sample. bugs: per layout,
+    None or a deliberate bug (tests/layout_bugs.py) to run that layout with.
     """
     if world_size == 1:
         from parallel.topology import ParallelContext
@@ -120,7 +135,7 @@ def train_layouts(layouts: list[list[str]], world_size: int, steps: int, timeout
         return [_run_layout(overrides, 1, steps, lambda cfg: ParallelContext.single(), masked) for overrides in layouts]
     from tests.distributed import run_distributed
 
-    per_rank = run_distributed(_layouts_worker, world_size, layouts, steps, masked, timeout=timeout)
+    per_rank = run_distributed(_layouts_worker, world_size, layouts, steps, masked, bugs, timeout=timeout)
     merged = []
     for index in range(len(layouts)):
         runs = [rank_runs[index] for rank_runs in per_rank]
@@ -131,10 +146,16 @@ def train_layouts(layouts: list[list[str]], world_size: int, steps: int, timeout
     return merged
 
 
-def train_named_layouts(by_world: dict[int, dict[str, list[str]]], steps: int) -> dict[str, LayoutRun]:
-    """{name: run} for named layouts grouped by world size: one spawn per world size."""
+def train_named_layouts(by_world: dict[int, dict[str, list[str]]], steps: int,
+                        bugs: Optional[dict[str, Callable]] = None) -> dict[str, LayoutRun]:
+    """{name: run} for named layouts grouped by world size: one spawn per world size.
+
+    bugs: {layout name: deliberate bug} for layouts that run with one (tests/layout_bugs.py).
+    """
+    bugs = bugs or {}
     return {name: run for world, layouts in by_world.items()
-            for name, run in zip(layouts, train_layouts(list(layouts.values()), world, steps))}
+            for name, run in zip(layouts, train_layouts(list(layouts.values()), world, steps,
+                                                        bugs=[bugs.get(name) for name in layouts]))}
 
 
 def train_layout(overrides: list[str], world_size: int, steps: int) -> tuple[list[float], dict]:
@@ -145,28 +166,47 @@ def train_layout(overrides: list[str], world_size: int, steps: int) -> tuple[lis
 
 def max_relative_loss_diff(losses: list[float], reference: list[float]) -> float:
     """max over steps of |loss - reference| / |reference|."""
-    if len(losses) != len(reference):
-        raise AssertionError(f"{len(losses)} losses vs {len(reference)} reference steps")
-    return max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+    return max_loss_diff(losses, reference, relative=True)
 
 
-def max_weight_diff(state: dict, reference: dict) -> float:
-    """max over parameters of max |w - w_ref|; the names and shapes must match."""
-    if set(state) != set(reference):
-        raise AssertionError(f"parameter names differ: {sorted(set(state) ^ set(reference))[:6]}")
-    worst = 0.0
-    for name, value in state.items():
-        if value.shape != reference[name].shape:
-            raise AssertionError(f"{name}: shape {tuple(value.shape)} vs {tuple(reference[name].shape)}")
-        worst = max(worst, (value.float() - reference[name].float()).abs().max().item())
-    return worst
+class SingleRankRuns:
+    """Single-rank reference runs and their tolerances, each trained once per test session.
+
+    One instance lives in the session fixture `single_rank` (tests/conftest.py): modules whose
+    references train the same config (the TP/DP, context-parallel and pipeline parity tests) share
+    the run, and each floor (a config and a scope of tests/noise_floor.py) costs one more in-process run.
+    """
+
+    def __init__(self):
+        self._runs: dict[tuple, LayoutRun] = {}
+
+    def _run(self, overrides, steps: int, masked: bool, reordered: Optional[str]) -> LayoutRun:
+        key = (tuple(overrides), steps, masked, reordered)
+        if key not in self._runs:
+            from parallel.topology import ParallelContext
+
+            self._runs[key] = _run_layout(list(overrides), 1, steps, lambda cfg: ParallelContext.single(), masked,
+                                          reordered=reordered)
+        return self._runs[key]
+
+    def reference(self, overrides, steps: int, masked: bool = False) -> LayoutRun:
+        """The single-rank run of the parity config with `overrides`."""
+        return self._run(overrides, steps, masked, reordered=None)
+
+    def reordered(self, overrides, steps: int, masked: bool = False, layout=()) -> LayoutRun:
+        """The reference run again with the reductions `layout` reorders reordered (tests/noise_floor.py)."""
+        return self._run(overrides, steps, masked, reordered=floor_scope([*overrides, *layout]))
+
+    def tolerance(self, overrides, steps: int, masked: bool = False, layout=()) -> Tolerance:
+        """The tolerance of `layout` (its --set overrides) on this config: from the reference and its floor run."""
+        reference, reordered = self.reference(overrides, steps, masked), self.reordered(overrides, steps, masked, layout)
+        return Tolerance.measured((reference.losses, reference.state_dict), (reordered.losses, reordered.state_dict))
 
 
-def assert_matches_reference(name: str, run: "LayoutRun", reference: "LayoutRun", tolerance: float = 1e-5) -> None:
+def assert_matches_reference(name: str, run: "LayoutRun", reference: "LayoutRun", tolerance: Tolerance,
+                             state: Optional[dict] = None) -> tuple[float, float]:
     """Per-step loss (relative) and final weights (absolute) within `tolerance` of the reference
-    run; prints both differences, so a passing run still shows how close it was."""
-    loss_diff = max_relative_loss_diff(run.losses, reference.losses)
-    weight_diff = max_weight_diff(run.state_dict, reference.state_dict)
-    print(f"{name}: max relative loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}")
-    assert loss_diff <= tolerance, (name, run.losses, reference.losses)
-    assert weight_diff <= tolerance, (name, weight_diff)
+    run; prints both differences with their floors and tolerances, so a passing run still shows
+    how close it was. state: the weights to compare, when not all of run.state_dict."""
+    return tolerance.check(name, run.losses, run.state_dict if state is None else state,
+                           reference.losses, reference.state_dict)

@@ -7,10 +7,13 @@ the weights (they are freed outside forward/backward).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
+from tests.noise_floor import Reordered
 from tests.parity import FakeData, _distributed_context, parity_config
 
 
@@ -42,7 +45,17 @@ def _portable(state: dict) -> dict:
     return out
 
 
-def _run(overrides: list[str], world_size: int, steps: int, ctx_factory) -> ZeroRun:
+def _unpermuted(optimizer_state: dict, floor: Reordered) -> dict:
+    """A single rank's optimizer state (every piece whole) in the reference's feature order."""
+    def whole(name, piece):
+        value = floor.state({name: piece.local.reshape(piece.global_shape)})[name]
+        return dataclasses.replace(piece, local=value.reshape(-1))
+
+    return {name: {k: whole(name, v) if hasattr(v, "local") else v for k, v in entry.items()}
+            for name, entry in optimizer_state.items()}
+
+
+def _run(overrides: list[str], world_size: int, steps: int, ctx_factory, reordered: Optional[str] = None) -> ZeroRun:
     from engine.train.grad_sync import memory_bytes, sharded_optimizer_state
     from engine.model.parallelize import gather_full_state_dict
     from engine.train.trainer import Trainer
@@ -50,17 +63,22 @@ def _run(overrides: list[str], world_size: int, steps: int, ctx_factory) -> Zero
     cfg = parity_config(overrides, world_size, steps)
     ctx = ctx_factory(cfg)
     trainer = Trainer(cfg, ctx, FakeData.for_config(cfg))
-    results = [trainer.train_step(step) for step in range(steps)]
+    floor = Reordered(trainer, reordered) if reordered else None
+    results = [trainer.train_step(step, floor.microbatches(step, trainer.microbatches(step)) if floor else None)
+               for step in range(steps)]
     ledger = dict(trainer.ledger.bytes)
     gathered = getattr(trainer.grads, "gathered", contextlib.nullcontext)
     with gathered():
         state = gather_full_state_dict(trainer.chunks, ctx)
+    optimizer_state = sharded_optimizer_state(trainer.optimizer)
+    if floor is not None:
+        state, optimizer_state = floor.state(state), _unpermuted(optimizer_state, floor)
     layout = getattr(trainer.grads, "layout", None)
     return ZeroRun([r.loss for r in results],
                    {k: v.float().numpy() for k, v in state.items()} if ctx.rank == 0 else None,
                    [ledger], [memory_bytes(trainer.grads, trainer.optimizer)],
                    [{k: v for k, v in trainer.record(results[-1]).items() if k.startswith("mem_")}],
-                   [_portable(sharded_optimizer_state(trainer.optimizer))],
+                   [_portable(optimizer_state)],
                    [layout.numel if layout is not None else 0], trainer.num_microbatches)
 
 
@@ -68,12 +86,16 @@ def _worker(rank: int, world_size: int, layouts: list[list[str]], steps: int) ->
     return [_run(overrides, world_size, steps, _distributed_context) for overrides in layouts]
 
 
-def train_zero_layouts(layouts: list[list[str]], world_size: int, steps: int, timeout: float = 300.0) -> list[ZeroRun]:
-    """Train each layout on `world_size` ranks inside one spawn (in this process when world_size=1)."""
+def train_zero_layouts(layouts: list[list[str]], world_size: int, steps: int, timeout: float = 300.0,
+                       reordered: Optional[str] = None) -> list[ZeroRun]:
+    """Train each layout on `world_size` ranks inside one spawn (in this process when world_size=1).
+
+    reordered (one rank only): the noise-floor run of tests/noise_floor.py in that scope, weights
+    and optimizer state in the reference's order."""
     if world_size == 1:
         from parallel.topology import ParallelContext
 
-        per_rank = [[_run(o, 1, steps, lambda cfg: ParallelContext.single()) for o in layouts]]
+        per_rank = [[_run(o, 1, steps, lambda cfg: ParallelContext.single(), reordered) for o in layouts]]
     else:
         from tests.distributed import run_distributed
 
