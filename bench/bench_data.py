@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline.gpt_dataset import GPTDataset  # noqa: E402
 from data_pipeline.indexed_dataset import IndexedDatasetReader, IndexedDatasetWriter  # noqa: E402
-from data_pipeline.corpus import stdlib_files  # noqa: E402
+from data_pipeline.named_inputs import stdlib_files  # noqa: E402
 from data_pipeline.preprocess import preprocess  # noqa: E402
 
 
