@@ -29,7 +29,7 @@ from pathlib import Path
 
 from engine.config import ModelConfig, load_config
 from engine.perf.hardware import Cluster, make_cluster
-from engine.perf.inputs import Assumptions, Layout
+from engine.perf.inputs import STACKS, Assumptions, Layout
 from engine.perf.perf_model import StepEstimate, estimate_step
 from engine.train.metrics import flops_per_step
 
@@ -46,14 +46,11 @@ LLAMA3_TABLE_4 = (  # GPUs, tp, cp, pp, dp, seq, batch per DP rank, MFU %
 )
 TORCHTITAN_8B = (8, 2, 8192, 5762)  # GPUs (FSDP), local batch, seq, tokens/s/GPU (bf16, eager)
 
-MEGATRON_2021 = Assumptions(flash_attention=False, fused_elementwise=True, grad_reduce_overlap=False,
-                            grad_reduce_bytes=2, grad_fingerprint_sync=False, blockwise_cross_entropy=False,
-                            pp_scatter_gather=True)
+MEGATRON_2021 = Assumptions(**STACKS["megatron-2021"])
 """2021 Megatron (Narayanan et al.): see the module docstring."""
-LLAMA3_STACK = Assumptions(fused_elementwise=True, param_gather_overlap=True, grad_fingerprint_sync=False,
-                           blockwise_cross_entropy=False, cp_attention="flash")
+LLAMA3_STACK = Assumptions(**STACKS["llama3"])
 """Meta's Llama 3 training stack (see the module docstring)."""
-TORCHTITAN = Assumptions(grad_fingerprint_sync=False, blockwise_cross_entropy=False)
+TORCHTITAN = Assumptions(**STACKS["torchtitan"])
 """torchtitan eager with FSDP2 (per-layer gathers, prefetched)."""
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 """The presets (the Llama 3 shapes)."""

@@ -4,8 +4,9 @@ assumptions (how the code that runs the layout behaves), with defaults that desc
 `Layout` is the engine's one layout type (parallel.layout.ParallelLayout) plus the batch shape
 and the recomputation the model prices. `Assumptions` are the knobs that are not hardware; the
 defaults are the engine as built (checked against its code, see each field), and `--assume
-KEY=VALUE` on `apogee plan` describes another stack (a 2021 Megatron run: flash_attention=false,
-grad_reduce_overlap=false, fused_elementwise=true; see engine/perf/calibration.py).
+KEY=VALUE` on `apogee plan` describes another stack, key by key (flash_attention=false) or as a
+preset (`stack=megatron-2021`, `stack=megatron`, `stack=llama3`, `stack=torchtitan`: STACKS),
+which is how engine/perf/calibration.py prices the published runs.
 """
 from __future__ import annotations
 
@@ -112,17 +113,40 @@ class Assumptions:
     """Memory lost to the CUDA context, NCCL buffers and allocator fragmentation."""
 
 
+STACKS = {
+    "engine": {},
+    "megatron-2021": dict(flash_attention=False, fused_elementwise=True, grad_reduce_overlap=False, grad_reduce_bytes=2,
+                          grad_fingerprint_sync=False, blockwise_cross_entropy=False, pp_scatter_gather=True),
+    "megatron": dict(fused_elementwise=True, param_gather_overlap=True, grad_fingerprint_sync=False,
+                     blockwise_cross_entropy=False, cp_attention="flash"),
+    "llama3": dict(fused_elementwise=True, param_gather_overlap=True, grad_fingerprint_sync=False,
+                   blockwise_cross_entropy=False, cp_attention="flash"),
+    "torchtitan": dict(grad_fingerprint_sync=False, blockwise_cross_entropy=False, cp_attention="flash"),
+}
+"""Assumptions of known training stacks, `--assume stack=NAME` (other keys then override them):
+this engine; 2021 Megatron (Narayanan et al.: unfused attention, fused element-wise kernels,
+gradients all-reduced in fp16 after backward, scatter-gather p2p); Megatron-Core/NeMo and
+Llama 3's stack (fused kernels, distributed optimizer with overlapped gradient reduction and
+parameter gather, fused loss, a fused kernel per CP block); torchtitan eager (FSDP2, SDPA)."""
+
+
 def assumption_keys() -> tuple[str, ...]:
-    """Names `--assume` accepts."""
-    return tuple(f.name for f in dataclasses.fields(Assumptions))
+    """Names `--assume` accepts (`stack` picks a preset of the others)."""
+    return ("stack", *(f.name for f in dataclasses.fields(Assumptions)))
 
 
 def parse_assumptions(pairs: list[str], option: str = "--assume") -> Assumptions:
-    """Assumptions from 'KEY=VALUE' strings; PerfModelError names the option, key and what is valid."""
+    """Assumptions from 'KEY=VALUE' strings (a stack=NAME preset first, then the other keys over it);
+    PerfModelError names the option, key and what is valid."""
     hints = typing.get_type_hints(Assumptions)
     values = {}
-    for pair in pairs:
+    for pair in sorted(pairs, key=lambda p: not p.startswith("stack=")):
         key, sep, text = pair.partition("=")
+        if sep and key == "stack":
+            if text not in STACKS:
+                raise PerfModelError(f"{option} stack={text!r}: expected one of {', '.join(STACKS)}")
+            values.update(STACKS[text])
+            continue
         if not sep or key not in hints:
             raise PerfModelError(f"{option} {pair!r}: expected KEY=VALUE with KEY one of {', '.join(assumption_keys())}")
         values[key] = _convert(hints[key], text, f"{option} {key}")

@@ -69,14 +69,20 @@ class ActivationShape:
     core_output_copy: bool = False
     """Whether o_proj saves its own copy of the attention output: ring attention (cp > 1) off CPU
     returns [b, h, s, d]-contiguous blocks whose reshape copies; the flash kernels' output is a view."""
+    ring_scores: bool = False
+    """Whether ring attention materialises each block's fp32 scores (parallel/block_attention.py's
+    matmul path, the one it takes off CPU): a transient of the diagonal block's scores and probabilities."""
 
     @classmethod
-    def of(cls, cfg: ModelConfig, layout: Layout, dtype_bytes: int = 2, on_cpu: bool = False) -> "ActivationShape":
-        """The shape of `cfg` under `layout`'s tp, sp, cp and micro-batch size."""
+    def of(cls, cfg: ModelConfig, layout: Layout, dtype_bytes: int = 2, on_cpu: bool = False,
+           ring_matmul: bool = True) -> "ActivationShape":
+        """The shape of `cfg` under `layout`'s tp, sp, cp and micro-batch size (on a GPU unless on_cpu;
+        ring_matmul: CP blocks as the engine's fp32 matmuls, not a fused kernel)."""
+        ring = layout.cp > 1 and not on_cpu
         return cls(layout.micro_batch_size, cfg.seq_length // layout.cp, cfg.hidden_size, cfg.num_heads,
                    cfg.num_kv_heads, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size, layout.tp,
                    layout.sequence_parallel and layout.tp > 1, cfg.num_experts, cfg.moe_topk,
-                   cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size, dtype_bytes, layout.cp > 1 and not on_cpu)
+                   cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size, dtype_bytes, ring, ring and ring_matmul)
 
     @property
     def tokens(self) -> int:
@@ -166,12 +172,14 @@ def transient_bytes(x: ActivationShape, recompute: str, first: bool, last: bool)
     layer's activations beside them; the loss's fp32 work on the logits (tp > 1: the logits, their
     fp32 copy, shifted and exp beside the saved softmax, 10 V/t bytes per token; tp=1: the bf16
     gradient of the logits); the dense bf16 gradient of the embedding or output matrix before it
-    is added into the fp32 main grad."""
+    is added into the fp32 main grad; ring attention's fp32 block scores where it materialises them."""
     d = x.dtype_bytes
     work = 6 * d * x.h * x.topk * x.tokens if x.experts else 2 * d * x.ffn / x.tp * x.tokens
     out = {"layer_backward": work}
     if recompute == "full":
         out["recomputed_layer"] = sum(layer_terms(x, "none").values()) + (work if x.experts else 0.0)
+    if x.ring_scores:  # the diagonal block's fp32 scores and probabilities (backward: probs and dS)
+        out["ring_scores"] = 2 * FP32 * x.b * x.heads / x.tp * x.s * x.s
     if last:
         out["loss"] = (10 * x.vocab / x.tp if x.tp > 1 else d * x.vocab) * x.tokens
     if first or last:
@@ -274,7 +282,7 @@ def stage_memory(cfg: ModelConfig, lay: Layout, assume: Assumptions, stage: int,
     if lay.zero >= 3:  # the layer in use and the one prefetched (bf16), and their fp32 grad buffers
         unit = sum(stage_parameters(cfg, lay, 1, False, False))
         params, grads = params + 2 * 2 * unit, grads + 2 * 4 * unit
-    x = ActivationShape.of(cfg, lay)
+    x = ActivationShape.of(cfg, lay, ring_matmul=assume.cp_attention == "matmul")
     per_layer = sum(layer_terms(x, lay.recompute).values())
     m, v = lay.microbatches, lay.virtual_stages
     held_chunks = held_chunk_forwards(lay.pp, stage, m, v)

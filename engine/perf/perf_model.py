@@ -35,7 +35,7 @@ from engine.perf.comm import (Placement, collective_seconds, cp_ring_bytes, dp_t
                               ep_all_to_all_bytes, place, tp_comm_bytes)
 from engine.perf.compute import Pass, embedding_compute, head_compute, layer_compute
 from engine.perf.hardware import Cluster, GPUSpec, known_gpus, make_cluster  # noqa: F401
-from engine.perf.inputs import GIB, Assumptions, Layout, PerfModelError  # noqa: F401
+from engine.perf.inputs import GIB, RECOMPUTE_MODES, Assumptions, Layout, PerfModelError  # noqa: F401
 from engine.perf.memory import (ActivationShape, MemoryEstimate, activation_bytes_per_layer,  # noqa: F401
                                 in_flight_microbatches, model_state_bytes, peak_memory, stage_layers,
                                 stage_parameters)
@@ -194,6 +194,8 @@ def estimate_step(cfg: ModelConfig, layout: Layout, cluster: Cluster, assume: As
     microbatch over all its chunks (layers from parallel.pipeline's partition, p2p blocking; the
     first stage also embeds, the last runs the output layer and the loss).
     """
+    if layout.recompute not in RECOMPUTE_MODES:
+        raise PerfModelError(f"recompute={layout.recompute!r}: expected one of {', '.join(RECOMPUTE_MODES)}")
     lay, m, pp, v = layout, layout.microbatches, layout.pp, layout.virtual_stages
     groups = placements(lay, cluster)
     per_layer = _layer_seconds(cfg, lay, cluster, assume, groups)
