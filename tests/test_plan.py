@@ -102,12 +102,14 @@ def test_apogee_plan_prints_a_table_with_margins_and_refuses_an_unknown_gpu():
     (["--config", "configs/llama3-8b.yaml"], "--gpus: required unless --layout gives the layout"),
     (["--config", "configs/llama3-8b.yaml", "--layout", "zero=5"], "--layout zero='5': expected 0, 1, 2 or 3"),
     (["--config", "configs/llama3-8b.yaml", "--layout", "tp=8", "--gpus", "64", "--assume", "flash=false"],
-     "--assume 'flash=false': expected KEY=VALUE with KEY one of flash_attention"),
+     "--assume 'flash=false': expected KEY=VALUE with KEY one of stack, flash_attention"),
     (["--config", "configs/llama3-8b.yaml", "--layout", "tp=8", "--assume", "tp_overlap=2"],
      "--assume tp_overlap=2.0: expected a fraction in [0, 1]"),
     (["--config", "configs/llama3-8b.yaml", "--layout", "tp=8", "--assume", "fused_elementwise=maybe"],
      "--assume fused_elementwise='maybe': expected true or false"),
     (["--config", "configs/llama3-8b.yaml", "--layout", "tp=3"], "--layout: no valid layout of llama3-8b on 3 GPUs"),
+    (["--config", "configs/llama3-8b.yaml", "--layout", "tp=8", "--assume", "stack=deepspeed"],
+     "--assume stack='deepspeed': expected one of engine, megatron-2021, megatron, llama3, torchtitan"),
 ])
 def test_apogee_plan_bad_input_names_the_option_and_exits_2(args, message, capsys):
     assert apogee_main(["plan", *args]) == 2

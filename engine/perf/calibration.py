@@ -176,8 +176,3 @@ def report(rows: list[Row] | None = None) -> tuple[str, dict]:
                  f"held out {summary['holdout']:.1f} ({len(errors['holdout'])} rows); worst {summary['worst']:.1f}; "
                  f"mean signed error {summary['bias']:+.1f}")
     return "\n".join(lines), summary
-
-
-def with_assumptions(row: Row, **changes) -> Row:
-    """`row` with some of its assumptions changed (what-if studies)."""
-    return dataclasses.replace(row, assume=dataclasses.replace(row.assume, **changes))

@@ -8,7 +8,7 @@ training tables (engine/perf/calibration.py reports the model's error on those):
   400 Gb/s NDR per later GPU);
 - efficiencies: large bf16 cuBLAS GEMMs reach ~78% of peak on A100 and ~68% on H100-class parts
   (power-limited at 700 W); PyTorch SDPA's flash kernels (FlashAttention-2) forward+backward
-  ~55% on A100 and ~38% on H100 (FA2 is not Hopper-tuned); streaming element-wise kernels ~85% of
+  ~55% on A100 and ~30% on H100 (FA2 is not Hopper-tuned: ~335 TFLOP/s forward, less backward); streaming element-wise kernels ~85% of
   HBM bandwidth; FP32 SGEMM ~85% of the FP32 peak; NCCL bus bandwidth ~80% of line rate.
 - the network: rail-optimised fat trees where one leaf tier joins a scalable unit of 32 nodes
   (DGX SuperPOD's SU); traffic that crosses the spine, and at larger sizes the core, meets ECMP

@@ -71,7 +71,7 @@ class Assumptions:
     in full); 'flash' a fused kernel per block in the model's dtype (TE's or Llama 3's CP)."""
     fused_elementwise: bool = False
     """Norms, RoPE, SwiGLU and residual adds as fused kernels (Megatron, torch.compile); False is
-    the engine's eager ops, whose RMSNorm alone makes ~10 fp32 passes (see _elementwise_bytes)."""
+    the engine's eager ops, whose RMSNorm alone makes ~10 fp32 passes (engine/perf/compute.py)."""
     tp_overlap: float = 0.0
     """Fraction of TP/SP communication hidden behind GEMMs (0: the engine does not overlap)."""
     pp_overlap: float = 0.0

@@ -286,11 +286,13 @@ def stage_memory(cfg: ModelConfig, lay: Layout, assume: Assumptions, stage: int,
     per_layer = sum(layer_terms(x, lay.recompute).values())
     m, v = lay.microbatches, lay.virtual_stages
     held_chunks = held_chunk_forwards(lay.pp, stage, m, v)
-    # The chunk-microbatches held at the peak, each with its own layers; chunk extras per chunk.
-    per_chunk = [n * per_layer + sum(chunk_terms(x, first and c == 0, last and c == v - 1,
-                                                 received=not (first and c == 0)).values())
+    # The chunk-microbatches held at the peak (spread over the stage's chunks), each with its layers
+    # and extras; the loss's tensors once: the last model chunk runs each backward right after its
+    # forward (the engine's schedule), so one microbatch's head is alive at a time.
+    per_chunk = [n * per_layer + sum(chunk_terms(x, first and c == 0, False, received=not (first and c == 0)).values())
                  for c, n in enumerate(layers)]
-    held = held_chunks / v * sum(per_chunk)
+    head = sum(chunk_terms(x, False, True).values()) - sum(chunk_terms(x, False, False).values()) if last else 0.0
+    held = held_chunks / v * sum(per_chunk) + head
     activations = held + max(transient_bytes(x, lay.recompute, first, last).values())
     return MemoryEstimate(params, grads, optimizer, activations, assume.reserved_bytes)
 

@@ -212,17 +212,17 @@ def estimate_step(cfg: ModelConfig, layout: Layout, cluster: Cluster, assume: As
         layers = sum(stage_layers(cfg, lay, r))
         dense, expert = stage_parameters(cfg, lay, layers, r == 0, r == pp - 1)
         extras = _extras_seconds(cfg, lay, cluster, assume, groups, r == 0, r == pp - 1, dense + expert)
-        costs = {k: layers * per_layer[k] for k in ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "backward")}
-        for k in ("compute", "tp_comm", "backward"):
-            costs[k] += extras[k]
+        costs = {k: layers * per_layer[k] for k in ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm")}
+        costs["compute"] += extras["compute"]
+        costs["tp_comm"] += extras["tp_comm"]
         costs["pp_p2p"] = (1 - assume.pp_overlap) * p2p
-        stages[r] = (costs, layers, dense, expert)
-    busy = max(stages, key=lambda r: sum(v_ for k, v_ in stages[r][0].items() if k != "backward"))
-    costs, layers, dense, expert = stages[busy]
-    t_mb = sum(v_ for k, v_ in costs.items() if k != "backward")
-    times = {k: m * costs[k] for k in ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_p2p")}
+        backward = layers * per_layer["backward"] + extras["backward"]
+        stages[r] = (costs, backward, layers, dense, expert)
+    busy = max(stages, key=lambda r: sum(stages[r][0].values()))
+    costs, t_backward, layers, dense, expert = stages[busy]
+    t_mb = sum(costs.values())
+    times = {k: m * seconds for k, seconds in costs.items()}
     times["pp_bubble"] = pipeline_bubble_fraction(pp, m, v) * m * t_mb
-    t_backward = costs["backward"]
     exposed, slowdown = _dp_seconds(lay, cluster, assume, groups, dense, expert, t_backward, t_mb - t_backward,
                                     layers)
     times["dp_comm"] = exposed
