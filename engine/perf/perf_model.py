@@ -41,6 +41,12 @@ from engine.perf.memory import (ActivationShape, MemoryEstimate, activation_byte
                                 stage_parameters)
 from engine.train.metrics import flops_per_step
 
+__all__ = [  # the model's own names, and the pieces it is built from, re-exported for callers and tests
+    "StepEstimate", "estimate_step", "pipeline_bubble_fraction", "placements", "Assumptions", "Layout", "PerfModelError",
+    "GIB", "Cluster", "GPUSpec", "known_gpus", "make_cluster", "MemoryEstimate", "activation_bytes_per_layer",
+    "in_flight_microbatches", "model_state_bytes", "cp_ring_bytes", "dp_traffic_elements", "ep_all_to_all_bytes",
+    "tp_comm_bytes"]
+
 
 def pipeline_bubble_fraction(pp: int, microbatches: int, virtual_stages: int = 1) -> float:
     """Idle time over ideal time: (p-1)/m for 1F1B, (1/v)(p-1)/m interleaved (Narayanan et al. 2021)."""
