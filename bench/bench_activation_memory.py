@@ -1,138 +1,89 @@
-"""Peak activation bytes per pipeline stage, measured, next to Korthikanti et al.'s formulas.
+"""Activation memory as measured: bytes the engine's forward leaves for backward, per layer, next
+to the performance model's formula (engine/perf/memory.py, one named term per saved tensor).
 
-Measured: during one real training step on gloo ranks, every tensor autograd saves for backward
-is tracked (torch.autograd.graph.saved_tensors_hooks) until autograd frees it; parameters are
-left out. "peak" is the most bytes of distinct activation storage alive at once on the stage;
-"1 mb" is the same with one microbatch per step (so peak / 1 mb = microbatches held at once).
+For each configuration the engine's Trainer builds the model chunk (its TP/SP/CP plan, bf16) and
+runs one microbatch; engine/perf/activation_meter.py counts the distinct storages that forward
+allocated and that are still alive once forward and loss returned (autograd's saved tensors,
+seen through saved-tensor hooks, and what non-reentrant checkpointing keeps), and the peak of
+live bytes through backward. Two depths (2 and 4 layers) give the bytes per layer (the
+difference / 2) and the rest (embedding, head, loss, RoPE). Dense and MoE layers, recompute
+none/selective/full on one rank; tensor parallelism with and without sequence parallelism and
+context parallelism on two gloo ranks (parallel.spawn.run_distributed; rank 0's figures, the ranks
+are symmetric).
 
-Formulas (Korthikanti et al. 2022, arXiv 2205.05198, per layer, b samples of s tokens):
-  GPT, 16-bit, no parallelism:  s*b*h*(34 + 5*a*s/h) bytes; with flash attention 34*s*b*h.
-  This layer, fp32, adapted term by term (what each op saves): RMSNorm keeps its input and the
-  normalised x (GPT's LayerNorm: input only) plus an s*b rsqrt; Q and K after RoPE are h + h_kv
-  (GQA) instead of 2h and V is h_kv; CPU SDPA is a flash kernel, so no a*s^2*b scores, only an
-  a*s*b log-sum-exp; no dropout masks; SwiGLU keeps gate, silu, up and their product (4f) where
-  GPT's GeLU MLP keeps 2 * 4h. Per token: 8h + 2h_kv + 4f + a + 2 elements, times 4 bytes.
-Stage extras, not in the per-layer formula: RoPE cos/sin (2*s*d per chunk); on the last stage
-the final norm (3h + 1 per token) and the log-softmax the loss saves (V per token).
-Schedule: 1F1B stage r holds pp - r microbatches (the first stage p, i.e. L layers' worth);
-interleaved, Korthikanti's first-stage factor is 1 + (p-1)/(p*m) of that.
-Run: python bench/bench_activation_memory.py
+Deviation of a configuration: the larger of |measured/formula - 1| per layer and for the whole
+4-layer microbatch; the last line is the largest over all configurations. The peak column
+(informational) compares the measured peak with the formula's held bytes plus its largest
+transient (engine/perf/memory.transient_bytes), a rougher estimate (within ~12% here).
+
+Run: python bench/bench_activation_memory.py [--quick]
 """
+import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODEL = ["model.hidden_size=128", "model.num_heads=8", "model.num_kv_heads=4", "model.ffn_hidden_size=256",
-         "model.vocab_size=128", "model.seq_length=64", "model.num_layers=8", "train.micro_batch_size=2"]
-LAYOUTS = {2: [(2, 1, 1), (2, 1, 8), (2, 2, 8)], 4: [(4, 1, 1), (4, 1, 8), (4, 2, 8)]}  # (pp, v, m)
+MODEL = ["model.hidden_size=256", "model.num_heads=8", "model.num_kv_heads=2", "model.ffn_hidden_size=768",
+         "model.vocab_size=512", "model.seq_length=128", "train.micro_batch_size=2", "precision.dtype=bf16",
+         "optim.warmup_steps=0"]
+MOE = ["model.num_experts=4", "model.moe_topk=2", "model.moe_ffn_hidden_size=256"]
+RECOMPUTE = ("none", "selective", "full")
 
 
-class LiveActivations:
-    """Bytes of distinct non-parameter storages saved for backward and not yet freed; and their peak."""
-
-    def __init__(self, parameters):
-        self.excluded = {p.untyped_storage().data_ptr() for p in parameters}
-        self.refs: dict[int, int] = {}
-        self.current = self.peak = 0
-
-    def pack(self, tensor):
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in self.excluded:
-            return tensor
-        nbytes = tensor.untyped_storage().nbytes()
-        if not self.refs.get(ptr):
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-        self.refs[ptr] = self.refs.get(ptr, 0) + 1
-        return _Saved(tensor, ptr, nbytes, self)
-
-    @staticmethod
-    def unpack(saved):
-        return saved.tensor if isinstance(saved, _Saved) else saved
-
-    def release(self, ptr: int, nbytes: int) -> None:
-        self.refs[ptr] -= 1
-        if not self.refs[ptr]:
-            self.current -= nbytes
+def configurations(quick: bool = False) -> dict:
+    """{world size: [(name, overrides)]}: the bench's configurations (quick: four of them)."""
+    one = [(f"{kind} recompute={r}", [*extra, f"model.recompute={r}"])
+           for kind, extra in (("dense", []), ("moe", MOE)) for r in RECOMPUTE]
+    two = [(f"dense tp=2 sp={'on' if sp else 'off'} recompute={r}",
+            ["parallel.tp=2", f"parallel.sequence_parallel={str(sp).lower()}", f"model.recompute={r}"])
+           for sp in (False, True) for r in RECOMPUTE]
+    two += [(f"dense cp=2 recompute={r}", ["parallel.cp=2", f"model.recompute={r}"]) for r in RECOMPUTE]
+    if quick:
+        one = [one[0], one[4]]
+        two = [two[4], two[6]]
+    return {1: one, 2: two}
 
 
-class _Saved:
-    """A saved tensor; when autograd drops it (after backward), its bytes leave the live count."""
+def _overrides(world: int, extra: list) -> list:
+    from engine.config import load_config
 
-    __slots__ = ("tensor", "ptr", "nbytes", "tracker")
-
-    def __init__(self, tensor, ptr, nbytes, tracker):
-        self.tensor, self.ptr, self.nbytes, self.tracker = tensor, ptr, nbytes, tracker
-
-    def __del__(self):
-        self.tracker.release(self.ptr, self.nbytes)
+    par = load_config(None, [o for o in extra if o.startswith("parallel.")]).parallel
+    dp = world // (par.tp * par.cp)
+    return [*MODEL, f"train.global_batch_size={2 * dp}", f"parallel.dp={dp}", *extra]
 
 
-def _worker(rank: int, world_size: int, layouts: list) -> list:
-    import torch
-
-    from engine.train.trainer import Trainer
-    from bench.common import context_for, small_config
-    from engine.train.synthetic_data import SyntheticData
-
-    results = []
-    for pp, v, m in layouts:
-        overrides = [*MODEL, f"parallel.pp={pp}", f"parallel.virtual_stages={v}", f"train.global_batch_size={2 * m}"]
-        cfg = small_config(overrides, world_size, 1)
-        ctx = context_for(cfg)
-        trainer = Trainer(cfg, ctx, SyntheticData.for_config(cfg))
-        tracker = LiveActivations(p for _, p in trainer.named_parameters())
-        with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
-            trainer.train_step(0)
-        layers = sum(len(chunk.layers) for chunk in trainer.chunks)
-        results.append(dict(pp=pp, v=v, m=m, rank=ctx.pp_rank, peak=tracker.peak, layers=layers))
-    return results
-
-
-def layer_bytes(cfg, dtype_bytes: int = 4) -> dict:
-    """Per-layer activation bytes of one microbatch: this layer's adapted count and the GPT formulas."""
-    m, b = cfg.model, cfg.train.micro_batch_size
-    s, h, a, f = m.seq_length, m.hidden_size, m.num_heads, m.ffn_hidden_size
-    h_kv = m.num_kv_heads * m.head_dim
-    return {"adapted": s * b * (8 * h + 2 * h_kv + 4 * f + a + 2) * dtype_bytes,
-            "gpt_16bit": s * b * h * (34 + 5 * a * s / h), "gpt_16bit_flash": 34 * s * b * h}
-
-
-def main() -> None:
-    from parallel.pipeline import max_in_flight, schedule_order
+def run(quick: bool = False) -> list[dict]:
+    """Measure every configuration and compare it with the formula: one row per configuration."""
+    from engine.perf.activation_meter import compare_with_formula, measure_depths
     from parallel.spawn import run_distributed
-    from bench.common import small_config
 
-    cfg = small_config(MODEL, 1, 1)
-    per_layer = layer_bytes(cfg)
-    m_, b = cfg.model, cfg.train.micro_batch_size
-    cos_sin = 2 * m_.seq_length * m_.head_dim * 4
-    head = m_.seq_length * b * (3 * m_.hidden_size + 1 + m_.vocab_size) * 4
-    print(f"per layer, one microbatch (b={b}, s={m_.seq_length}, h={m_.hidden_size}, a={m_.num_heads}, "
-          f"h_kv={m_.num_kv_heads * m_.head_dim}, f={m_.ffn_hidden_size}): adapted fp32 {per_layer['adapted']:,} B; "
-          f"GPT 16-bit {per_layer['gpt_16bit']:,.0f} B (flash {per_layer['gpt_16bit_flash']:,} B)")
-    print(f"{'layout':<14} {'stage':>5} {'layers':>6} {'held':>4} {'measured peak':>14} {'formula peak':>13} "
-          f"{'ratio':>6} {'GPT16 flash x held':>19}")
-    for world, layouts in LAYOUTS.items():
-        per_rank = run_distributed(_worker, world, layouts, timeout=900)
-        for index, (pp, v, m) in enumerate(layouts):
-            for rank_results in per_rank:
-                r = rank_results[index]
-                order = schedule_order(pp, r["rank"], m, v)
-                chunks_held = max_in_flight(order)  # microbatch-chunks alive at the peak
-                layers_per_chunk = r["layers"] // v
-                predicted = chunks_held * (layers_per_chunk * per_layer["adapted"] + cos_sin)
-                if r["rank"] == pp - 1:
-                    predicted += head  # one microbatch's head is alive at a time (forward then its backward)
-                gpt = chunks_held * layers_per_chunk * per_layer["gpt_16bit_flash"]
-                name = f"pp={pp} v={v} m={m}"
-                print(f"{name:<14} {r['rank']:>5} {r['layers']:>6} {chunks_held:>4} {r['peak']:>14,} "
-                      f"{predicted:>13,} {r['peak'] / predicted:>6.3f} {gpt:>19,}")
-            if v > 1:  # first stage, in units of the L layers 1F1B's first stage holds
-                held = max_in_flight(schedule_order(pp, 0, m, v)) / (pp * v)
-                print(f"  first stage holds {held:.3f} x L layers' activations; Korthikanti's 1 + (p-1)/(p*m) = "
-                      f"{1 + (pp - 1) / (pp * m):.3f} (Megatron's warm-up of 2(p-1) + (v-1)p forwards holds more)")
+    rows = []
+    for world, configs in configurations(quick).items():
+        overrides = [_overrides(world, extra) for _, extra in configs]
+        measured = run_distributed(measure_depths, world, overrides, timeout=900)[0]
+        for (name, _), over, by_depth in zip(configs, overrides, measured):
+            rows.append({"name": name, **compare_with_formula(over, world, by_depth)})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="four configurations")
+    args = parser.parse_args(argv)
+    rows = run(args.quick)
+    print("bf16, b=2, s=128, h=256, 8 heads / 2 KV heads, ffn 768 (MoE: 4 experts, top-2, ffn 256), vocab 512; "
+          "bytes of one microbatch")
+    print(f"{'configuration':<36} {'layer meas':>11} {'formula':>11} {'hooks':>11} {'4-layer meas':>13} "
+          f"{'formula':>11} {'dev':>6} {'peak meas':>11} {'formula':>11}")
+    for r in rows:
+        print(f"{r['name']:<36} {r['layer']:>11,.0f} {r['layer_formula']:>11,.0f} {r['hooks']:>11,.0f} "
+              f"{r['held']:>13,} {r['held_formula']:>11,.0f} {100 * r['deviation']:>5.1f}% "
+              f"{r['peak']:>11,} {r['peak_formula']:>11,.0f}")
+    peak = max(abs(r["peak"] / r["peak_formula"] - 1) for r in rows)
+    print(f"peak through backward (held + largest transient, informational): max deviation {100 * peak:.1f}%")
+    worst = max(r["deviation"] for r in rows)
+    print(f"activation memory: max deviation {100 * worst:.1f}% over {len(rows)} configurations")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,25 @@
-"""Performance model and planner: formulas by hand, physical trends, published tables, `apogee plan`.
+"""Performance model: formulas by hand, physical trends (scale effects included), the published
+tables with their fit and held-out errors (engine/perf/calibration.py), and the engine as built.
 
-Calibration rows come from shared/reference/perf-calibration.md (Narayanan et al. 2021 Table 1,
-Llama 3 Table 4). The model is checked to within CALIBRATION_TOLERANCE of each published figure;
-the table of predicted vs published values is printed in the test output.
+The calibration table (predicted vs published MFU) is printed in the test output.
 """
-import json
-import subprocess
-import sys
+import dataclasses
+import math
 
 import pytest
 
-from cli.main import main as apogee_main
 from engine.config import ModelConfig, load_config
-from engine.config_validation import validate
-from engine.train.metrics import flops_per_step
+from engine.perf.calibration import all_rows, predict, report, torchtitan_row
+from engine.perf.comm import collective_seconds, place
+from engine.perf.memory import held_chunk_forwards
 from engine.perf.perf_model import (Assumptions, Layout, PerfModelError, activation_bytes_per_layer, cp_ring_bytes,
-                               dp_traffic_elements, ep_all_to_all_bytes, estimate_step, in_flight_microbatches,
-                               make_cluster, model_state_bytes, pipeline_bubble_fraction, tp_comm_bytes)
-from engine.perf.plan import PlanError, plan
+                                    dp_traffic_elements, ep_all_to_all_bytes, estimate_step, in_flight_microbatches,
+                                    make_cluster, model_state_bytes, pipeline_bubble_fraction, tp_comm_bytes)
+from engine.train.metrics import flops_per_step
+from parallel.pipeline import max_in_flight, schedule_order
 
-CALIBRATION_TOLERANCE = 0.25
-"""Largest relative error of predicted vs published MFU accepted for a calibration row."""
+FIT_MAE, HOLDOUT_MAE, WORST = 2.0, 3.0, 6.0
+"""MFU points: the issue's aim is a mean absolute error of at most 3 on runs the project has not seen."""
 
 H100, A100 = make_cluster("H100"), make_cluster("A100")
 
@@ -39,58 +38,66 @@ def test_bubble_is_p_minus_1_over_m_and_interleaving_divides_it_by_v():
     assert pipeline_bubble_fraction(pp=1, microbatches=8) == 0.0
 
 
-def test_zero_memory_reproduces_the_papers_7_5b_example():
+def test_zero_memory_reproduces_the_papers_7_5b_example_and_the_engine_keeps_fp32_grads():
     """Rajbhandari et al. Figure 1: Psi = 7.5B, N_d = 64, K = 12 -> 120, 31.4, 16.6, 1.88 GB."""
     psi, n_d = 7.5e9, 64
     totals = [sum(model_state_bytes(psi, n_d, zero, grad_bytes=2).values()) for zero in (0, 1, 2, 3)]
-    assert totals == pytest.approx([16 * psi, 4 * psi + 12 * psi / n_d, 2 * psi + 14 * psi / n_d, 16 * psi / n_d])
     assert [round(t / 1e9, 2) for t in totals] == [120.0, 31.41, 16.64, 1.88]
+    engine = model_state_bytes(psi, n_d, 1)  # bf16 weights, fp32 main grads, sharded fp32 Adam
+    assert engine == {"params": 2 * psi, "grads": 4 * psi, "optimizer": 12 * psi / n_d}
 
 
 def test_dp_traffic_is_2_psi_for_stages_0_to_2_and_3_psi_for_stage_3_at_one_microbatch():
     moved = [sum(dp_traffic_elements(100.0, zero).values()) for zero in (0, 1, 2, 3)]
     assert moved == [200.0, 200.0, 200.0, 300.0]
-    # The engine's stages 2 and 3 reduce every microbatch (parallel/zero.py, zero3.py): (m+1) Psi, 3 m Psi.
     assert sum(dp_traffic_elements(100.0, 2, microbatches=4).values()) == 500.0
     assert sum(dp_traffic_elements(100.0, 3, microbatches=4).values()) == 1200.0
 
 
-def test_tp_traffic_is_8bsh_times_t_minus_1_over_t_per_layer():
-    assert tp_comm_bytes(b=1, s=2048, h=4096, tp=4) == 8 * 2048 * 4096 * 3 / 4 * 2  # bf16 bytes
+def test_tp_cp_and_ep_traffic_by_hand():
+    assert tp_comm_bytes(b=1, s=2048, h=4096, tp=4) == 8 * 2048 * 4096 * 3 / 4 * 2
     assert tp_comm_bytes(b=2, s=1024, h=1024, tp=2, recompute="full") == 12 * 2 * 1024 * 1024 / 2 * 2
-    assert tp_comm_bytes(b=1, s=2048, h=4096, tp=1) == 0.0
-
-
-def test_activation_bytes_follow_korthikanti():
-    s, b, h, a = 2048, 1, 1024, 16
-    sbh = s * b * h
-    scores = 5 * a * s / h  # = 160
-    assert activation_bytes_per_layer(s, b, h, a, 1, False, "none", flash_attention=False) == sbh * (34 + scores)
-    assert activation_bytes_per_layer(s, b, h, a, 4, False, "none", flash_attention=False) == sbh * (10 + 6 + 40)
-    assert activation_bytes_per_layer(s, b, h, a, 4, True, "none", flash_attention=False) == sbh / 4 * (34 + 160)
-    assert activation_bytes_per_layer(s, b, h, a, 4, True, "selective", flash_attention=False) == 34 * sbh / 4
-    assert activation_bytes_per_layer(s, b, h, a, 4, False, "full", flash_attention=False) == 2 * sbh
-    # Flash attention never stores the a*s^2*b scores.
-    assert activation_bytes_per_layer(s, b, h, a, 4, False, "none") == sbh * 16
-    assert activation_bytes_per_layer(s, b, h, a, 4, True, "none") == 34 * sbh / 4
-
-
-def test_first_stage_holds_p_microbatches_and_korthikantis_factor_when_interleaved():
-    assert in_flight_microbatches(pp=4, microbatches=8) == 4
-    assert in_flight_microbatches(pp=4, microbatches=2) == 2
-    assert in_flight_microbatches(pp=4, microbatches=8, virtual_stages=2) == 4 * (1 + 3 / 32)
-
-
-def test_cp_ring_and_ep_all_to_all_bytes_by_hand():
-    # cp=4: K and V (b*s_local*kv_width each) travel 3 hops forward, and 2x that backward, in bf16.
-    assert cp_ring_bytes(b=1, s_local=1024, kv_width=128, cp=4) == 3 * 3 * 2 * 1024 * 128 * 2
-    # ep=4: 4 all-to-alls of tokens*topk*h, 3/4 of it leaving the device, bf16.
+    # cp=4: K and V (B_kv each) 3 hops forward and again backward, plus the fp32 dK/dV (2 B_kv each).
+    b_kv = 1024 * 128 * 2
+    assert cp_ring_bytes(b=1, s_local=1024, kv_width=128, cp=4) == 3 * 2 * b_kv * (1 + 1 + 2)
     assert ep_all_to_all_bytes(tokens=1024, topk=2, h=512, ep=4) == 4 * 1024 * 2 * 512 * 3 / 4 * 2
 
 
-def test_groups_inside_a_node_use_nvlink_and_larger_ones_the_network():
-    assert H100.bandwidth(8) == pytest.approx(0.8 * 450e9)
-    assert H100.bandwidth(16) == pytest.approx(0.8 * 50e9)
+def test_korthikanti_formulas_kept_for_comparison():
+    s, b, h, a = 2048, 1, 1024, 16
+    sbh = s * b * h
+    assert activation_bytes_per_layer(s, b, h, a, 1, False, "none", flash_attention=False) == sbh * (34 + 160)
+    assert activation_bytes_per_layer(s, b, h, a, 4, True, "selective", flash_attention=False) == 34 * sbh / 4
+    assert activation_bytes_per_layer(s, b, h, a, 4, False, "full") == 2 * sbh
+
+
+def test_held_microbatches_are_the_engine_schedules_in_flight_count():
+    for pp, v, m in [(4, 1, 8), (4, 1, 2), (4, 2, 8), (8, 3, 16), (2, 4, 2)]:
+        for stage in range(pp):
+            assert held_chunk_forwards(pp, stage, m, v) == max_in_flight(schedule_order(pp, stage, m, v))
+    assert in_flight_microbatches(pp=4, microbatches=8) == 4
+    assert in_flight_microbatches(pp=4, microbatches=8, virtual_stages=2) == (2 * 3 + 4 + 1) / 2
+
+
+def test_a_ring_collective_is_alpha_beta_with_ncclS_step_latencies():
+    c = H100
+    inside = place(8, 1, 8)
+    size = 1e9
+    assert collective_seconds("reduce_scatter", size, inside, c) == pytest.approx(
+        c.collective_launch_s + 7 * c.nvlink_latency_s + 7 / 8 * size / (0.8 * 450e9))
+    across = place(64, 8, 8)  # tp=8: one member of each DP group per node, 64 nodes
+    assert (across.per_node, across.nodes) == (1, 64)
+    latency = c.collective_launch_s + 63 * c.network_latency_s
+    bandwidth = 0.8 * 50e9 * c.tier(64)
+    assert collective_seconds("reduce_scatter", size, across, c) == pytest.approx(latency + 63 / 64 * size / bandwidth)
+    # A group with 8 members per node uses 8 NICs at once: min(NVLink, 8 x NIC).
+    assert collective_seconds("all_gather", size, place(64, 1, 8), c) < collective_seconds("all_gather", size, across, c)
+
+
+def test_fabric_tiers_and_latency_make_the_same_collective_slower_over_more_nodes():
+    times = [collective_seconds("reduce_scatter", 25 * 2**20, place(n, 8, 8), H100) for n in (8, 32, 128, 1024)]
+    assert times == sorted(times) and times[-1] > 5 * times[0]
+    assert H100.tier(16) == 1.0 > H100.tier(64) > H100.tier(8192)
 
 
 def test_unknown_gpu_is_named_with_the_valid_types():
@@ -99,7 +106,7 @@ def test_unknown_gpu_is_named_with_the_valid_types():
 
 
 # ---------------------------------------------------------------------------------------------
-# A step: costs add up, trends are physical
+# A step: costs add up, trends are physical, overlap only where the engine overlaps
 
 
 def _llama8b_layout(**changes) -> Layout:
@@ -111,10 +118,9 @@ def test_costs_add_up_to_the_step_and_mfu_counts_model_flops_from_metrics():
     model = _llama8b().model
     estimate = estimate_step(model, _llama8b_layout(recompute="full"), H100)
     assert sum(estimate.times.values()) == pytest.approx(estimate.step_time)
-    model_flops = flops_per_step(model, 256)
-    assert estimate.mfu == pytest.approx(model_flops / (estimate.step_time * 64 * 989e12))
+    assert estimate.mfu == pytest.approx(flops_per_step(model, 256) / (estimate.step_time * 64 * 989e12))
     assert estimate.tokens_per_s == pytest.approx(256 * 8192 / estimate.step_time)
-    assert estimate.times["recompute"] > 0 and estimate.times["pp_bubble"] > 0 and estimate.times["tp_comm"] > 0
+    assert all(estimate.times[k] > 0 for k in ("recompute", "pp_bubble", "tp_comm", "dp_comm", "stragglers"))
 
 
 def test_more_microbatches_shrink_the_bubble_share_of_the_step():
@@ -125,18 +131,13 @@ def test_more_microbatches_shrink_the_bubble_share_of_the_step():
     assert shares == sorted(shares, reverse=True) and shares[-1] < shares[0] / 4
 
 
-def test_zero3_holds_less_than_zero1_which_holds_less_than_plain_dp():
-    memory = [estimate_step(_llama8b().model, _llama8b_layout(zero=zero), H100).memory.total for zero in (0, 1, 3)]
-    assert memory[0] > memory[1] > memory[2]
-
-
-def test_full_recompute_costs_time_and_saves_activation_memory():
+def test_zero_shards_memory_and_full_recompute_trades_time_for_it():
     model = _llama8b().model
+    memory = [estimate_step(model, _llama8b_layout(zero=zero), H100).memory.total for zero in (0, 1, 3)]
+    assert memory[0] > memory[1] > memory[2]
     plain, full = (estimate_step(model, _llama8b_layout(recompute=mode), H100) for mode in ("none", "full"))
-    assert full.step_time > plain.step_time
-    assert full.times["compute"] + full.times["recompute"] > plain.times["compute"]
-    assert full.memory.activations < plain.memory.activations / 4
-    assert full.mfu < plain.mfu  # recomputation is not model FLOPs
+    assert full.step_time > plain.step_time and full.mfu < plain.mfu
+    assert full.memory.activations < plain.memory.activations / 3  # the loss's fp32 logits work stays
 
 
 def test_a_batch_that_does_not_split_into_microbatches_is_refused_by_name():
@@ -147,151 +148,71 @@ def test_a_batch_that_does_not_split_into_microbatches_is_refused_by_name():
 def test_tensor_parallelism_across_nodes_is_slower_than_inside_one():
     inside = estimate_step(_llama8b().model, _llama8b_layout(), make_cluster("H100", gpus_per_node=8))
     across = estimate_step(_llama8b().model, _llama8b_layout(), make_cluster("H100", gpus_per_node=1))
-    assert across.times["tp_comm"] == pytest.approx(inside.times["tp_comm"] * 450 / 50)
+    assert across.times["tp_comm"] > 5 * inside.times["tp_comm"]
+
+
+def test_zero1_parameter_gather_is_exposed_as_the_engine_runs_it_and_hidden_when_overlapped():
+    model = _llama8b().model
+    lay = Layout(dp=64, global_batch_size=512, zero=1, recompute="selective")
+    engine = estimate_step(model, lay, H100)
+    overlapped = estimate_step(model, lay, H100, Assumptions(param_gather_overlap=True))
+    after_backward = estimate_step(model, lay, H100, Assumptions(grad_reduce_overlap=False))
+    assert overlapped.times["dp_comm"] < engine.times["dp_comm"] < after_backward.times["dp_comm"]
+
+
+def test_ring_attention_as_implemented_costs_more_than_a_fused_kernel_per_block():
+    model = load_config("configs/llama3-8b.yaml", ["model.seq_length=65536"]).model
+    lay = Layout(tp=8, cp=8, dp=1, global_batch_size=8, sequence_parallel=True, recompute="full")
+    matmul = estimate_step(model, lay, H100)
+    flash = estimate_step(model, lay, H100, Assumptions(cp_attention="flash"))
+    assert matmul.step_time > 3 * flash.step_time
+    assert matmul.times["compute"] > flash.times["compute"]
+
+
+def test_mfu_falls_with_data_parallel_size_at_fixed_work_per_gpu_and_at_fixed_global_batch():
+    model = load_config("configs/llama3-70b.yaml").model
+    layout = dict(tp=8, pp=4, virtual_stages=5, zero=1, sequence_parallel=True, recompute="full")
+    sizes = (1, 8, 64, 256)
+    weak = [estimate_step(model, Layout(dp=dp, global_batch_size=16 * dp, **layout), H100).mfu for dp in sizes]
+    strong = [estimate_step(model, Layout(dp=dp, global_batch_size=1024, **layout), H100).mfu for dp in sizes]
+    print(f"\n70B tp8 pp4 v5, MFU at dp {sizes}: fixed work per GPU {[round(100 * m, 1) for m in weak]}, "
+          f"fixed global batch {[round(100 * m, 1) for m in strong]}")
+    assert weak == sorted(weak, reverse=True) and weak[-1] < 0.9 * weak[0]
+    assert strong == sorted(strong, reverse=True) and strong[-1] < weak[-1]
 
 
 # ---------------------------------------------------------------------------------------------
-# Calibration against published tables
-
-NARAYANAN_TABLE_1 = [  # params (B), heads, hidden, layers, tp, pp, GPUs, batch, TFLOP/s per GPU
-    (1.7, 24, 2304, 24, 1, 1, 32, 512, 137), (3.6, 32, 3072, 30, 2, 1, 64, 512, 138),
-    (7.5, 32, 4096, 36, 4, 1, 128, 512, 142), (18.4, 48, 6144, 40, 8, 1, 256, 1024, 135),
-    (39.1, 64, 8192, 48, 8, 2, 512, 1536, 138), (76.1, 80, 10240, 60, 8, 4, 1024, 1792, 140),
-    (145.6, 96, 12288, 80, 8, 8, 1536, 2304, 148), (310.1, 128, 16384, 96, 8, 16, 1920, 2160, 155),
-    (529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163), (1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163),
-]
-LLAMA3_TABLE_4 = [  # GPUs, tp, cp, pp, dp, seq, batch per DP rank, MFU %
-    (8192, 8, 1, 16, 64, 8192, 32, 43), (16384, 8, 1, 16, 128, 8192, 16, 41),
-    (16384, 8, 16, 16, 8, 131072, 16, 38),
-]
+# Published tables (engine/perf/calibration.py)
 
 
-def _fastest(cfg: ModelConfig, layouts, cluster, assume=Assumptions(), need_fit=True):
-    """The paper leaves micro-batch size and virtual stages out; take the fastest the model predicts."""
-    estimates = [estimate_step(cfg, lay, cluster, assume) for lay in layouts]
-    return min((e for e in estimates if e.fits or not need_fit), key=lambda e: e.step_time)
-
-
-def _narayanan_row(heads, h, layers, tp, pp, gpus, batch):
-    """GPT (2021 Megatron: no flash attention, full recompute, fp16 params): MHA, a 4h GeLU MLP
-    (the FLOPs and weights of a SwiGLU MLP of width 8h/3), V = 51200, s = 2048, A100 80 GB."""
-    cfg = ModelConfig(hidden_size=h, num_layers=layers, num_heads=heads, num_kv_heads=heads, ffn_hidden_size=8 * h / 3,
-                      vocab_size=51200, seq_length=2048)
-    dp = gpus // (tp * pp)
-    layouts = [Layout(tp=tp, pp=pp, dp=dp, virtual_stages=v, micro_batch_size=b, global_batch_size=batch,
-                      recompute="full")
-               for b in (1, 2, 4, 8, 16) if batch % (b * dp) == 0
-               for v in range(1, 9) if (v == 1 or (pp > 1 and (batch // (b * dp)) % pp == 0)) and layers >= pp * v]
-    return _fastest(cfg, layouts, A100, Assumptions(flash_attention=False))
-
-
-def _paper_flops(batch, s, layers, h, vocab, recompute):
-    """Narayanan et al.'s FLOPs per iteration: 72 (96 with recompute) * B*s*l*h^2 * (1 + s/6h + V/(12|16)lh)."""
-    lead, div = (96, 16) if recompute else (72, 12)
-    return lead * batch * s * layers * h**2 * (1 + s / (6 * h) + vocab / (div * layers * h))
-
-
-def test_calibration_against_narayanan_table_1_and_llama3_table_4(capsys):
-    lines = [f"{'row':<38} {'published':>9} {'predicted':>9} {'ratio':>6}  layout chosen / memory / dominant"]
-    ratios = []
-    for params, heads, h, layers, tp, pp, gpus, batch, tflops in NARAYANAN_TABLE_1:
-        estimate = _narayanan_row(heads, h, layers, tp, pp, gpus, batch)
-        # Same FLOP accounting on both sides: the paper's formula without recompute over the step time.
-        model_flops = _paper_flops(batch, 2048, layers, h, 51200, recompute=False)
-        published = tflops * 1e12 * model_flops / _paper_flops(batch, 2048, layers, h, 51200, recompute=True) / 312e12
-        predicted = model_flops / estimate.step_time / gpus / 312e12
-        ratios.append(predicted / published)
-        lay = estimate.layout
-        lines.append(f"{f'Narayanan {params:.1f}B tp{tp} pp{pp} {gpus} A100':<38} {100 * published:>8.1f}% "
-                     f"{100 * predicted:>8.1f}% {predicted / published:>6.2f}  mbs={lay.micro_batch_size} "
-                     f"v={lay.virtual_stages} {estimate.memory.total / 1e9:.0f} GB {estimate.dominant}")
-    llama = load_config("configs/llama3-405b.yaml")
-    for gpus, tp, cp, pp, dp, seq, per_dp, mfu in LLAMA3_TABLE_4:
-        cfg = load_config("configs/llama3-405b.yaml", [f"model.seq_length={seq}"]).model
-        # Llama 3's FSDP without resharding after forward gathers parameters and reduce-scatters
-        # gradients once per step: ZeRO-1's 2 Psi traffic. Interleaving with uneven chunks (126 layers).
-        layouts = [Layout(tp=tp, cp=cp, pp=pp, dp=dp, virtual_stages=v, global_batch_size=per_dp * dp, zero=1,
-                          sequence_parallel=True) for v in range(1, 8)]
-        estimate = _fastest(cfg, layouts, H100, need_fit=False)
-        assert estimate.layout.world == gpus and llama.model.num_layers == 126
-        ratios.append(estimate.mfu / (mfu / 100))
-        lines.append(f"{f'Llama 3 405B tp{tp} cp{cp} pp{pp} dp{dp} s={seq}':<38} {mfu:>8.1f}% {100 * estimate.mfu:>8.1f}% "
-                     f"{ratios[-1]:>6.2f}  v={estimate.layout.virtual_stages} {estimate.memory.total / 1e9:.0f} GB "
-                     f"(fits: {estimate.fits}) {estimate.dominant}")
+def test_calibration_against_published_tables_fit_and_held_out(capsys):
+    table, summary = report()
     with capsys.disabled():
-        print("\nMFU, predicted vs published (model FLOPs, no recomputation):\n" + "\n".join(lines))
-    assert all(abs(r - 1) <= CALIBRATION_TOLERANCE for r in ratios), ratios
+        print("\nMFU, predicted vs published (model FLOPs, no recomputation):\n" + table)
+    assert summary["fit"] <= FIT_MAE and summary["holdout"] <= HOLDOUT_MAE and summary["worst"] <= WORST
+    assert {row.split for row in all_rows()} == {"fit", "holdout"}
+
+
+def test_the_engine_on_8_h100_is_no_faster_than_torchtitan_on_the_same_work_would_be():
+    """torchtitan (a sanity point): the engine runs the same cuBLAS/SDPA kernels, eagerly, with more
+    waste (fp32 norm copies, blockwise loss, unoverlapped ZeRO gather); on torchtitan's 500 W
+    platform the model puts it within a few points of torchtitan's published MFU."""
+    row = torchtitan_row()
+    engine = dataclasses.replace(row, assume=Assumptions(), layouts=[dataclasses.replace(row.layouts[0], zero=1)])
+    published, predicted_torchtitan, predicted_engine = row.published_mfu, predict(row).mfu, predict(engine).mfu
+    assert predicted_engine <= predicted_torchtitan
+    assert abs(predicted_torchtitan - published) <= WORST / 100
 
 
 # ---------------------------------------------------------------------------------------------
-# Planner and CLI
+# Flash attention off prices the score matrix (2021-era runs)
 
 
-@pytest.fixture(scope="module")
-def llama8b_plan():
-    return plan(_llama8b(), 64, H100, top=10)
-
-
-def test_planner_for_llama3_8b_on_64_h100_ranks_fitting_valid_layouts_by_step_time(llama8b_plan):
-    best, counts = llama8b_plan
-    assert len(best) == 10 and counts["valid"] > counts["fit"] > 100
-    assert all(e.fits and e.memory.total <= 80e9 and e.layout.world == 64 for e in best)
-    times = [e.step_time for e in best]
-    assert times == sorted(times)
-    for estimate in best:  # every proposal is a layout the engine accepts
-        lay = estimate.layout
-        validate(load_config("configs/llama3-8b.yaml", [
-            f"parallel.tp={lay.tp}", f"parallel.cp={lay.cp}", f"parallel.pp={lay.pp}", f"parallel.dp={lay.dp}",
-            f"parallel.virtual_stages={lay.virtual_stages}", f"parallel.zero={lay.zero}",
-            f"parallel.sequence_parallel={str(lay.sequence_parallel).lower()}", f"model.recompute={lay.recompute}",
-            f"train.micro_batch_size={lay.micro_batch_size}"]), 64)
-    # The config's own layout (tp=1, dp=64, ZeRO-1, selective) is no faster than the planner's pick.
-    own = estimate_step(_llama8b().model, Layout(dp=64, global_batch_size=512, zero=1, recompute="selective"), H100)
-    assert best[0].step_time <= own.step_time
-
-
-def test_planner_refuses_a_world_that_is_not_whole_nodes():
-    with pytest.raises(PlanError, match=r"--gpus=12: must be a multiple of --gpus-per-node=8"):
-        plan(_llama8b(), 12, H100)
-
-
-def _run_cli(*args):
-    return subprocess.Popen([sys.executable, "-m", "cli.main", "plan", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def test_apogee_plan_prints_a_table_and_refuses_an_unknown_gpu():
-    table = _run_cli("--config", "configs/llama3-8b.yaml", "--gpus", "64", "--gpu", "H100", "--top", "3")
-    unknown = _run_cli("--config", "configs/llama3-8b.yaml", "--gpus", "64", "--gpu", "V100")
-    out, err = table.communicate(timeout=120)
-    assert table.returncode == 0, err
-    lines = out.splitlines()
-    assert "llama3-8b on 64 x H100" in lines[0] and "fit in 80 GB" in lines[0]
-    assert lines[1].split()[:4] == ["rank", "tp", "cp", "pp"] and "dominant" in lines[1]
-    assert [line.split()[0] for line in lines[2:]] == ["1", "2", "3"]
-    out, err = unknown.communicate(timeout=120)
-    assert unknown.returncode == 2 and "Traceback" not in err
-    assert "apogee plan: --gpu=V100: unknown GPU type; valid: A100, H100, H200, B200" in err
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--config", "configs/llama3-8b.yaml", "--gpus", "12"], "--gpus=12: must be a multiple of --gpus-per-node=8"),
-    (["--config", "configs/llama3-405b.yaml", "--gpus", "8"], "--gpus=8: no valid layout of llama3-405b fits in H100 memory (80 GB)"),
-    (["--config", "configs/tiny.yaml", "--gpus", "3"], "--gpus=3: no valid layout of tiny on 3 GPUs; e.g. dp=3: train.global_batch_size=16"),
-    (["--config", "configs/llama3-8b.yaml", "--gpus", "8", "--set", "model.hidden_sise=1"], "unknown config key 'model.hidden_sise'"),
-    (["--config", "configs/llama3-8b.yaml", "--gpus", "8", "--top", "0"], "--top=0: must be >= 1"),
-])
-def test_apogee_plan_bad_input_names_the_option_and_exits_2(args, message, capsys):
-    assert apogee_main(["plan", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("apogee plan: ") and message in err
-
-
-def test_apogee_plan_json_lists_layouts_with_mfu_memory_and_dominant_cost(capsys):
-    assert apogee_main(["plan", "--config", "configs/llama3-8b.yaml", "--gpus", "16", "--top", "2", "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert doc["gpus"] == 16 and doc["gpu"] == "H100" and len(doc["layouts"]) == 2
-    first = doc["layouts"][0]
-    assert first["tp"] * first["cp"] * first["pp"] * first["dp"] == 16
-    assert 0 < first["mfu"] < 1 and first["memory_bytes"]["total"] <= 80e9 and first["dominant"] in first["times_s"]
-    assert sum(first["times_s"].values()) == pytest.approx(first["step_time_s"])
+def test_without_flash_attention_the_score_traffic_and_full_matrix_gemms_cost_time():
+    model = ModelConfig(hidden_size=2304, num_layers=24, num_heads=24, num_kv_heads=24, ffn_hidden_size=6144,
+                        vocab_size=51200, seq_length=2048)
+    lay = Layout(dp=32, micro_batch_size=4, global_batch_size=512, recompute="full")
+    flash = estimate_step(model, lay, A100)
+    unfused = estimate_step(model, lay, A100, Assumptions(flash_attention=False))
+    assert unfused.step_time > flash.step_time
+    assert math.isclose(unfused.mfu * unfused.step_time, flash.mfu * flash.step_time)  # same model FLOPs
