@@ -88,9 +88,10 @@ def check_devices(call: str, group: Group, *tensors: torch.Tensor) -> None:
         return
     for tensor in tensors:
         have = tensor.device
-        if have.type != want.type or (want.index is not None and have.index != want.index):
-            raise DeviceMismatch(f"{call} on group {group.name!r}: a tensor on {have}, but the group's tensors "
-                                 f"live on {want}; create it with device=ctx.device (or .to(ctx.device))")
+        if have == want or (want.index is None and have.type == want.type):
+            continue
+        raise DeviceMismatch(f"{call} on group {group.name!r}: a tensor on {have}, but the group's tensors "
+                             f"live on {want}; create it with device=ctx.device (or .to(ctx.device))")
 
 
 def _enter(call: str, group: Group, purpose: str, local: torch.Tensor, *others: torch.Tensor) -> None:

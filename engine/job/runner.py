@@ -28,8 +28,8 @@ from engine.resilience.preemption import Preempted
 from engine.resilience.recovery import (record_final_failure, record_restart, report_exception,
                                         restart_resume_choice, work_lost)
 from engine.stage import Stage, StageRegistry
-from parallel.collectives import CommLedger, broadcast_objects, world_group
 from engine.resilience import determinism
+from parallel.collectives import CommLedger, broadcast_objects, world_group
 from parallel.process_group import flight_recorder_environment, leave
 
 

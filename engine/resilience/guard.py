@@ -68,7 +68,9 @@ def flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
 class StepGuard:
     """Per-rank resilience logic around the trainer's steps (see the module docstring)."""
 
-    HISTORY = 4096  # steps of fingerprints kept (a few ints each): more than any rewind reaches back
+    # Steps of traces kept (8 bytes per collective input and output of the step; labels shared
+    # between steps): more than any rewind reaches back.
+    HISTORY = 4096
 
     def __init__(self, cfg: ResilienceConfig, trainer, world: Group, injector=None, events=None):
         self.cfg, self.trainer, self.world, self.injector, self.events = cfg, trainer, world, injector, events
