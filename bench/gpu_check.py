@@ -100,11 +100,16 @@ def nccl_device_check() -> dict:
     return {"status": "pass" if ok else "fail", **out}
 
 
-def deterministic_bf16_replay(device: str = "cuda:0") -> dict:
+REPLAY_MODEL = ("model.hidden_size=256", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=512",
+                "model.seq_length=256", "model.vocab_size=512")
+"""Large enough for the fused attention kernels and split GEMMs that make CUDA nondeterministic."""
+
+
+def deterministic_bf16_replay(device: str = "cuda:0", model: tuple = REPLAY_MODEL) -> dict:
     """One bf16 step computed twice (the audit) is bitwise equal on one GPU with deterministic
     kernels, and an independently built trainer repeats its losses bit for bit; the step time with
-    PyTorch's default kernels is measured beside it (the cost of determinism). (`device`: the tests
-    run it on the CPU, whose kernels repeat anyway.)"""
+    PyTorch's default kernels is measured beside it (the cost of determinism). (`device`, `model`:
+    the tests run it on the CPU with the small model, whose kernels repeat anyway.)"""
     import torch
 
     from bench.common import small_config
@@ -114,10 +119,7 @@ def deterministic_bf16_replay(device: str = "cuda:0") -> dict:
     from engine.train.trainer import Trainer
     from parallel.topology import ParallelContext
 
-    overrides = ["precision.dtype=bf16", "model.hidden_size=256", "model.num_heads=4", "model.num_kv_heads=2",
-                 "model.ffn_hidden_size=512", "model.seq_length=256", "model.vocab_size=512",
-                 "resilience.audit_interval=1"]
-    cfg = small_config(overrides, 1, steps=4)
+    cfg = small_config(["precision.dtype=bf16", *model, "resilience.audit_interval=1"], 1, steps=4)
     device = torch.device(device)
     settings = determinism.configure(cfg.resilience, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
