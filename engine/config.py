@@ -194,7 +194,8 @@ class ResilienceConfig:
 
     inject: list = field(default_factory=list)
     """Faults to rehearse, one string each: 'kill:rank=1:step=7', 'raise:rank=0:step=4',
-    'hang:rank=0:step=5', 'bitflip:target=grad:rank=1:step=9:bit=30', 'garbage_batch:step=12'."""
+    'hang:rank=0:step=5', 'bitflip:target=grad:rank=1:step=9:bit=30', 'garbage_batch:step=12',
+    'replay_noise:step=12'."""
     max_restarts: int = 3
     """Times the launcher restarts all ranks after a failure before giving up."""
     hang_timeout_s: float = 300.0
@@ -213,6 +214,10 @@ class ResilienceConfig:
     """Rewinds tolerated within rewind_window steps before the run stops with an error."""
     rewind_window: int = 100
     """Window (steps) over which rewinds are counted."""
+    deterministic: str = "strict"
+    """Kernels on CUDA, so that replays repeat bit for bit: 'strict' (torch.use_deterministic_algorithms,
+    fixed cuBLAS workspace, NCCL algorithm and protocol pinned; an op without a deterministic kernel
+    raises), 'warn' (such an op, and attention's fused backward, run as they are), 'off'. CPU: no effect."""
 
 
 @dataclass

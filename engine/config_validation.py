@@ -11,6 +11,7 @@ from typing import Any
 
 from engine.config import ApogeeConfig, ConfigError
 from engine.model.lora import TARGETS as LORA_TARGETS
+from engine.resilience.determinism import MODES
 from engine.resilience.faults import parse_faults
 
 
@@ -132,6 +133,7 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     r = cfg.resilience
     require(r.max_restarts >= 0, "resilience.max_restarts", r.max_restarts, "must be >= 0")
     require(r.hang_timeout_s >= 0, "resilience.hang_timeout_s", r.hang_timeout_s, "must be >= 0 (0 disables the watchdog)")
+    require(r.deterministic in MODES, "resilience.deterministic", r.deterministic, f"expected one of {', '.join(MODES)}")
     parse_faults(r.inject, world_size)
     cfg.parallel.dp = dp
     return cfg

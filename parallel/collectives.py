@@ -7,18 +7,10 @@ schedule), which is the quantity the formulas in Megatron's and ZeRO's papers co
 compare the two exactly. Ledger keys are (group name, op); `purpose` overrides the op name so
 that metric or loss reductions are booked apart from the traffic a formula counts.
 
-The second half holds the autograd mappings of Megatron's tensor and sequence parallelism
-(Shoeybi et al. 2019, "f" and "g"; Korthikanti et al. 2022, sequence parallelism), named after
-what they do. Each is a pair of collectives, one in forward and its conjugate in backward:
-
-    copy_to_tp_region                           f: identity        | all-reduce
-    reduce_from_tp_region                       g: all-reduce      | identity
-    scatter_to_sequence_parallel_region            split sequence  | all-gather sequence
-    gather_from_sequence_parallel_region           all-gather seq. | reduce-scatter sequence
-    reduce_scatter_to_sequence_parallel_region     reduce-scatter  | all-gather sequence
-
-Activations are [batch, seq, hidden], so "the sequence" is dim 1. The backend collectives
-concatenate along dim 0, so the sequence ops move dim 1 to the front (one copy) and back.
+Every function checks that its tensors are on the group's device (`check_devices`: NCCL takes
+only the rank's GPU tensors) and, when the ledger has an observer, shows it what this rank hands
+over and what comes back (the step guard's replay attribution). The autograd mappings of tensor
+and sequence parallelism built on these are in parallel/mappings.py.
 
 A group of size 1 makes every function here a no-op (nothing recorded), so single-rank code paths
 run the same lines as parallel ones.
@@ -28,7 +20,7 @@ from __future__ import annotations
 import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,6 +32,9 @@ class CommLedger:
 
     bytes: dict = field(default_factory=lambda: defaultdict(int))
     calls: dict = field(default_factory=lambda: defaultdict(int))
+    observer: Optional[Any] = None
+    """Shown what every collective of these groups is handed and gives back (`local(group, op,
+    tensor)`, `received(group, op, tensor)`): the step guard's trace (engine/resilience/divergence.py)."""
 
     def record(self, group: str, op: str, nbytes: int) -> None:
         """Add one collective's payload."""
@@ -70,10 +65,74 @@ class Group:
     rank: int
     ledger: CommLedger
     device: Optional[torch.device] = None
-    """Where this group's tensors live (NCCL takes only GPU tensors; gloo, CPU ones)."""
+    """Where this group's tensors live (NCCL takes only tensors on this rank's GPU; gloo, CPU ones).
+    Every function here refuses a tensor elsewhere, on CPU as on GPU; None (a group made for rank
+    math or a test) checks nothing."""
 
     def _record(self, op: str, tensor: torch.Tensor) -> None:
         self.ledger.record(self.name, op, tensor.numel() * tensor.element_size())
+
+
+class DeviceMismatch(ValueError):
+    """A tensor handed to a collective is not on the group's device (NCCL would fail or hang on it)."""
+
+
+def check_devices(call: str, group: Group, *tensors: torch.Tensor) -> None:
+    """Raise DeviceMismatch unless every tensor is on `group.device` (a comparison, no host sync).
+
+    Under NCCL a CPU tensor raises inside the backend, on one rank, mid-step; here it fails on every
+    backend, gloo included, naming the call, so the CPU tests catch what the GPU run would hit.
+    """
+    want = group.device
+    if want is None:
+        return
+    for tensor in tensors:
+        have = tensor.device
+        if have == want or (want.index is None and have.type == want.type):
+            continue
+        raise DeviceMismatch(f"{call} on group {group.name!r}: a tensor on {have}, but the group's tensors "
+                             f"live on {want}; create it with device=ctx.device (or .to(ctx.device))")
+
+
+def _enter(call: str, group: Group, purpose: str, local: torch.Tensor, *others: torch.Tensor) -> None:
+    # Every collective starts here: devices checked, then the observer (if any) sees this rank's own
+    # result before the collective mixes other ranks' values into it.
+    check_devices(call, group, local, *others)
+    observer = group.ledger.observer
+    if observer is not None:
+        observer.local(group, purpose, local)
+
+
+def _received(group: Group, purpose: str, work, *outputs: torch.Tensor):
+    """`work` (None for a blocking call); the observer sees `outputs` once they have arrived."""
+    observer = group.ledger.observer
+    if observer is None:
+        return work
+    def show() -> None:
+        for output in outputs:
+            observer.received(group, purpose, output)
+    if work is None:
+        show()
+        return None
+    return _ObservedWork(work, show)
+
+
+class _ObservedWork:
+    """A work handle whose `wait()` then shows the observer what arrived (async collectives, p2p)."""
+
+    def __init__(self, work, on_arrival):
+        self._work, self._on_arrival = work, on_arrival
+
+    def wait(self, *args, **kwargs):
+        """Wait for the collective, then show its outputs to the observer (once)."""
+        result = self._work.wait(*args, **kwargs)
+        if self._on_arrival is not None:
+            self._on_arrival, show = None, self._on_arrival
+            show()
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
 
 
 def all_reduce(tensor: torch.Tensor, group: Group, async_op: bool = False, op=dist.ReduceOp.SUM,
@@ -83,10 +142,12 @@ def all_reduce(tensor: torch.Tensor, group: Group, async_op: bool = False, op=di
     `purpose` is the ledger key: metric reductions (loss, token counts) are booked apart from the
     gradient traffic that the formulas count.
     """
+    _enter("all_reduce", group, purpose, tensor)
     if group.size == 1:
         return None
     group._record(purpose, tensor)
-    return dist.all_reduce(tensor, op=op, group=group.process_group, async_op=async_op)
+    return _received(group, purpose, dist.all_reduce(tensor, op=op, group=group.process_group, async_op=async_op),
+                     tensor)
 
 
 def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group: Group, async_op: bool = False,
@@ -95,11 +156,13 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group: Group, asyn
 
     Booked as the full `input`'s bytes.
     """
+    _enter("reduce_scatter", group, purpose, input, output)
     if group.size == 1:
         output.copy_(input)
         return None
     group._record(purpose, input)
-    return _REDUCE_SCATTER(output, input, group=group.process_group, async_op=async_op)
+    return _received(group, purpose, _REDUCE_SCATTER(output, input, group=group.process_group, async_op=async_op),
+                     output)
 
 
 def all_gather(output: torch.Tensor, input: torch.Tensor, group: Group, async_op: bool = False,
@@ -108,19 +171,25 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group: Group, async_op
 
     Booked as the full `output`'s bytes.
     """
+    _enter("all_gather", group, purpose, input, output)
     if group.size == 1:
         output.copy_(input)
         return None
     group._record(purpose, output)
-    return _ALL_GATHER(output, input, group=group.process_group, async_op=async_op)
+    return _received(group, purpose, _ALL_GATHER(output, input, group=group.process_group, async_op=async_op),
+                     output)
 
 
 def broadcast(tensor: torch.Tensor, src_index: int, group: Group, global_src: int):
     """Copy `tensor` from the group member at `src_index` (global rank `global_src`) to all."""
+    check_devices("broadcast", group, tensor)
+    observer = group.ledger.observer
+    if observer is not None and group.rank == src_index:  # elsewhere it holds nothing of this rank's yet
+        observer.local(group, "broadcast", tensor)
     if group.size == 1:
         return None
     group._record("broadcast", tensor)
-    return dist.broadcast(tensor, src=global_src, group=group.process_group)
+    return _received(group, "broadcast", dist.broadcast(tensor, src=global_src, group=group.process_group), tensor)
 
 
 class P2P(NamedTuple):
@@ -152,6 +221,7 @@ def batch_isend_irecv(ops: Sequence[P2P], group: Group) -> list:
     if not ops:
         return []
     device = ops[0].tensor.device
+    check_devices("batch_isend_irecv", group, *(op.tensor for op in ops))
     for op in ops:
         if op.kind not in (SEND, RECV):
             raise ValueError(f"p2p op kind {op.kind!r}: expected {SEND!r} or {RECV!r}")
@@ -161,12 +231,17 @@ def batch_isend_irecv(ops: Sequence[P2P], group: Group) -> list:
         if not 0 <= op.peer < group.size or op.peer == group.rank:
             raise ValueError(f"p2p peer {op.peer} on group {group.name!r} (size {group.size}, this rank "
                              f"{group.rank}): expected another member")
+    observer = group.ledger.observer
     for op in ops:
         if op.kind == SEND:
             group._record(op.purpose, op.tensor)
-    return dist.batch_isend_irecv([
+            if observer is not None:
+                observer.local(group, op.purpose, op.tensor)
+    works = dist.batch_isend_irecv([
         dist.P2POp(dist.isend if op.kind == SEND else dist.irecv, op.tensor, group=group.process_group,
                    group_peer=op.peer) for op in ops])
+    return [_received(group, op.purpose, work, op.tensor) if op.kind == RECV else work
+            for op, work in zip(ops, works)]
 
 
 def all_gather_objects(obj, group: Group, purpose: str = "all_gather_object") -> list:
@@ -206,6 +281,19 @@ def all_gather_values(values: list[int], group: Group, purpose: str = "resilienc
     group.ledger.record(group.name, purpose, local.numel() * local.element_size() * group.size)
     dist.all_gather(out, local, group=group.process_group)
     return [t.tolist() for t in out]
+
+
+def all_reduce_values(values: list[int], group: Group, op=dist.ReduceOp.MAX, purpose: str = "resilience") -> list[int]:
+    """A few int64 control values (flags: stop, anomaly) reduced over `group`, MAX by default.
+
+    They travel on the group's device, through the step's own communicator: NCCL takes no CPU
+    tensor, and a second, CPU-only gloo backend for them ('cpu:gloo,cuda:nccl') would open a
+    second set of connections per group and a second ordering of collectives to keep in step,
+    for 8 bytes that follow a loss the step already brought to the host.
+    """
+    local = torch.tensor(values, dtype=torch.int64, device=group.device)
+    all_reduce(local, group, op=op, purpose=purpose)
+    return local.tolist()
 
 
 def barrier(group: Group) -> None:
@@ -265,97 +353,6 @@ def split_along(tensor: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd mappings of tensor and sequence parallelism (Megatron's f and g and their SP forms)
-
-
-class _CopyToTPRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # all_reduce works in place, and autograd may hand the same gradient tensor to other
-        # consumers (a residual add passes one tensor to both branches): reduce a copy.
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        all_reduce(grad, ctx.group)
-        return grad, None
-
-
-class _ReduceFromTPRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        out = x.clone()
-        all_reduce(out, group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _ScatterToSequenceParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split_along(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_along(grad, 1, ctx.group), None
-
-
-class _GatherFromSequenceParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_along(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # The gathered tensor feeds tensor-parallel layers, so each rank's gradient is a partial
-        # sum over its shard of heads/columns: sum them and keep this rank's sequence chunk.
-        return reduce_scatter_along(grad, 1, ctx.group), None
-
-
-class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter_along(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_along(grad, 1, ctx.group), None
-
-
-def copy_to_tp_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """Megatron's f: identity forward, all-reduce of the gradient backward (enters a TP region)."""
-    return x if group.size == 1 else _CopyToTPRegion.apply(x, group)
-
-
-def reduce_from_tp_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """Megatron's g: all-reduce forward (sums partial outputs), identity backward (leaves a TP region)."""
-    return x if group.size == 1 else _ReduceFromTPRegion.apply(x, group)
-
-
-def scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """Keep this rank's chunk of the sequence (dim 1); backward all-gathers the gradient."""
-    return x if group.size == 1 else _ScatterToSequenceParallelRegion.apply(x, group)
-
-
-def gather_from_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """SP's f: all-gather the sequence (dim 1) forward, reduce-scatter the gradient backward."""
-    return x if group.size == 1 else _GatherFromSequenceParallelRegion.apply(x, group)
-
-
-def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """SP's g: reduce-scatter partial sums along the sequence (dim 1) forward, all-gather backward."""
-    return x if group.size == 1 else _ReduceScatterToSequenceParallelRegion.apply(x, group)
-
-
-# ---------------------------------------------------------------------------------------------
 # All-to-all with variable splits (expert-parallel token dispatch)
 
 
@@ -365,6 +362,7 @@ def all_to_all(input: torch.Tensor, out_splits: list, in_splits: list, group: Gr
     out_splits[i] from member i, concatenated in member order. Not differentiable; see
     `all_to_all_autograd`. Booked as the bytes this rank sends to the others.
     """
+    _enter("all_to_all", group, purpose, input)
     output = input.new_empty((sum(out_splits),) + tuple(input.shape[1:]))
     if group.size == 1:
         output.copy_(input)
@@ -372,23 +370,5 @@ def all_to_all(input: torch.Tensor, out_splits: list, in_splits: list, group: Gr
     row_bytes = input[:1].numel() * input.element_size()
     group.ledger.record(group.name, purpose, row_bytes * (sum(in_splits) - in_splits[group.rank]))
     dist.all_to_all_single(output, input.contiguous(), out_splits, in_splits, group=group.process_group)
+    _received(group, purpose, None, output)
     return output
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, purpose):
-        ctx.splits, ctx.group, ctx.purpose = (out_splits, in_splits), group, purpose
-        return all_to_all(x, out_splits, in_splits, group, purpose)
-
-    @staticmethod
-    def backward(ctx, grad):
-        out_splits, in_splits = ctx.splits
-        # The gradient of every received row goes back to the member that sent it.
-        return all_to_all(grad, in_splits, out_splits, ctx.group, ctx.purpose), None, None, None, None
-
-
-def all_to_all_autograd(x: torch.Tensor, out_splits: list, in_splits: list, group: Group,
-                        purpose: str = "all_to_all") -> torch.Tensor:
-    """`all_to_all` whose backward sends each row's gradient back the same way (splits swapped)."""
-    return _AllToAll.apply(x, list(out_splits), list(in_splits), group, purpose)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from parallel.collectives import Group, all_to_all, all_to_all_autograd
+from parallel.collectives import Group, all_to_all
+from parallel.mappings import all_to_all_autograd
 
 
 @dataclass

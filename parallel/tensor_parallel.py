@@ -52,8 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from parallel.collectives import (Group, all_reduce, copy_to_tp_region, gather_from_sequence_parallel_region,
-                                  reduce_from_tp_region, reduce_scatter_to_sequence_parallel_region)
+from parallel.collectives import Group, all_reduce
+from parallel.mappings import (copy_to_tp_region, gather_from_sequence_parallel_region, reduce_from_tp_region,
+                               reduce_scatter_to_sequence_parallel_region)
 
 PARTIAL_GRAD_ATTR = "tp_partial_grad"
 """Parameter attribute: its gradient is a partial sum over the TP group (SP norms, QK-norms)."""

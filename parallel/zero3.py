@@ -205,7 +205,8 @@ class ShardedParameters:
     @contextmanager
     def gathered(self):
         """Every unit gathered for the duration (export, checkpoints, tests); booked in a ledger of its own."""
-        quiet = Group(self.group.name, self.group.process_group, self.group.size, self.group.rank, CommLedger())
+        quiet = Group(self.group.name, self.group.process_group, self.group.size, self.group.rank, CommLedger(),
+                      self.group.device)
         for unit in self.units:
             self._gather(unit, group=quiet)
         try:

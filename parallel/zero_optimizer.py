@@ -96,7 +96,7 @@ class ShardedOptimizer:
         if self.norm_grads:
             norm_sq = torch.stack(torch._foreach_norm(self.norm_grads, 2.0)).square().sum()
         else:
-            norm_sq = torch.zeros((), dtype=torch.float32)
+            norm_sq = torch.zeros((), dtype=torch.float32, device=self.group.device)
         all_reduce(norm_sq, self.group, purpose="grad_norm")
         if grad_norm_sq_reduce is not None:
             norm_sq = grad_norm_sq_reduce(norm_sq)

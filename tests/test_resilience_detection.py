@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.resilience.guard import flip_bit
-from engine.resilience.sdc import StepFingerprints, fingerprint, loss_bits, odd_ones_out
+from engine.resilience.sdc import fingerprint, loss_bits, odd_ones_out
 from engine.resilience.spikes import SpikeDetector
 
 
@@ -39,11 +39,9 @@ def test_odd_ones_out_names_the_minority_or_everyone_in_a_tie():
     assert odd_ones_out([5, 7]) == [0, 1]
 
 
-def test_step_fingerprints_say_what_differs():
-    a = StepFingerprints(loss_bits(torch.tensor(2.5)), {0: 11, 1: 12})
-    assert a.differs_from(StepFingerprints(loss_bits(torch.tensor(2.5)), {0: 11, 1: 12})) is None
-    assert a.differs_from(StepFingerprints(loss_bits(torch.tensor(2.5)), {0: 11, 1: 13})) == "local gradient (bucket 1)"
-    assert a.differs_from(StepFingerprints(loss_bits(torch.tensor(2.25)), {0: 11, 1: 12})) == "local loss"
+def test_loss_bits_are_the_exact_bits_of_the_fp32_value():
+    assert loss_bits(torch.tensor(2.5)) == 0x40200000
+    assert loss_bits(torch.tensor(2.5)) != loss_bits(torch.tensor(2.5).nextafter(torch.tensor(3.0)))
 
 
 def test_spike_detector_waits_for_its_window_then_judges_against_the_median():

@@ -5,6 +5,7 @@ clean run's, and events.jsonl tells what failed, when, and how much work was los
 The fault steps of the three-kill run are drawn with a seeded RNG (printed; run with -s to see them).
 """
 import json
+import pickle
 import random
 import shutil
 import subprocess
@@ -111,6 +112,10 @@ def test_a_hung_rank_is_detected_within_the_timeout_and_the_run_recovers(dataset
         assert HANG_TIMEOUT_S <= hang["silent_s"] < HANG_TIMEOUT_S + 2
         assert hang["time"] - fired["time"] < HANG_TIMEOUT_S + 2
     assert "hang_forever" in (run_dir / "hang-rank0.txt").read_text()  # the dump shows where it hangs
+    for hang in hangs:  # ...and the flight recorder the collectives that came before, in the run directory
+        recorder = Path(hang["flight_recorder"])
+        assert recorder == run_dir.resolve() / f"flight-recorder-rank{hang['rank']}"
+        assert "gloo:all_reduce" in {e["profiling_name"] for e in pickle.loads(recorder.read_bytes())["entries"]}
     if len(hangs) == 2:
         assert "train_step" in (run_dir / "hang-rank1.txt").read_text()  # ...and where the other waits
     (failure,) = events(run_dir, "failure")

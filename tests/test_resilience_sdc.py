@@ -150,3 +150,37 @@ def test_too_many_rewinds_stop_the_run_with_status_17_and_a_clear_message(datase
     assert "rewinds within 100 steps (resilience.max_rewinds=1)" in result.stderr
     stopped, = events(run_dir, "stopped")
     assert "max_rewinds" in stopped["reason"]
+
+
+@pytest.mark.distributed
+def test_a_replay_that_diverges_on_every_rank_accuses_nobody_and_skips_the_batch(dataset, clean_run, tmp_path):
+    """replay_noise makes every rank's first local result differ on each replay of step 15, as
+    nondeterministic kernels would: the flip that caused the spike can no longer be told from them."""
+    run_dir = tmp_path / "run"
+    pretrain(dataset, run_dir, "resilience.inject=[bitflip:target=grad:rank=1:step=15:bit=30,replay_noise:step=15]")
+    assert [e["step"] for e in events(run_dir, "sdc_suspect")] == [15]
+    verdict, = events(run_dir, "replay_nondeterministic")
+    assert verdict["step"] == 15 and verdict["suspect_step"] == 15 and verdict["ranks"] == [0, 1]
+    assert events(run_dir, "sdc_confirmed") == []  # no rank named
+    rewinds = events(run_dir, "rewind")
+    assert [r["step"] for r in rewinds] == [12, 12] and rewinds[-1]["skipped_batch"] == 14
+    assert "not deterministic" in rewinds[-1]["reason"]
+    skip, = events(run_dir, "skip")
+    assert skip["step"] == 15 and skip["data_batch"] == 14
+    losses, clean = final_losses(run_dir), final_losses(clean_run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert [losses[s] for s in range(1, 15)] == [clean[s] for s in range(1, 15)]
+
+
+@pytest.mark.distributed
+def test_an_sdc_on_one_tensor_parallel_rank_is_named_though_every_ranks_replay_differs(dataset, tmp_path):
+    """At tp=2 rank 1's corrupted activation reaches rank 0 through the next all-reduce, so both
+    ranks' loss and gradients differ in the audit; only rank 1 diverged before a collective."""
+    run_dir = tmp_path / "run"
+    pretrain(dataset, run_dir, "parallel.tp=2", "resilience.audit_interval=5",
+             "resilience.inject=[bitflip:target=activation:rank=1:step=10:bit=30]")
+    confirmed, = events(run_dir, "sdc_confirmed")
+    assert confirmed["faulty_rank"] == 1 and confirmed["step"] == 10 and "audit" in confirmed["evidence"]
+    assert "ranks [0] diverged only after it" in confirmed["evidence"]
+    assert events(run_dir, "replay_nondeterministic") == []
+    assert len(final_losses(run_dir)) == STEPS

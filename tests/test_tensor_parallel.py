@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from engine.config import ModelConfig
 from engine.model.decoder import LlamaModel, init_parameters, lm_loss
 from engine.model.parallelize import LLAMA_TP_PLAN, parallelize_model
-from parallel.collectives import (CommLedger, Group, copy_to_tp_region, gather_from_sequence_parallel_region,
-                                  reduce_from_tp_region, reduce_scatter_to_sequence_parallel_region,
-                                  scatter_to_sequence_parallel_region)
+from parallel.collectives import CommLedger, Group
+from parallel.mappings import (copy_to_tp_region, gather_from_sequence_parallel_region, reduce_from_tp_region,
+                               reduce_scatter_to_sequence_parallel_region, scatter_to_sequence_parallel_region)
 from parallel.tensor_parallel import (PARTIAL_GRAD_ATTR, ColumnParallelLinear, RowParallelLinear,
                                       VocabParallelEmbedding, apply_tensor_parallel, vocab_parallel_cross_entropy)
 

@@ -28,8 +28,9 @@ from engine.resilience.preemption import Preempted
 from engine.resilience.recovery import (record_final_failure, record_restart, report_exception,
                                         restart_resume_choice, work_lost)
 from engine.stage import Stage, StageRegistry
+from engine.resilience import determinism
 from parallel.collectives import CommLedger, broadcast_objects, world_group
-from parallel.process_group import leave
+from parallel.process_group import flight_recorder_environment, leave
 
 
 def build_training_data(cfg: ApogeeConfig, stage: Stage, prefixes: list[str]):
@@ -89,6 +90,7 @@ def run_job(cfg: ApogeeConfig, stage: Stage, run_dir: Optional[str] = None, npro
     stage.validate(cfg, world)
     cfg.parallel.validate(world)
     out = resolve_run_dir(cfg, run_dir)
+    prepare_rank_environment(cfg, out)
     if info.launcher != "none":
         return _join_outside_launch(cfg, stage, out, resume, info)
     prefixes = _prepare_run(cfg, stage, out, resume)
@@ -103,6 +105,14 @@ def run_job(cfg: ApogeeConfig, stage: Stage, run_dir: Optional[str] = None, npro
     if status != 0:  # no restart left: no restarted rank will record this failure, so record it here
         record_final_failure(out, status)
     return status
+
+
+def prepare_rank_environment(cfg: ApogeeConfig, run_dir: Path) -> None:
+    """What the ranks must find in their environment before torch.distributed and CUDA start (ranks
+    started here inherit it): the flight recorder's dumps go to RUN_DIR/flight-recorder-rank<r>, and
+    on CUDA the deterministic-replay settings (engine/resilience/determinism.py)."""
+    os.environ.update(flight_recorder_environment(Path(run_dir).resolve() / "flight-recorder-rank"))
+    os.environ.update(determinism.environment(cfg.resilience, torch.cuda.is_available()))
 
 
 def _prepare_run(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str) -> list[str]:
@@ -125,6 +135,7 @@ def _join_outside_launch(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str
     from data_pipeline import DataError
 
     device = init_distributed(info)
+    failed = True
     try:
         shared: list = [None, None, None]  # prefixes, peak, (error class name, message)
         failure = None
@@ -147,8 +158,9 @@ def _join_outside_launch(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str
                 raise RuntimeError(f"rank 0 failed while preparing the run: {error[0]}: {error[1]}")
             raise kind(error[1])
         worker_main(cfg.to_dict(), stage, str(out), prefixes, resume, peak)
+        failed = False
     finally:
-        leave()
+        leave(failed=failed)  # after worker_main left, a no-op; else an abort under NCCL
     return 0
 
 
@@ -170,8 +182,10 @@ def worker_main(cfg_dict: dict, stage: Stage, run_dir: str, prefixes: list[str],
 
     info = detect_launcher()
     torch.set_num_threads(cpu_threads_per_rank(info.local_world_size))
-    device = init_distributed(info)
     cfg = config_from_dict(cfg_dict, sections=stage.sections)
+    prepare_rank_environment(cfg, Path(run_dir))  # before CUDA and NCCL start (a no-op if inherited)
+    device = init_distributed(info)
+    deterministic = determinism.configure(cfg.resilience, device)
     if info.world_size > 1:
         ctx = ParallelContext.create(cfg.parallel, device=device)
     else:
@@ -187,6 +201,9 @@ def worker_main(cfg_dict: dict, stage: Stage, run_dir: str, prefixes: list[str],
         print(f"apogee: {ctx.world_size} rank(s) via {info.launcher}{meet}, tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
               f"cp={cfg.parallel.cp} dp={cfg.parallel.dp}{f' ep={cfg.parallel.ep}' if cfg.parallel.ep > 1 else ''}; "
               f"MFU peak: {peak.source}", flush=True)
+        if deterministic:
+            print(f"apogee: deterministic kernels for replays (resilience.deterministic="
+                  f"{cfg.resilience.deterministic}): {determinism.describe(deterministic)}", flush=True)
     data = build_training_data(cfg, stage, prefixes)
     # SIGUSR1 -> checkpoint, stop, requeue; the watchdog; rehearsed faults; the step guard.
     hooks = ResilienceHooks.for_run(cfg, ctx.rank, run_dir)
@@ -214,7 +231,9 @@ def worker_main(cfg_dict: dict, stage: Stage, run_dir: str, prefixes: list[str],
         sys.exit(FAULT_DIAGNOSED)
     except Exception as err:  # leave the cause for the restart to read, then die as before
         report_exception(run_dir, ctx.rank, (trainer.heartbeat.steps_completed or start_step) + 1, err)
-        leave()  # now: at interpreter exit, gloo's threads abort the process (SIGABRT)
+        # now: at interpreter exit, gloo's threads abort the process (SIGABRT); under NCCL, abort the
+        # communicators, which a peer may have left mid-collective (destroying them would wait on it)
+        leave(failed=True)
         raise
     finally:
         trainer.heartbeat.stop()

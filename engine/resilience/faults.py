@@ -9,12 +9,17 @@ one logged as `step: k` in metrics.jsonl (the trainer's 0-based index k-1):
     bitflip:target=T:rank=R:step=K:bit=B   flip bit B of one element of T (grad|param|activation)
                                            on rank R at step K; optional element=E (flat index, default 0)
     garbage_batch:step=K                   replace step K's batch with garbage tokens; optional rank=R
+    replay_noise:step=K                    on every replay of step K (never its first run), every
+                                           rank's first local result is off by one ulp: what
+                                           nondeterministic kernels do to a replay
 
 kill, raise and hang fire in `FaultInjector.before_step`; bitflip and garbage_batch are fired by
-the code that owns those tensors, through `pending()` and `mark_fired()`.
+the code that owns those tensors, through `pending()` and `mark_fired()`; the step guard asks
+`every()` for replay_noise.
 
 A fault fires once per run directory: it is recorded durably ('fault_injected' in events.jsonl,
-fsynced) before it fires, and a restarted run that passes step K again skips it.
+fsynced) before it fires, and a restarted run that passes step K again skips it. replay_noise is
+the exception: it stands for the kernels, so it acts on every replay (recorded the first time).
 """
 from __future__ import annotations
 
@@ -37,11 +42,13 @@ KINDS = {
     "hang": (("rank", "step"), ()),
     "bitflip": (("target", "rank", "step", "bit"), ("element",)),
     "garbage_batch": (("step",), ("rank",)),
+    "replay_noise": (("step",), ()),
 }
 TARGETS = ("grad", "param", "activation")
 MAX_BIT = 31  # fp32, the widest element the engine trains with; narrower dtypes are checked where they flip
 FORMS = ("kill:rank=R:step=K, raise:rank=R:step=K, hang:rank=R:step=K, "
-         "bitflip:target=grad|param|activation:rank=R:step=K:bit=B[:element=E], garbage_batch:step=K[:rank=R]")
+         "bitflip:target=grad|param|activation:rank=R:step=K:bit=B[:element=E], garbage_batch:step=K[:rank=R], "
+         "replay_noise:step=K")
 STEP_FAULTS = ("kill", "raise", "hang")  # the kinds before_step fires
 
 
@@ -156,6 +163,12 @@ class FaultInjector:
         if kind not in KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
         return [f for f in self.faults if f.kind == kind and f.step == step + 1 and f.key not in self._fired]
+
+    def every(self, kind: str, step: int) -> list[Fault]:
+        """Faults of `kind` at trainer step index `step` on this rank, fired or not (replay_noise)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        return [f for f in self.faults if f.kind == kind and f.step == step + 1]
 
     def fired(self, fault: Fault) -> bool:
         """Whether `fault` has fired on this rank (in this attempt or an earlier one)."""

@@ -5,11 +5,15 @@ After each step the guard decides, identically on every rank (one tiny all-reduc
     NaN/Inf or spike in loss/grad norm        -> suspect: rewind to the last checkpoint, replay
     replicas' parameter fingerprints differ   -> the odd rank is confirmed (majority); with no
                                                  majority (dp=2), suspect both and replay
-    replaying a suspect step                  -> ranks whose local loss / gradient fingerprints
-                                                 (or parameters) changed had a transient fault:
-                                                 sdc_confirmed, their work is gone with the rewind;
-                                                 if every rank reproduced it, the arithmetic is
-                                                 real: rewind again and skip that data batch
+    replaying a suspect step                  -> the rank whose replay first diverges in its own
+                                                 local result (engine/resilience/divergence.py) had
+                                                 a transient fault: sdc_confirmed, its work is gone
+                                                 with the rewind; if every rank reproduced it, the
+                                                 arithmetic is real: rewind again, skip the batch
+    ranks diverging independently on replay   -> the kernels are not deterministic:
+                                                 replay_nondeterministic, nobody is accused, and
+                                                 the batch is handled as a spike (the replay goes
+                                                 on to the suspect step, then its batch is skipped)
 
 Checkpoints are only taken at steps whose replicas were just compared, so a rewind never lands on
 a checkpoint that already holds a corrupted replica. Too many rewinds within a window stop the run
@@ -27,9 +31,9 @@ import torch.distributed as dist
 
 from data_pipeline.microbatch import Microbatch
 from engine.config import ResilienceConfig
-from engine.resilience.sdc import (StepFingerprints, fingerprint, loss_bits, odd_ones_out,
-                                   parameter_fingerprint)
-from parallel.collectives import Group, all_gather_values, all_reduce
+from engine.resilience.divergence import SAME, FrozenTrace, StepTrace, first_divergence, judge
+from engine.resilience.sdc import odd_ones_out, parameter_fingerprint
+from parallel.collectives import Group, all_gather_values, all_reduce_values
 from parallel.sharding import is_expert_shard
 
 
@@ -51,6 +55,7 @@ class _Suspect:
     step: int
     kind: str  # 'anomaly' (a loss/grad-norm anomaly) or 'replicas' (replicas' parameters differ)
     reason: str
+    nondeterministic: bool = False  # its replay diverged on several ranks at once: it cannot judge
 
 
 def flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
@@ -63,16 +68,21 @@ def flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
 class StepGuard:
     """Per-rank resilience logic around the trainer's steps (see the module docstring)."""
 
-    HISTORY = 4096  # steps of fingerprints kept (a few ints each): more than any rewind reaches back
+    # Steps of traces kept (8 bytes per collective input and output of the step; labels shared
+    # between steps): more than any rewind reaches back.
+    HISTORY = 4096
 
     def __init__(self, cfg: ResilienceConfig, trainer, world: Group, injector=None, events=None):
         self.cfg, self.trainer, self.world, self.injector, self.events = cfg, trainer, world, injector, events
         # The trainer picks the rule: a policy-gradient loss changes sign, an LM loss does not.
         self.detector = trainer.anomaly_detector(cfg)
-        self.fingerprints = StepFingerprints()
+        # Every collective of the trainer's groups shows this rank's trace what it takes and gives.
+        self.trace = StepTrace()
+        self.params: tuple = ()  # parameter fingerprints (dense, expert) of the last compared step
         self.suspect: Optional[_Suspect] = None
         self.rewind_steps: deque = deque()
-        self.history: dict[int, StepFingerprints] = {}  # this rank's own results of recent steps
+        self.history: dict[int, FrozenTrace] = {}  # this rank's trace of each recent step
+        self._in_step: Optional[int] = None  # the step computing now (a second begin_step: an audit)
         self.garbage_batches: set[int] = set()
         if hasattr(trainer.grads, "before_reduce"):
             trainer.grads.before_reduce = self._before_reduce
@@ -82,9 +92,7 @@ class StepGuard:
         self.step = -1
         # ZeRO-3 shards the parameters: the ranks of the reduction group then hold different pieces.
         # Under expert parallelism the dense weights are replicated over the reduction group and the
-        # experts over expert-dp: each kind is compared among its own replicas. (The replay's
-        # attribution is then over-inclusive: a rank whose experts computed a faulty rank's tokens
-        # sees its own local expert gradients change too, and is named with it.)
+        # experts over expert-dp: each kind is compared among its own replicas.
         self.replicas_comparable = trainer.cfg.parallel.zero < 3
 
     # -- rehearsed faults ------------------------------------------------------------------------
@@ -112,7 +120,7 @@ class StepGuard:
         fault = self._take("bitflip", self.step, "grad", bucket=index)
         if fault is not None:
             flip_bit(local_grad, fault.element, fault.bit)
-        self.fingerprints.grad_buckets[index] = fingerprint(local_grad)
+        self.trace.name(local_grad, f"local gradient (bucket {index})")  # the reduction records it
 
     def _corrupt_activation(self, module, inputs, output):
         fault = self._take("bitflip", self.step, "activation")
@@ -139,9 +147,26 @@ class StepGuard:
     # -- the decision after each step --------------------------------------------------------------
 
     def begin_step(self, step: int) -> None:
-        """Reset the step's fingerprints (called before its forward/backward)."""
-        self.step = step
-        self.fingerprints = StepFingerprints()
+        """Start the trace of a computation of step `step` (called before its forward/backward)."""
+        replay = (self.suspect is not None and step <= self.suspect.step) or self._in_step == step
+        self.step, self._in_step = step, step
+        self.trace = StepTrace(active=True, noise=replay and self._replay_noise(step))
+        self.trainer.ledger.observer = self.trace
+
+    def _replay_noise(self, step: int) -> bool:
+        """Whether `replay_noise` is rehearsed at `step`: on every replay, recorded the first time."""
+        if self.injector is None:
+            return False
+        faults = self.injector.every("replay_noise", step)
+        for fault in faults:
+            if not self.injector.fired(fault):
+                self.injector.mark_fired(fault)
+        return bool(faults)
+
+    def snapshot(self, local_loss: torch.Tensor) -> FrozenTrace:
+        """The current computation's trace with its local loss, read now (an audit's first run)."""
+        self.trace.add_local("local loss", local_loss)
+        return self.trace.freeze()
 
     def checks_replicas(self, step: int, saving: bool) -> bool:
         """Whether step `step` compares replicas: every check_interval steps and before every save."""
@@ -154,22 +179,27 @@ class StepGuard:
         fault = self._take("bitflip", step, "param")
         if fault is not None:  # memory corruption of this rank's copy, after the update
             flip_bit(next(p for _, p in self.trainer.named_parameters()).data, fault.element, fault.bit)
+        self.trace.active, self._in_step = False, None  # the guard's own collectives are not the step's
         replaying = self.suspect is not None and step <= self.suspect.step
         compare = self.checks_replicas(step, saving)
-        self.fingerprints.loss_bits = loss_bits(local_loss)
+        self.trace.add_local("local loss", local_loss)
         if compare or (replaying and self.suspect.kind == "replicas"):
             named = list(self.trainer.named_parameters())
-            self.fingerprints.params = (parameter_fingerprint((n, p) for n, p in named if not is_expert_shard(p)),
-                                        parameter_fingerprint((n, p) for n, p in named if is_expert_shard(p)))
+            self.params = (parameter_fingerprint((n, p) for n, p in named if not is_expert_shard(p)),
+                           parameter_fingerprint((n, p) for n, p in named if is_expert_shard(p)))
+            self.trace.add_local_value("parameters", self.params[0])
+            self.trace.add_local_value("expert parameters", self.params[1])
+        record = self._keep(self.trace.freeze())
         if replaying:
-            self._diagnose(step)
-        self.history[step] = self.fingerprints
+            self._diagnose(step, record)
+        self.history[step] = record
         self.history.pop(step - self.HISTORY, None)
         anomaly = self.detector.judge(loss, grad_norm)
-        flags = torch.tensor([1 if anomaly else 0], dtype=torch.int64)
-        all_reduce(flags, self.world, op=dist.ReduceOp.MAX, purpose="resilience")
-        if flags.item() and anomaly is None:
+        if all_reduce_values([1 if anomaly else 0], self.world)[0] and anomaly is None:
             anomaly = "an anomaly on another rank"
+        if self.suspect is not None and self.suspect.step == step and self.suspect.nondeterministic:
+            self._rewind(step, f"step {step + 1}: its replay was not deterministic, so it cannot tell a fault from "
+                               f"the data; handled as a loss spike: its batch is skipped", skip=True)
         if anomaly is not None:
             if self.suspect is not None and self.suspect.step == step:  # reproduced by every rank
                 self._rewind(step, f"step {step + 1} reproduced on replay ({anomaly}); skipping its batch",
@@ -185,11 +215,18 @@ class StepGuard:
         self._record_once("sdc_suspect", step=step + 1, reason=reason)
         self._rewind(step, f"step {step + 1}: {reason}; rewinding to replay it")
 
+    def _keep(self, record: FrozenTrace) -> FrozenTrace:
+        """`record`, sharing the previous step's kinds and labels when equal (a step repeats them)."""
+        last = self.history.get(self.step - 1)
+        if last is not None and last.kinds == record.kinds and last.labels == record.labels:
+            return FrozenTrace(record.values, last.kinds, last.labels)
+        return record
+
     def _compare_replicas(self, step: int) -> None:
         # (fingerprint, the group holding its replicas): dense weights, then expert weights (if any).
-        kinds = [(self.fingerprints.params[0], self.trainer.grad_group)]
+        kinds = [(self.params[0], self.trainer.grad_group)]
         if self.trainer.expert_group is not None:
-            kinds.append((self.fingerprints.params[1], self.trainer.expert_group))
+            kinds.append((self.params[1], self.trainer.expert_group))
         named, odd_kinds = [], []
         for value, group in kinds:
             values = [v[0] for v in all_gather_values([value], group)]
@@ -197,9 +234,7 @@ class StepGuard:
             ranks = dist.get_process_group_ranks(group.process_group) if group.size > 1 else [self.trainer.ctx.rank]
             named += [ranks[i] for i in odd]
             odd_kinds.append((odd, values))
-        odd_flag = torch.tensor([1 if named else 0], dtype=torch.int64)
-        all_reduce(odd_flag, self.world, op=dist.ReduceOp.MAX, purpose="resilience")
-        if not odd_flag.item():
+        if not all_reduce_values([1 if named else 0], self.world)[0]:
             return
         odd, values = next(((o, v) for o, v in odd_kinds if o), ([], [0]))
         # Settled by replay even when a majority exists: every rank takes the same path (the same
@@ -210,56 +245,82 @@ class StepGuard:
                                   f"{likely}: a persistent fault or a nondeterministic kernel; not continuing")
         self._suspect(step, "replicas", f"data-parallel replicas {named} disagree{likely}")
 
-    def _diagnose(self, step: int) -> None:
+    def _diagnose(self, step: int, replay: FrozenTrace) -> None:
         """During a replay: did any rank compute step `step` differently from the first time?
 
-        The first step at which some rank's own results (local loss, local gradients, parameters
-        at check steps) differ from its record names the faulty rank(s): a fault that struck
-        once, spreading to the other replicas only through later reductions.
+        Each rank finds where its trace first diverges from its record; the ranks judge the
+        gathered reports alike (`divergence.judge`): one rank whose own local result changed is
+        the faulty one (a fault that struck once and reached the others only through collectives);
+        several such ranks mean the kernels are not deterministic.
         """
         record = self.history.get(step)
-        changed = self.fingerprints.differs_from(record, params=False) if record is not None else None
-        faulty = self._ranks_with(changed)
-        if not faulty and record is not None:
-            # Parameters are evidence only when every rank computed the same local results this
-            # step: otherwise the update itself changed through the reduction, on every replica.
-            changed = self.fingerprints.differs_from(record, params=True)
-            faulty = self._ranks_with(changed)
-        if not faulty:
+        if record is None or self.suspect.nondeterministic:
+            return
+        verdict, divergence = self._judge(replay, record)
+        if not verdict:
+            return
+        if verdict.nondeterministic:
+            self._nondeterministic(step, verdict, "on replay")
             return
         suspect, self.suspect = self.suspect, None
-        if changed:
+        if self.trainer.ctx.rank in verdict.faulty:
             self._record("sdc_confirmed", step=step + 1, faulty_rank=self.trainer.ctx.rank,
-                         evidence=f"{changed} at step {step + 1} not reproducible on replay "
-                                  f"(suspected at step {suspect.step + 1}: {suspect.reason})")
+                         evidence=f"{self._evidence(divergence, verdict)} at step {step + 1} not reproducible on "
+                                  f"replay (suspected at step {suspect.step + 1}: {suspect.reason})")
         if self.trainer.ctx.rank == 0:
-            print(f"apogee: silent data corruption on rank(s) {faulty} at step {step + 1}: not reproducible "
+            print(f"apogee: silent data corruption on rank(s) {verdict.faulty} at step {step + 1}: not reproducible "
                   f"on replay; the rewind discarded their work", flush=True)
 
-    def _ranks_with(self, changed: Optional[str]) -> list[int]:
-        """World ranks whose `changed` is set (every rank calls this: it gathers)."""
-        flags = all_gather_values([1 if changed else 0], self.world)
-        return [rank for rank, (flag,) in enumerate(flags) if flag]
+    def _judge(self, replay: FrozenTrace, original: FrozenTrace):
+        """(the world's verdict, this rank's first divergence or None); every rank calls it (it gathers)."""
+        divergence = first_divergence(replay, original)
+        report = [SAME, -1] if divergence is None else [divergence.code, divergence.index]
+        return judge(all_gather_values(report, self.world)), divergence
+
+    @staticmethod
+    def _evidence(divergence, verdict) -> str:
+        if divergence is not None and divergence.code != SAME and verdict.origins:
+            others = [r for r in verdict.diverged if r not in verdict.origins]
+            return (f"{divergence.label} (entry {divergence.index} of the step's trace), before any collective "
+                    f"brought in another rank's change" + (f"; ranks {others} diverged only after it" if others else ""))
+        return f"{divergence.label} (entry {divergence.index}), changed between ranks; no rank's own result did"
+
+    def _nondeterministic(self, step: int, verdict, where: str) -> None:
+        """Several ranks diverged on their own: record it, accuse nobody, and let the suspect step's
+        batch be handled as a loss spike (after_step skips it when the replay gets there)."""
+        self.suspect.nondeterministic = True
+        self._record_once("replay_nondeterministic", step=step + 1, suspect_step=self.suspect.step + 1,
+                          ranks=verdict.origins, reason=self.suspect.reason)
+        if self.trainer.ctx.rank == 0:
+            print(f"apogee: ranks {verdict.origins} each computed step {step + 1} differently {where}: the kernels "
+                  f"are not deterministic; no rank is accused, step {self.suspect.step + 1}'s batch will be "
+                  f"skipped", flush=True)
 
     def audits(self, step: int) -> bool:
         """Whether step `step` is a periodic audit (computed twice and compared bitwise)."""
         return bool(self.cfg.audit_interval) and (step + 1) % self.cfg.audit_interval == 0
 
-    def audit(self, step: int, first: StepFingerprints, local_loss: torch.Tensor) -> None:
-        """Compare a step's second computation (now in self.fingerprints) with its first, on every rank.
+    def audit(self, step: int, first: FrozenTrace, local_loss: torch.Tensor) -> None:
+        """Compare a step's second computation (the current trace) with its first, on every rank.
 
-        A rank that computed the same step twice differently is faulty, whichever result was
-        the wrong one; its work is discarded by a rewind.
+        The rank whose second computation first diverges in its own local result is faulty,
+        whichever result was the wrong one; its work is discarded by a rewind. Several such ranks:
+        the kernels are not deterministic, and the step is replayed and its batch skipped.
         """
-        self.fingerprints.loss_bits = loss_bits(local_loss)
-        changed = self.fingerprints.differs_from(first, params=False)
-        faulty = self._ranks_with(changed)
-        if not faulty:
+        if self.suspect is not None and self.suspect.step == step and self.suspect.nondeterministic:
+            return  # this replay only goes on to skip the batch
+        verdict, divergence = self._judge(self.snapshot(local_loss), first)
+        if not verdict:
             return
-        if changed:
+        if verdict.nondeterministic:
+            self.suspect = _Suspect(step, "anomaly", f"the audit of step {step + 1} diverged on ranks {verdict.origins}")
+            self._nondeterministic(step, verdict, "in its audit")
+            self._rewind(step, f"step {step + 1}: audit not reproducible on several ranks; replaying it")
+        if self.trainer.ctx.rank in verdict.faulty:
             self._record("sdc_confirmed", step=step + 1, faulty_rank=self.trainer.ctx.rank,
-                         evidence=f"{changed} differs between two computations of step {step + 1} (audit)")
-        self._rewind(step, f"step {step + 1}: audit found rank(s) {faulty} not reproducible")
+                         evidence=f"{self._evidence(divergence, verdict)} differs between two computations of "
+                                  f"step {step + 1} (audit)")
+        self._rewind(step, f"step {step + 1}: audit found rank(s) {verdict.faulty} not reproducible")
 
     def _rewind(self, step: int, reason: str, skip: bool = False) -> None:
         self.rewind_steps.append(step)

@@ -3,7 +3,7 @@
 Slurm warns a job before its time limit with a signal (`#SBATCH --signal=B:USR1@90` in
 slurm/apogee.sbatch, which forwards it to the ranks), and operators can send the same with
 `scancel --signal=USR1 --batch JOB`. A `StopRequest` turns SIGUSR1 into a flag; after each step
-the ranks agree on it (one 8-byte all-reduce: the signal may reach ranks at different steps), and
+the ranks agree on it (one 8-byte all-reduce on the step's device: the signal may reach ranks at different steps), and
 the trainer then writes a checkpoint, records a `preempted` event and exits with PREEMPTED (19),
 on which the job script requeues the job; the requeued run resumes from that checkpoint bit for bit.
 """
@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
-
-from parallel.collectives import Group, all_reduce
+from parallel.collectives import Group, all_reduce_values
 
 
 class Preempted(Exception):
@@ -33,7 +30,5 @@ class StopRequest:
 
     def agreed(self, world: Group) -> bool:
         """Whether any rank has been asked to stop (a collective: every rank calls it each step)."""
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int64)
-        all_reduce(flag, world, op=dist.ReduceOp.MAX, purpose="resilience")
-        self.requested = bool(flag.item())
+        self.requested = bool(all_reduce_values([1 if self.requested else 0], world)[0])
         return self.requested

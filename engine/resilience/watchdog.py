@@ -6,6 +6,11 @@ seconds without one it writes every thread's stack to RUN_DIR/hang-rank{r}.txt, 
 from its latest checkpoint. Every rank dumps its own stacks: when one rank hangs the others block
 in its next collective, so all of them time out, and the dumps together show who waits for whom.
 
+Before exiting it writes the flight recorder's record of the last collectives next to the stacks
+(RUN_DIR/flight-recorder-rank{r}, as PyTorch would on a collective timeout, which comes later than
+this one) and, under NCCL, aborts the communicators; both are bounded in time, so a wedged
+backend cannot keep the rank from exiting.
+
 The clock starts at the first beat (the trainer beats once when it starts stepping), so process
 start, rendezvous and checkpoint loading never count against the timeout; a long operation
 inside the loop (e.g. a rewind's checkpoint load) should call `beat` to say it is alive.
@@ -23,10 +28,13 @@ from typing import Optional
 from engine.train.events import EventLog
 from engine.resilience.exit_codes import HANG_DETECTED
 from engine.resilience.recovery import record_durably
+from parallel import process_group
 
 
 class Watchdog:
     """Heartbeat of one rank, watched by a daemon thread (no thread when timeout_s is 0)."""
+
+    LAST_WORDS_S = 20.0  # at most this long each for the flight-recorder dump and the NCCL abort
 
     def __init__(self, run_dir: Optional[str | Path], rank: int, timeout_s: float):
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -79,12 +87,32 @@ class Watchdog:
                 faulthandler.dump_traceback(file=f, all_threads=True)
                 f.flush()
                 os.fsync(f.fileno())
+            recorded = _bounded(lambda: process_group.dump_flight_recorder(self.rank), self.LAST_WORDS_S)
             record_durably(EventLog(self.run_dir, self.rank), "hang", step=steps_completed + 1,
                            steps_completed=steps_completed, silent_s=silent_s, timeout_s=self.timeout_s,
-                           stack_dump=str(dump), exit_code=HANG_DETECTED)
+                           stack_dump=str(dump), exit_code=HANG_DETECTED,
+                           flight_recorder=str(recorded) if recorded else None)
         print(f"apogee: rank {self.rank}: no progress for {silent_s:.0f} s during step {steps_completed + 1} "
               f"(resilience.hang_timeout_s={self.timeout_s:g}); stacks in {dump}; exiting with status "
               f"{HANG_DETECTED}", file=sys.stderr, flush=True)
+        _bounded(process_group.abort, self.LAST_WORDS_S)
         # os._exit: the main thread is stuck (in a collective, or the hang), so a normal exit would
         # wait on it forever; no cleanup is owed, the restart resumes from the last checkpoint.
         os._exit(HANG_DETECTED)
+
+
+def _bounded(action, timeout_s: float):
+    """action() in a daemon thread, waited on for at most timeout_s; its result, or None."""
+    result: list = [None]
+
+    def run() -> None:
+        try:
+            result[0] = action()
+        except Exception as err:  # the exit must happen anyway; say why the extra is missing
+            print(f"apogee: hang watchdog: {getattr(action, '__name__', 'action')} failed: {err}",
+                  file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return result[0]

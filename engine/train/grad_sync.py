@@ -48,7 +48,7 @@ def build_grad_sync(cfg: ApogeeConfig, chunks: list[nn.Module], group: Group,
         if expert_group is not None:
             group_of = lambda p: expert_group if is_expert_shard(p) else group  # noqa: E731
         grads = GradBuffer(_named_parameters(chunks), group, bucket_bytes=bucket_bytes, group_of=group_of)
-        return grads, MasterWeightOptimizer(_named_parameters(chunks), cfg.optim, counts_in_norm)
+        return grads, MasterWeightOptimizer(_named_parameters(chunks), cfg.optim, counts_in_norm, group.device)
     if stage in (1, 2):
         grads = ShardedGradBuffer(_named_parameters(chunks), group, stage, bucket_bytes=bucket_bytes)
         pieces = [(s, grads.param_shard(s), grads.grad_shard(s)) for s in grads.segments]

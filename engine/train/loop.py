@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
-
 from data_pipeline.loader import data_batch_index
 from engine.resilience.guard import ResilienceError, Rewind
 from engine.resilience.preemption import Preempted
 from engine.train.metrics import MetricsWriter
-from parallel.collectives import all_reduce
+from parallel.collectives import all_reduce_values
+from parallel.process_group import current_backend
 
 
 def fit(trainer, start_step: int = 0, checkpointer=None,
@@ -27,7 +26,8 @@ def fit(trainer, start_step: int = 0, checkpointer=None,
     logs = trainer.ctx.rank == 0 and trainer.run_dir is not None
     writer = MetricsWriter(trainer.run_dir, trainer.cfg.train.steps, trainer.cfg.logging.tensorboard) if logs else None
     if trainer.events is not None and trainer.ctx.rank == 0:
-        trainer.events.record("start", step=start_step, world_size=trainer.ctx.world_size)
+        trainer.events.record("start", step=start_step, world_size=trainer.ctx.world_size,
+                              device=str(trainer.ctx.device), backend=current_backend())
     interval, last = trainer.cfg.checkpoint.interval, trainer.cfg.train.steps
     results = []
     if trainer.heartbeat is not None:  # arms the hang timeout: start-up and resume do not count
@@ -81,7 +81,7 @@ def stop_here(trainer, checkpointer, step: int, saved: bool) -> None:
     if trainer.events is not None and trainer.ctx.rank == 0:
         trainer.events.record("preempted", step=step)
     # Leave together: the first rank to exit makes srun end the others (--kill-on-bad-exit).
-    all_reduce(torch.zeros(1), trainer.world, purpose="resilience")
+    all_reduce_values([0], trainer.world)
     raise Preempted(f"stopped on request after step {step}, checkpoint written")
 
 def rewind(trainer, checkpointer, request: Rewind) -> int:

@@ -78,8 +78,10 @@ class MasterWeightOptimizer:
     """
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig,
-                 counts_in_norm: Optional[Callable[[str, nn.Parameter], bool]] = None):
+                 counts_in_norm: Optional[Callable[[str, nn.Parameter], bool]] = None,
+                 device: Optional[torch.device] = None):
         self.cfg = cfg
+        self.device = device  # of the norm's collectives: a rank with no gradient to count still joins them
         # Parallel layouts hold some parameters on several ranks (TP-replicated norms, tied
         # embeddings on two pipeline stages): only one copy may count in the global grad norm.
         self.counts_in_norm = counts_in_norm or (lambda name, p: True)
@@ -131,7 +133,7 @@ class MasterWeightOptimizer:
             if norm_grads:
                 norm_sq = torch.stack(torch._foreach_norm(norm_grads, 2.0)).square().sum()
             else:
-                norm_sq = torch.zeros((), dtype=torch.float32)
+                norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
             if grad_norm_sq_reduce is not None:
                 norm_sq = grad_norm_sq_reduce(norm_sq)
             norm = math.sqrt(float(norm_sq))

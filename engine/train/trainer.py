@@ -30,7 +30,6 @@ from engine.model.parallelize import (all_reduce_tied_embedding_grads, counts_in
                                       loss_function, parallelize_model)
 from engine.model.precision import Fp8Recipe
 from engine.resilience.hooks import ResilienceHooks
-from engine.resilience.sdc import loss_bits
 from engine.resilience.spikes import SpikeDetector
 from engine.state.init_from import initialize_chunks
 from engine.train.events import EventLog
@@ -249,18 +248,18 @@ class Trainer:
         if microbatches is None:
             microbatches = self.microbatches(step)
         if self.guard is not None:
-            self.guard.begin_step(step)
             batch = data_batch_index(step, self.cfg.data.skip_steps)
             microbatches = self.guard.garbage_batch(step, batch, microbatches, self.cfg.model.vocab_size)
         self.step_tokens = self.loss_divisor(microbatches)
+        if self.guard is not None:  # traced from here: what an audit computes again
+            self.guard.begin_step(step)
         take_aux_loss(self.chunks)  # start the step's balance-loss sum from zero
         self.grads.start_step()
         loss_total = self.forward_backward(microbatches)
         self.grads.finish()
         if self.guard is not None and self.guard.audits(step):
             # A periodic audit: the same step again, from the same state, must match bit for bit.
-            first = self.guard.fingerprints
-            first.loss_bits = loss_bits(loss_total)
+            first = self.guard.snapshot(loss_total)
             self.guard.begin_step(step)
             take_aux_loss(self.chunks)
             self.grads.start_step()

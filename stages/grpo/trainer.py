@@ -83,7 +83,7 @@ class GRPOTrainer(Trainer):
         self.global_tokens = t.global_batch_size * g.group_size * self.cfg.model.seq_length
         self.step_flops = flops_per_step(self.cfg.model, t.global_batch_size * g.group_size)
         set_aux_loss_scale(self.chunks, self.global_tokens)
-        self.local_stats = torch.zeros(5)  # rows, reward sum, correct, length sum, kl sum of the last step
+        self.local_stats = torch.zeros(5, device=self.ctx.device)  # rows, reward sum, correct, length sum, kl sum of the last step
 
     def anomaly_detector(self, cfg) -> "PolicyGradientAnomalyDetector":
         """NaN/Inf only (see PolicyGradientAnomalyDetector): the step guard's rule for GRPO steps."""
@@ -172,14 +172,16 @@ class GRPOTrainer(Trainer):
             kl_total += (kl.detach() * loss_mask).sum()
         rewards = torch.cat([batch.rewards for batch in microbatches])
         lengths = torch.cat([batch.completion_lengths for batch in microbatches])
-        self.local_stats = torch.stack([torch.tensor(float(rewards.numel())), rewards.sum(), (rewards == 1).sum().float(),
-                                        lengths.sum().float(), kl_total.cpu()])
+        host = torch.stack([torch.tensor(float(rewards.numel())), rewards.sum(), (rewards == 1).sum().float(),
+                            lengths.sum().float()])
+        # Built on the device: the DP all-reduce takes it there, and the KL sum never leaves it.
+        self.local_stats = torch.cat([host.to(self.ctx.device), kl_total.reshape(1)])
         return loss_total
 
     def train_step(self, step: int, microbatches: Optional[list[RolloutBatch]] = None):
         """A GRPO step; its result carries reward_mean, accuracy, completion_length and kl."""
         result = super().train_step(step, microbatches)
-        stats = self.local_stats.to(self.ctx.device)
+        stats = self.local_stats.clone()
         all_reduce(stats, self.dp, purpose="metrics")  # TP ranks hold copies of their DP rank's rollouts
         completions, reward_sum, correct, length_sum, kl_sum = stats.tolist()
         result.extra.update(reward_mean=reward_sum / completions, accuracy=correct / completions,
