@@ -208,8 +208,8 @@ def launch_local(nproc: int, entrypoint: Callable, args: tuple[Any, ...], max_re
         if status == 0 or attempt == max_restarts:
             return status
         if not restart_helps(status):
-            print(f"apogee: not restarting: {describe(status)} (exit status {status}) would recur", file=sys.stderr,
-                  flush=True)
+            print(f"apogee: {describe(status)} (exit status {status}): a restart would meet it again, not restarting",
+                  file=sys.stderr, flush=True)
             return status
         print(f"apogee: restarting all {nproc} ranks (restart {attempt + 1} of {max_restarts})", file=sys.stderr,
               flush=True)

@@ -40,7 +40,7 @@ def describe(status: int) -> str:
     names = {OK: "finished", EXCEPTION: "exception", CONFIG_ERROR: "config error",
              RESUME_TO_DISAMBIGUATE: "resume to disambiguate", FAULT_DIAGNOSED: "fault diagnosed",
              HANG_DETECTED: "hang detected", PREEMPTED: "stopped on request (checkpointed)",
-             STORAGE_FAILED: "storage refused a write (disk full or read-only)"}
+             STORAGE_FAILED: "storage refused a write: disk full or read-only"}
     if status in names:
         return names[status]
     if status > SIGNAL_BASE:

@@ -41,13 +41,32 @@ from parallel.process_group import new_cpu_group
 
 
 class _RecordingWriter(dcp.FileSystemWriter):
-    """DCP's file writer, remembering the files this rank wrote (they are the ones it hashes)."""
+    """DCP's file writer, remembering the files this rank wrote (they are the ones it hashes), and
+    turning a write the storage refused into a plain OSError with its errno: torch's zip writer
+    raises a RuntimeError whose context (the OSError) is lost when DCP gathers the ranks' failures."""
 
     def write_data(self, plan, planner):
         """Write this rank's items; record the relative paths of the files written."""
-        future = super().write_data(plan, planner)
-        self.written = sorted({result.storage_data.relative_path for result in future.wait()})
+        with _storage_errors_kept(self.path):
+            future = super().write_data(plan, planner)
+            self.written = sorted({result.storage_data.relative_path for result in future.wait()})
         return future
+
+    def finish(self, metadata, results) -> None:
+        """Write DCP's metadata file (the coordinator)."""
+        with _storage_errors_kept(self.path):
+            super().finish(metadata, results)
+
+
+@contextmanager
+def _storage_errors_kept(path):
+    try:
+        yield
+    except Exception as err:
+        cause = storage_cause(err)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, cause.filename or str(path)) from err
 
 
 @contextmanager
