@@ -123,3 +123,38 @@ def test_an_older_pickled_trainer_state_loads_and_a_crafted_one_is_refused(tmp_p
     with pytest.raises(UnsafeCheckpointError, match="checkpoint X: refused: the trainer state asks to load posix.system"):
         _plain_data(pickle.dumps(Payload(tmp_path / "m")), "checkpoint X")
     assert not (tmp_path / "m").exists()
+
+
+def test_a_checkpoint_of_the_previous_format_still_loads(tmp_path):
+    """Format 1 (before this change): trainer state as a pickle of plain data, RNG as a pickled
+    tensor, no writer ranks in the manifest. It loads: the plain data without any global, the RNG
+    state left as it is (a pickled tensor would need torch's unrestricted unpickler)."""
+    from engine.state.checkpoint import Checkpointer
+    from engine.state.checkpoint_store import CheckpointStore
+    from engine.state.views import GlobalShards, state_views
+    from engine.train.trainer import Trainer
+    from parallel.topology import ParallelContext
+    from tests.parity import FakeData, parity_config
+
+    cfg = parity_config([], 1, 2)
+    trainer = Trainer(cfg, ParallelContext.single(), FakeData.for_config(cfg), run_dir=tmp_path / "run")
+    trainer.train_step(0)
+    snapshot = {k: (v.snapshot() if isinstance(v, GlobalShards) else v.detach().clone())
+                for k, v in state_views(trainer).items()}
+    snapshot["trainer"] = pickle.dumps({**trainer.checkpoint_extra_state(), "step": 1, "skip_steps": [5]})
+    snapshot["rng/0"] = pickle.dumps(torch.get_rng_state())
+    store = CheckpointStore(tmp_path / "ckpt")
+    partial = store.new_partial(1)
+    with single_process_quietly():
+        dcp.save(snapshot, checkpoint_id=str(partial), no_dist=True)
+    info = store.publish(partial, 1, {"model": {}})
+    manifest = json.loads((info.path / "manifest.json").read_text())
+    del manifest["format"]
+    for entry in manifest["files"].values():
+        del entry["rank"]
+    (info.path / "manifest.json").write_text(json.dumps(manifest))
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step(1)  # move the weights away, then load them back
+    extra = Checkpointer(store, 0, 1, "run").load(trainer, info.path)
+    assert extra["step"] == 1 and trainer.cfg.data.skip_steps == [5]
+    assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in weights.items())

@@ -135,13 +135,14 @@ def _run_here(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str, world: in
 
 def _prepare_run(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
+    this_run = run_id(out)  # created here, before any rank reads it (every rank names its checkpoint files by it)
     # A checkpoint of another model or run, one that would run code, or one the run is already
     # past is refused here, before any rank starts. Its checksums are verified by the ranks,
     # each its share (hashes=False here: manifests and sizes only).
     info = choose_checkpoint(resume, checkpoint_store(cfg, out), report=lambda _: None, hashes=False)
     if info is not None:
         check_loadable(info.path)
-        check_compatible(info, cfg, run_id(out))
+        check_compatible(info, cfg, this_run)
         check_steps_beyond(info.step, cfg, info.path)
     save_config(cfg, out / "config.yaml")
     return prepare_data(cfg, stage)

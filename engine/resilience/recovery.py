@@ -8,7 +8,12 @@ step in metrics.jsonl, and the files' modification times (when the run last made
 
 Events (each with `rank`, `step` and `time`, see DESIGN.md):
 - failure: rank (the failed rank, None if unknown), cause (kill, raise, hang, exception,
-  unknown), exit_code, step (the step in progress), steps_completed, failed_at.
+  unknown), exit_code, step (the step in progress), steps_completed, failed_at; recorded by the
+  launcher (observed_by: launcher) when it stops restarting, with restarts_exhausted false when
+  the status is one no restart fixes (a config error, a diagnosed fault, refused storage).
+
+events.jsonl is read line by line: a line torn by a process that died mid-write is skipped with
+a note (engine/train/events.py), so it never stops a restart.
 - restart: restart_count, launcher.
 - resume (engine.job.runner.resume_trainer): step resumed from, and on a restart work_lost_steps
   (steps completed after that checkpoint, to be re-run), work_lost_s (seconds from that

@@ -17,6 +17,7 @@ unpickling beyond DCP's metadata types (engine/state/safe_load.py). A write the 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -100,16 +101,21 @@ def _beating_while_growing(directory: Path, rank: int, progress: Callable[[], No
         thread.join()
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, numbers and strings; any global (a class, a function) is refused."""
+
+    def __init__(self, file, source: str):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module, name):
+        raise UnsafeCheckpointError(f"{self.source}: refused: the trainer state asks to load {module}.{name}")
+
+
 def _plain_data(raw: bytes, source: str) -> Any:
-    """A format-1 trainer state (a pickle of dicts, lists, numbers and strings), read without any
-    global: an older checkpoint loads, a crafted one is refused."""
-    import io
-
-    class PlainData(pickle.Unpickler):
-        def find_class(self, module, name):
-            raise UnsafeCheckpointError(f"{source}: refused: the trainer state asks to load {module}.{name}")
-
-    return PlainData(io.BytesIO(raw)).load()
+    """A format-1 trainer state (a pickle of plain data), read without any global: an older
+    checkpoint loads, a crafted one is refused."""
+    return _PlainDataUnpickler(io.BytesIO(raw), source).load()
 
 
 class Checkpointer:
@@ -162,8 +168,8 @@ class Checkpointer:
         partial: Optional[Path] = None
         try:
             start = time.perf_counter()
-            partial = self.store.root / f"step_{step:08d}.partial-{token}"
-            self._on_rank0_for_all(lambda: self.store.new_partial(step, token))
+            # Rank 0 names the directory for all: every rank writes into the same one.
+            partial = Path(self._on_rank0_for_all(lambda: str(self.store.new_partial(step, token))))
             digests, failure = {}, None
             try:
                 writer = _RecordingWriter(str(partial), sync_files=True)
@@ -220,13 +226,13 @@ class Checkpointer:
         raise CheckpointError(f"checkpoint.dir={self.store.root}: rank {rank} failed writing step {step} "
                               f"({o['error']}){kept}")
 
-    def _on_rank0_for_all(self, action: Callable[[], Any]) -> None:
-        """Run `action` on rank 0; every rank waits for it and raises what it raised (a StorageError
-        stays one, so every rank stops with the same status)."""
-        outcome: list = [None]
+    def _on_rank0_for_all(self, action: Callable[[], Any]) -> Any:
+        """Run `action` on rank 0; every rank waits for it and returns what it returned (picklable)
+        or raises what it raised (a StorageError stays one, so every rank stops with the same status)."""
+        outcome: list = [None, None]
         if self.rank == 0:
             try:
-                action()
+                outcome[1] = action()
             except StorageError as err:
                 outcome[0] = ("storage", str(err))
             except CheckpointError as err:
@@ -240,6 +246,7 @@ class Checkpointer:
         if outcome[0] is not None:
             kind, message = outcome[0]
             raise (StorageError if kind == "storage" else CheckpointError)(message)
+        return outcome[1]
 
     def latest_for_all(self, report: Callable[[str], None] = print) -> Optional[CheckpointInfo]:
         """The newest intact checkpoint, the same on every rank (for rewinds): every rank verifies

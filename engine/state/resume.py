@@ -16,6 +16,7 @@ each its share of the files (`newest_intact_for_all`), so verifying costs each r
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,11 +33,20 @@ START_OVER = ("to start over, give a new --run-dir, or add --overwrite to move t
 
 
 def run_id(run_dir: Path) -> str:
-    """This run's id: created on the first start, then read back on every restart and resume."""
+    """This run's id: created on the first start (by the launcher, before any rank reads it), then
+    read back on every restart and resume. Created whole or not at all: a reader never sees it half
+    written, and of two creators one wins."""
     path = Path(run_dir) / "run_id"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(uuid.uuid4().hex[:16] + "\n")
+        temp = path.with_name(f"run_id.tmp-{uuid.uuid4().hex[:8]}")
+        temp.write_text(uuid.uuid4().hex[:16] + "\n")
+        try:
+            os.link(temp, path)  # fails if another process created it first: theirs stands
+        except FileExistsError:
+            pass
+        finally:
+            temp.unlink()
     return path.read_text().strip()
 
 
