@@ -4,7 +4,6 @@ STORAGE_FAILED (20), which neither the launcher nor the Slurm script restarts, a
 with the same command once space is freed. Tested on a 12 MiB tmpfs (root writes through
 permission bits; mount must be permitted, else the test skips saying so)."""
 import json
-import os
 import re
 import shutil
 import subprocess
