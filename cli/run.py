@@ -3,6 +3,7 @@ built in or 'package.module:Stage' outside the package), with the options they s
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,8 +15,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local ranks to start (default: the launcher's world size, else 1)")
     parser.add_argument("--run-dir", help="run directory (default runs/<name>)")
     parser.add_argument("--resume", default="auto",
-                        help="auto (newest intact checkpoint if any), never, or a checkpoint: a step_* directory "
-                             "or a run's checkpoints/ folder (its newest intact one)")
+                        help="auto (newest intact checkpoint if any), never (start fresh: refused where checkpoints "
+                             "exist, see --overwrite), or a checkpoint: a step_* directory or a run's checkpoints/ "
+                             "folder (its newest intact one)")
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    """--overwrite: start over in a run directory that holds a run (training commands only)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a run directory that already holds a run: the old one is moved aside "
+                             "to RUN_DIR.old-<time> (kept, never deleted) and the run starts fresh")
 
 
 def flatten(overrides: list) -> list[str]:
@@ -26,10 +35,13 @@ def flatten(overrides: list) -> list[str]:
 def add_stage_commands(sub, registry) -> None:
     """One subcommand per registered stage, and `run` for a stage named on the command line."""
     for name in registry.names():
-        add_run_arguments(sub.add_parser(name, help=registry.get(name).help))
+        p = sub.add_parser(name, help=registry.get(name).help)
+        add_run_arguments(p)
+        add_overwrite_argument(p)
     p = sub.add_parser("run", help="run any stage: a built-in name or 'package.module:Stage' (an external stage)")
     p.add_argument("stage", metavar="STAGE", help=f"{', '.join(registry.names())}, or package.module:Stage")
     add_run_arguments(p)
+    add_overwrite_argument(p)
 
 
 def run_stage_command(args: argparse.Namespace, registry) -> int:
@@ -44,5 +56,9 @@ def run_stage_command(args: argparse.Namespace, registry) -> int:
         chosen = stage()
     except ConfigError:
         return exit_on_config_error(stage)
+    if args.overwrite and args.resume not in ("auto", "never"):
+        print(f"apogee: error: --overwrite starts the run over; it cannot be combined with --resume {args.resume}",
+              file=sys.stderr)
+        return 2
     return run_stage(chosen, registry, args.config, flatten(args.overrides), run_dir=args.run_dir,
-                     nproc=args.nproc, resume=args.resume)
+                     nproc=args.nproc, resume=args.resume, overwrite=args.overwrite)

@@ -19,7 +19,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser, stages: list[str]) -> Non
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--ntasks-per-node", type=int, default=1, help="ranks per node, e.g. GPUs per node")
     parser.add_argument("--gpus-per-node", type=int, default=None, help="GPUs to request per node")
-    parser.add_argument("--time", default=None, help="time limit, e.g. 04:00:00 (a checkpoint is written 90 s before)")
+    parser.add_argument("--time", default=None,
+                        help="time limit, e.g. 04:00:00 (a checkpoint is written --signal-lead seconds before)")
+    parser.add_argument("--signal-lead", type=int, default=90, metavar="S",
+                        help="seconds before the time limit at which the ranks are told to checkpoint and stop "
+                             "(SIGUSR1; default 90): above one step plus one checkpoint write, 60 or more")
     parser.add_argument("--partition", default=None, help="Slurm partition")
     parser.add_argument("--overcommit", action="store_true", help="allow more ranks than CPUs (CPU test machines)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch command instead of running it")
@@ -33,7 +37,7 @@ def run_cli(args: argparse.Namespace, registry) -> int:
     submission = Submission(stage=args.stage, config=args.config, overrides=flatten(args.overrides),
                             run_dir=args.run_dir, nodes=args.nodes, ntasks_per_node=args.ntasks_per_node,
                             gpus_per_node=args.gpus_per_node, time=args.time, partition=args.partition,
-                            overcommit=args.overcommit)
+                            overcommit=args.overcommit, signal_lead=args.signal_lead)
     checked: list = []
     status = exit_on_config_error(lambda: checked.append(check(submission, registry)) or 0)
     if status:

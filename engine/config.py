@@ -200,6 +200,9 @@ class ResilienceConfig:
     """Times the launcher restarts all ranks after a failure before giving up."""
     hang_timeout_s: float = 300.0
     """Seconds without progress after which the watchdog dumps stacks and exits (0 disables it)."""
+    collective_timeout_s: float = 600.0
+    """Seconds a rank waits in the rendezvous or in any collective (the training groups and the
+    checkpoint group) before failing; above the time the slowest checkpoint publish takes."""
     check_interval: int = 10
     """Steps between cross-replica fingerprint checks of gradients and parameters (0 disables)."""
     audit_interval: int = 0

@@ -66,10 +66,13 @@ def join(device: torch.device, rank: int, world_size: int, address: str, port: i
         dist.init_process_group(init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size, **options)
 
 
-def new_cpu_group():
+def new_cpu_group(timeout_s: Optional[float] = None):
     """A gloo group of every rank (None without torch.distributed): control traffic that runs beside
-    the step, e.g. checkpoint coordination from a background thread, stays off the step's groups."""
-    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+    the step, e.g. checkpoint coordination from a background thread, stays off the step's groups.
+    `timeout_s`: how long its collectives wait (default: torch's, 30 minutes for gloo)."""
+    if not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s) if timeout_s else None)
 
 
 def aborts(backend: str, failed: bool) -> bool:

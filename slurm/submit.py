@@ -37,6 +37,9 @@ class Submission:
     time: Optional[str] = None
     partition: Optional[str] = None
     overcommit: bool = False
+    signal_lead: int = 90
+    """Seconds before the time limit at which Slurm sends SIGUSR1 (the ranks checkpoint and stop):
+    long enough for a step and a checkpoint write; Slurm checks limits only every ~30 s."""
 
     @property
     def world_size(self) -> int:
@@ -48,7 +51,7 @@ def check(submission: Submission, registry) -> ApogeeConfig:
     """The run's config, validated for the allocation as `apogee <stage>` would (ConfigError otherwise)."""
     from engine.config import ConfigError
 
-    for name in ("nodes", "ntasks_per_node"):
+    for name in ("nodes", "ntasks_per_node", "signal_lead"):
         if getattr(submission, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(submission, name)}: must be >= 1")
     stage = registry.get(submission.stage)
@@ -65,7 +68,7 @@ def sbatch_command(submission: Submission, run_dir: Path, job_name: str) -> list
     s = submission
     command = ["sbatch", "--parsable", f"--job-name={job_name}", f"--nodes={s.nodes}",
                f"--ntasks-per-node={s.ntasks_per_node}", f"--ntasks={s.world_size}",
-               f"--output={run_dir}/slurm-%j.out",
+               f"--output={run_dir}/slurm-%j.out", f"--signal=B:USR1@{s.signal_lead}",
                f"--export=ALL,APOGEE_STAGE={s.stage},APOGEE_PYTHON={sys.executable}"]
     if s.gpus_per_node:
         command.append(f"--gpus-per-node={s.gpus_per_node}")

@@ -30,6 +30,9 @@ def test_checks_overhead_bench_prints_percentages():
 def test_checkpoint_bench_prints_pause_and_size():
     out = _run("bench_checkpoint.py", "--quick")
     assert "pause ms" in out and "size MB" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 7]
+    assert [int(row[0]) for row in rows] == [1, 2, 4]  # verification per rank at 1, 2 and 4 ranks, side by side
+    assert [float(row[1]) for row in rows] == [32.0, 16.0, 8.0]  # each rank verifies about its own bytes
 
 
 def test_data_bench_prints_every_corpus_format_side_by_side():

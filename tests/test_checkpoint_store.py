@@ -1,7 +1,7 @@
 """Atomic publishing: a torn or corrupt checkpoint is never loaded; retention keeps the last k."""
 import pytest
 
-from engine.state.checkpoint_store import CheckpointError, CheckpointStore, read_manifest, verify
+from engine.state.checkpoint_store import CheckpointError, CheckpointStore, StorageError, read_manifest, verify
 
 
 def _save(store, step, payload=b"weights"):
@@ -43,7 +43,9 @@ def test_a_damaged_latest_is_reported_and_the_previous_good_one_used(tmp_path, d
     reports = []
     good = store.latest_good(report=reports.append)
     assert good.step == 1
-    assert len(reports) == 1 and reason in reports[0] and "step_00000002" in reports[0]
+    assert len(reports) == 2 and reason in reports[0] and "step_00000002" in reports[0]
+    assert reports[1] == ("`latest` names step_00000002, but the newest intact checkpoint is step_00000001: "
+                          "using step_00000001")
 
 
 def test_an_interrupted_save_is_invisible_and_cleaned_up_later(tmp_path):
@@ -76,7 +78,8 @@ def test_a_failed_publish_leaves_earlier_checkpoints_untouched(tmp_path, monkeyp
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr("engine.state.checkpoint_store.os.rename", disk_full)
-    with pytest.raises(CheckpointError, match="No space left on device.*earlier checkpoints are untouched"):
+    with pytest.raises(StorageError, match="publishing the checkpoint of step 2 failed: no space left .*"
+                                           "earlier ones are untouched; a restart cannot fix this"):
         store.publish(partial, 2)
     assert store.latest_good().step == 1 and verify(first.path) is None
     assert not partial.exists()

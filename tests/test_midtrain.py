@@ -46,10 +46,15 @@ def test_the_cooldown_branch_continues_the_run_then_decays(main_run, tmp_path):
     lrs = [r["lr"] for r in steps]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]  # decaying towards min_lr
     assert main_steps[10]["lr"] == main_steps[9]["lr"]  # the main run was still in its stable phase
-    # A second start of the branch resumes from its own checkpoint, not from the branch point.
+    # A second start of the branch resumes from its own checkpoint, not from the branch point: it
+    # is already at step 12, so there is nothing to train (exit 2, saying so), until train.steps grows.
     again = _cli("midtrain", "--run-dir", str(branch), "--set", *SMALL, *data, "train.steps=12",
                  f"midtrain.branch_from={main}/checkpoints/step_00000008")
-    assert again.returncode == 0 and "(step 12)" in again.stdout
+    assert again.returncode == 2 and "train.steps=12: the run starts from step 12" in again.stderr
+    further = _cli("midtrain", "--run-dir", str(branch), "--set", *SMALL, *data, "train.steps=13",
+                   f"midtrain.branch_from={main}/checkpoints/step_00000008")
+    assert further.returncode == 0 and "(step 12)" in further.stdout, further.stderr
+    assert [(r["step"], r["attempt"]) for r in _metrics(branch)][-2:] == [(12, 1), (13, 2)]
 
 
 def test_a_longer_context_starts_from_the_weights_only(main_run, tmp_path):

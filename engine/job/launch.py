@@ -8,7 +8,9 @@ mpi4py, the optional 'mpi' extra, or derived from the job id on one node), then 
 srun starts cannot talk before they meet, so they all derive the same address (the step's first
 node) and port (a hash of job, step and restart) from the environment; MASTER_ADDR and
 MASTER_PORT override both. `init_distributed()` turns that into a process group: gloo on CPU,
-NCCL on GPU. `launch_local()` starts `--nproc` ranks on this machine.
+NCCL on GPU, its collectives waiting at most `resilience.collective_timeout_s`. `launch_local()`
+starts `--nproc` ranks on this machine and restarts them all after a failure that a restart can fix
+(engine/resilience/exit_codes.py): never after a config error, a diagnosed fault or refused storage.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from engine.config import ConfigError
 # Below Linux's ephemeral range (32768-60999), so a port derived from a job id does not collide
 # with the source port of some outgoing connection on the master node.
 DERIVED_PORT_BASE, DERIVED_PORT_SPAN = 10000, 20000
+RESTART_COUNT_ENV = "APOGEE_RESTART_COUNT"
 
 
 class LaunchError(ConfigError):
@@ -85,9 +88,12 @@ def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
 
 def _elastic(env: Mapping[str, str]) -> LaunchInfo:
     world = int(env["WORLD_SIZE"])
+    # launch_local counts its restarts in APOGEE_RESTART_COUNT (each attempt is a fresh agent);
+    # torchrun's own agent counts in TORCHELASTIC_RESTART_COUNT.
+    restarts = max(int(env.get("TORCHELASTIC_RESTART_COUNT", 0)), int(env.get(RESTART_COUNT_ENV, 0)))
     return LaunchInfo(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)),
                       int(env.get("LOCAL_WORLD_SIZE", world)), env.get("MASTER_ADDR", "127.0.0.1"),
-                      int(env.get("MASTER_PORT", 29500)), "elastic", int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+                      int(env.get("MASTER_PORT", 29500)), "elastic", restarts)
 
 
 def _slurm(env: Mapping[str, str]) -> LaunchInfo:
@@ -154,7 +160,10 @@ def detect_launcher(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
 
 
 def init_distributed(info: LaunchInfo, timeout_s: float = 600.0) -> torch.device:
-    """Join the ranks (gloo on CPU, NCCL on GPU; parallel/process_group.py); return this rank's device."""
+    """Join the ranks (gloo on CPU, NCCL on GPU; parallel/process_group.py); return this rank's device.
+
+    `timeout_s` (resilience.collective_timeout_s) bounds the rendezvous and every collective of the
+    default group: a rank left waiting for a dead peer fails after it instead of hanging."""
     from parallel import process_group
 
     if torch.cuda.is_available():
@@ -187,15 +196,34 @@ def launch_local(nproc: int, entrypoint: Callable, args: tuple[Any, ...], max_re
     """Run entrypoint(*args) on `nproc` local ranks under torch.distributed.run's elastic agent.
 
     Returns the exit status: 0, or the first failed rank's exit code (its own message is already
-    on stderr). The agent restarts every rank (up to `max_restarts` times) when any of them fails;
-    the entrypoint reads TORCHELASTIC_RESTART_COUNT to know it is a restart.
+    on stderr). When a rank fails with a status a restart can fix (exit_codes.restart_helps), every
+    rank is started again, up to `max_restarts` times; the entrypoint reads the restart count
+    (LaunchInfo.restart_count) to know it is a restart. A config error (2), a diagnosed fault (17)
+    or refused storage (20) ends the job at once: a restart would meet it again.
     """
+    from engine.resilience.exit_codes import describe, restart_helps
+
+    for attempt in range(max_restarts + 1):
+        status = _launch_once(nproc, entrypoint, args, attempt, run_id)
+        if status == 0 or attempt == max_restarts:
+            return status
+        if not restart_helps(status):
+            print(f"apogee: {describe(status)} (exit status {status}): a restart would meet it again, not restarting",
+                  file=sys.stderr, flush=True)
+            return status
+        print(f"apogee: restarting all {nproc} ranks (restart {attempt + 1} of {max_restarts})", file=sys.stderr,
+              flush=True)
+    return status
+
+
+def _launch_once(nproc: int, entrypoint: Callable, args: tuple[Any, ...], attempt: int, run_id: Optional[str]) -> int:
+    """One attempt: start the ranks under a fresh elastic agent; its exit status."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=run_id or f"apogee-{os.getpid()}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=max_restarts,
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=run_id or f"apogee-{os.getpid()}-{attempt}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
         monitor_interval=0.5, start_method="spawn", local_addr="127.0.0.1",
     )
     # The agent logs every failure as a page of warnings and a traceback table; the failed rank
@@ -203,6 +231,8 @@ def launch_local(nproc: int, entrypoint: Callable, args: tuple[Any, ...], max_re
     agent_log = logging.getLogger("torch.distributed.elastic")
     level = agent_log.level
     agent_log.setLevel(logging.CRITICAL)
+    previous = os.environ.get(RESTART_COUNT_ENV)
+    os.environ[RESTART_COUNT_ENV] = str(attempt)  # the spawned ranks inherit it
     try:
         elastic_launch(config, entrypoint)(*args)
         return 0
@@ -216,3 +246,7 @@ def launch_local(nproc: int, entrypoint: Callable, args: tuple[Any, ...], max_re
         return status
     finally:
         agent_log.setLevel(level)
+        if previous is None:
+            os.environ.pop(RESTART_COUNT_ENV, None)
+        else:
+            os.environ[RESTART_COUNT_ENV] = previous

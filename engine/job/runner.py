@@ -5,7 +5,9 @@ before any rank exists (so a bad layout costs nothing), preprocesses the corpus 
 sample indices once (so ranks do not race to build them), measures the MFU peak while the cores
 are idle, then either trains in-process (one rank), starts `--nproc` local ranks under the elastic
 agent, or, when torchrun/srun/mpirun started the ranks, joins them and lets rank 0 prepare the run
-while the others wait. `worker_main` is what each rank runs.
+while the others wait. Before anything is written, the process that owns the run (this one, or
+rank 0 under an outside launcher) claims the run directory (engine/job/run_dir.py: its lock,
+`--overwrite`, writable paths). `worker_main` is what each rank runs.
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ import torch
 
 from engine.state.checkpoint import Checkpointer
 from engine.state.checkpoint_store import CheckpointError
-from engine.state.resume import check_compatible, checkpoint_store, choose_checkpoint, run_id
+from engine.state.errors import StorageError
+from engine.state.resume import (check_compatible, check_loadable, check_steps_beyond, checkpoint_store,
+                                 choose_checkpoint, choose_for_all, run_id)
+from engine.job.run_dir import claim_run_dir
 from engine.config import ApogeeConfig, ConfigError, config_from_dict, save_config
 from engine.config_validation import validate
 from engine.state.init_from import check_init_source, initialize_from
@@ -77,22 +82,45 @@ def resolve_run_dir(cfg: ApogeeConfig, run_dir: Optional[str]) -> Path:
 
 
 def run_job(cfg: ApogeeConfig, stage: Stage, run_dir: Optional[str] = None, nproc: Optional[int] = None,
-            resume: str = "auto") -> int:
-    """Validate, prepare and run a training job of `stage`; returns the process exit status."""
+            resume: str = "auto", overwrite: bool = False, prepare: bool = False) -> int:
+    """Validate, prepare and run a training job of `stage`; returns the process exit status.
+
+    The run directory is claimed first (locked; on `overwrite` an old run is moved aside); with
+    `prepare`, the stage's `prepare` then sees the claimed directory and picks the `--resume` choice.
+    """
     info = detect_launcher()
     if info.launcher != "none" and nproc not in (None, info.world_size):
         raise ConfigError(f"--nproc {nproc}: this process was started by {info.launcher} with "
                           f"{info.world_size} ranks; leave --nproc out or set it to {info.world_size}")
     world = info.world_size if info.launcher != "none" else (nproc or 1)
-    # Every rank checks the layout on its own, before meeting the others: a bad one exits with
-    # status 2 on all ranks at once instead of leaving some waiting in the rendezvous.
-    validate(cfg, world)
-    stage.validate(cfg, world)
-    cfg.parallel.validate(world)
     out = resolve_run_dir(cfg, run_dir)
     prepare_rank_environment(cfg, out)
-    if info.launcher != "none":
-        return _join_outside_launch(cfg, stage, out, resume, info)
+    lock, claim_error = None, None
+    if info.rank == 0:  # the owner: the launcher itself, or rank 0 of an outside launcher
+        try:
+            lock = claim_run_dir(out, cfg, overwrite)
+        except ConfigError as err:
+            if info.launcher == "none":
+                raise
+            claim_error = err  # told to every rank once they have met, so none is left waiting
+    try:
+        if prepare:
+            resume = stage.prepare(cfg, run_dir, resume)
+        # Every rank checks the layout on its own, before meeting the others: a bad one exits with
+        # status 2 on all ranks at once instead of leaving some waiting in the rendezvous.
+        validate(cfg, world)
+        stage.validate(cfg, world)
+        cfg.parallel.validate(world)
+        if info.launcher != "none":
+            return _join_outside_launch(cfg, stage, out, resume, info, claim_error)
+        return _run_here(cfg, stage, out, resume, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_here(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str, world: int) -> int:
+    """The launcher's part: prepare the run, then train in this process or under the elastic agent."""
     prefixes = _prepare_run(cfg, stage, out, resume)
     if world == 1:
         worker_main(cfg.to_dict(), stage, str(out), prefixes, resume, None)
@@ -117,30 +145,39 @@ def prepare_rank_environment(cfg: ApogeeConfig, run_dir: Path) -> None:
 
 def _prepare_run(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
-    # A checkpoint of another model or run is refused here, before any rank starts.
-    info = choose_checkpoint(resume, checkpoint_store(cfg, out))
+    this_run = run_id(out)  # created here, before any rank reads it (every rank names its checkpoint files by it)
+    # A checkpoint of another model or run, one that would run code, or one the run is already
+    # past is refused here, before any rank starts. Its checksums are verified by the ranks,
+    # each its share (hashes=False here: manifests and sizes only).
+    info = choose_checkpoint(resume, checkpoint_store(cfg, out), report=lambda _: None, hashes=False)
     if info is not None:
-        check_compatible(info, cfg, run_id(out))
+        check_loadable(info.path)
+        check_compatible(info, cfg, this_run)
+        check_steps_beyond(info.step, cfg, info.path)
     save_config(cfg, out / "config.yaml")
     return prepare_data(cfg, stage)
 
 
-def _join_outside_launch(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str, info) -> int:
+def _join_outside_launch(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str, info,
+                         claim_error: Optional[Exception] = None) -> int:
     """Ranks started by torchrun, srun or mpirun: meet first, then rank 0 prepares the run.
 
     Rank 0 prepares the data and measures the peak while the others wait; its outcome, an error
-    included, is broadcast, so a bad input stops every rank with the same message instead of
-    leaving them waiting for a rank 0 that has exited.
+    included (e.g. a run directory another run holds), is broadcast, so a bad input stops every
+    rank with the same message instead of leaving them waiting for a rank 0 that has exited. Rank
+    0's `--resume` choice is the one every rank runs with (it was made on the claimed directory).
     """
     from data_pipeline import DataError
 
-    device = init_distributed(info)
+    device = init_distributed(info, timeout_s=cfg.resilience.collective_timeout_s)
     failed = True
     try:
-        shared: list = [None, None, None]  # prefixes, peak, (error class name, message)
+        shared: list = [None, None, None, resume]  # prefixes, peak, (error class name, message), resume
         failure = None
         if info.rank == 0:
             try:
+                if claim_error is not None:
+                    raise claim_error
                 shared[0] = _prepare_run(cfg, stage, out, resume)
                 # The peak is the node's, measured with all its cores (torchrun sets OMP_NUM_THREADS=1).
                 torch.set_num_threads(os.cpu_count() or 1)
@@ -148,12 +185,13 @@ def _join_outside_launch(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str
             except Exception as err:  # re-raised below, after the others have heard of it
                 failure, shared[2] = err, (type(err).__name__, str(err))
         broadcast_objects(shared, world_group(CommLedger()))
-        prefixes, peak, error = shared
+        prefixes, peak, error, resume = shared
         if failure is not None:
             raise failure
         if error is not None:
             kind = {"DataError": DataError, "ConfigError": ConfigError, "LaunchError": ConfigError,
-                    "CheckpointError": CheckpointError}.get(error[0])
+                    "RunDirLocked": ConfigError, "CheckpointError": CheckpointError,
+                    "UnsafeCheckpointError": CheckpointError, "StorageError": StorageError}.get(error[0])
             if kind is None:
                 raise RuntimeError(f"rank 0 failed while preparing the run: {error[0]}: {error[1]}")
             raise kind(error[1])
@@ -184,7 +222,7 @@ def worker_main(cfg_dict: dict, stage: Stage, run_dir: str, prefixes: list[str],
     torch.set_num_threads(cpu_threads_per_rank(info.local_world_size))
     cfg = config_from_dict(cfg_dict, sections=stage.sections)
     prepare_rank_environment(cfg, Path(run_dir))  # before CUDA and NCCL start (a no-op if inherited)
-    device = init_distributed(info)
+    device = init_distributed(info, timeout_s=cfg.resilience.collective_timeout_s)
     deterministic = determinism.configure(cfg.resilience, device)
     if info.world_size > 1:
         ctx = ParallelContext.create(cfg.parallel, device=device)
@@ -208,9 +246,19 @@ def worker_main(cfg_dict: dict, stage: Stage, run_dir: str, prefixes: list[str],
     # SIGUSR1 -> checkpoint, stop, requeue; the watchdog; rehearsed faults; the step guard.
     hooks = ResilienceHooks.for_run(cfg, ctx.rank, run_dir)
     trainer = stage.trainer_class(cfg)(cfg, ctx, data, run_dir=Path(run_dir), peak=peak, resilience=hooks)
+    # Checkpoint writes and verifications are progress for the hang watchdog.
     checkpointer = Checkpointer(checkpoint_store(cfg, Path(run_dir)), ctx.rank, ctx.world_size,
-                                run_id(Path(run_dir)), on_event=trainer.events.record)
+                                run_id(Path(run_dir)), on_event=trainer.events.record,
+                                progress=hooks.heartbeat.alive, timeout_s=cfg.resilience.collective_timeout_s)
     start_step = resume_trainer(trainer, checkpointer, cfg, resume, Path(run_dir), failed_at=failed_at)
+    if start_step and start_step >= cfg.train.steps:
+        if info.restart_count > 0:  # the last attempt ended after its final checkpoint: nothing is left
+            if ctx.rank == 0:
+                print(f"apogee: the run is complete (step {start_step} of train.steps={cfg.train.steps})", flush=True)
+            trainer.heartbeat.stop()
+            leave()
+            return
+        check_steps_beyond(start_step, cfg, None)  # the same ConfigError on every rank
     if start_step == 0 and cfg.train.init_from:  # a fresh fine-tuning run starts from other weights
         source = initialize_from(trainer, cfg.train.init_from)
         if ctx.rank == 0:
@@ -223,6 +271,9 @@ def worker_main(cfg_dict: dict, stage: Stage, run_dir: str, prefixes: list[str],
             print(f"apogee: {stop}", file=sys.stderr, flush=True)
         leave()
         sys.exit(PREEMPTED)
+    except StorageError:  # disk full or read-only: reported in one line by exit_on_config_error (exit 20)
+        leave()
+        raise
     except ResilienceError as err:  # diagnosed: a restart would meet the same fault
         if ctx.rank == 0:
             trainer.events.record("stopped", step=trainer.heartbeat.steps_completed, reason=str(err))
@@ -244,48 +295,54 @@ def resume_trainer(trainer, checkpointer: Checkpointer, cfg: ApogeeConfig, resum
                    failed_at: Optional[float] = None) -> int:
     """Load the checkpoint `--resume` selects into `trainer`; returns the step to start from.
 
-    Rank 0 picks (and verifies) the checkpoint and tells the others, so every rank loads the same one.
+    Every rank verifies its share of the candidate's files and the answers are combined, so every
+    rank loads the same checkpoint and each reads about its own bytes (engine/state/resume.py).
     After a failure (`failed_at`, its time), the 'resume' event also records the work lost.
     """
-    choice = [None]
-    if trainer.ctx.rank == 0:
-        info = choose_checkpoint(resume, checkpointer.store)
-        if info is not None:
-            check_compatible(info, cfg, run_id(run_dir))
-            choice[0] = (str(info.path), info.step)
-    broadcast_objects(choice, trainer.world)
-    lost = work_lost(run_dir, choice[0][1] if choice[0] else 0, failed_at) if failed_at is not None else {}
-    if choice[0] is None:
-        if lost and trainer.ctx.rank == 0:  # a restart with no checkpoint yet: from scratch
+    rank = trainer.ctx.rank
+    info = choose_for_all(resume, checkpointer.store, checkpointer.group, rank, checkpointer.progress,
+                          report=print if rank == 0 else (lambda _: None))
+    if info is not None:
+        check_compatible(info, cfg, run_id(run_dir))  # every rank reads the same manifest: the same answer
+    lost = work_lost(run_dir, info.step if info else 0, failed_at) if failed_at is not None else {}
+    if info is None:
+        if lost and rank == 0:  # a restart with no checkpoint yet: from scratch
             trainer.events.record("resume", step=0, path=None, **lost)
         return 0
-    path, step = choice[0]
-    checkpointer.load(trainer, Path(path))  # also restores the skip list and the guard's history
-    if trainer.ctx.rank == 0:
-        trainer.events.record("resume", step=step, path=path, **lost)
-        print(f"apogee: resumed from {path} (step {step})", flush=True)
-    return step
+    checkpointer.load(trainer, info.path)  # also restores the skip list and the guard's history
+    if rank == 0:
+        trainer.events.record("resume", step=info.step, path=str(info.path), **lost)
+        print(f"apogee: resumed from {info.path} (step {info.step})", flush=True)
+    return info.step
 
 
 def run_stage(stage: Stage, registry: StageRegistry, config: Optional[str], overrides: list[str],
-              run_dir: Optional[str] = None, nproc: Optional[int] = None, resume: str = "auto") -> int:
-    """`apogee <stage>`: load the config with the stage's sections, refuse other stages' settings, let
-    the stage prepare its start, run the job. Exit status 2 with the key and what is valid otherwise."""
+              run_dir: Optional[str] = None, nproc: Optional[int] = None, resume: str = "auto",
+              overwrite: bool = False) -> int:
+    """`apogee <stage>`: load the config with the stage's sections, refuse other stages' settings,
+    claim the run directory, let the stage prepare its start, run the job. Exit status 2 with the
+    key and what is valid otherwise; STORAGE_FAILED (20) when the storage refuses a write."""
     def run() -> int:
         cfg = registry.load_config(stage, config, overrides)
         registry.check_foreign(stage, cfg)
-        return run_job(cfg, stage, run_dir=run_dir, nproc=nproc, resume=stage.prepare(cfg, run_dir, resume))
+        return run_job(cfg, stage, run_dir=run_dir, nproc=nproc, resume=resume, overwrite=overwrite, prepare=True)
 
     return exit_on_config_error(run)
 
 
 def exit_on_config_error(fn, *args, **kwargs) -> int:
-    """Call fn; a ConfigError becomes a one-line message on stderr and exit status 2."""
+    """Call fn; a ConfigError becomes a one-line message on stderr and exit status 2, a StorageError
+    one line (from rank 0) and STORAGE_FAILED, which no launcher restarts."""
     from data_pipeline import DataError
+    from engine.resilience.exit_codes import STORAGE_FAILED
     from parallel.layout import TopologyError
 
     try:
         return fn(*args, **kwargs)
+    except StorageError as err:
+        if detect_launcher().rank == 0:
+            print(f"apogee: error: {err}", file=sys.stderr, flush=True)
+        return STORAGE_FAILED
     except (ConfigError, TopologyError, DataError, CheckpointError) as err:
         print(f"apogee: error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Exit statuses of an Apogee rank, in one place: launchers and job scripts decide on them.
 
-The elastic agent restarts all ranks whatever the status; a Slurm job script requeues on the
-statuses that a restart can fix and stops on the others (slurm/apogee.sbatch, README).
+The launcher (engine/job/launch.py) restarts all ranks, and the Slurm job script requeues the job,
+on the statuses that a restart can fix, and stops on the others (slurm/apogee.sbatch, README).
 
 | status | meaning                                                  | restart / requeue |
 |--------|----------------------------------------------------------|-------------------|
@@ -12,6 +12,7 @@ statuses that a restart can fix and stops on the others (slurm/apogee.sbatch, RE
 | 17     | Megatron's "fault diagnosed, stop"                       | no                |
 | 18     | hang: the watchdog saw no progress for hang_timeout_s    | yes               |
 | 19     | stopped on request (time limit): checkpoint written      | yes (always)      |
+| 20     | storage refused a write (disk full, read-only, quota)    | no                |
 | 128+n  | killed by signal n (137: SIGKILL, e.g. an injected kill) | yes               |
 """
 from __future__ import annotations
@@ -23,9 +24,10 @@ RESUME_TO_DISAMBIGUATE = 16  # Megatron's convention, kept so that existing job 
 FAULT_DIAGNOSED = 17  # Megatron's convention: a restart would hit the same fault
 HANG_DETECTED = 18  # next to Megatron's 16/17: the hang watchdog ended the rank
 PREEMPTED = 19  # SIGUSR1 (Slurm's pre-timeout signal): checkpointed and stopped, requeue to continue
+STORAGE_FAILED = 20  # a checkpoint or log write was refused (ENOSPC, EROFS, EDQUOT...): a restart cannot make space
 SIGNAL_BASE = 128  # a rank killed by signal n exits 128 + n, the way a shell reports it
 
-NO_RESTART = (OK, CONFIG_ERROR, FAULT_DIAGNOSED)
+NO_RESTART = (OK, CONFIG_ERROR, FAULT_DIAGNOSED, STORAGE_FAILED)
 
 
 def restart_helps(status: int) -> bool:
@@ -37,7 +39,8 @@ def describe(status: int) -> str:
     """A few words for an exit status, for logs and events."""
     names = {OK: "finished", EXCEPTION: "exception", CONFIG_ERROR: "config error",
              RESUME_TO_DISAMBIGUATE: "resume to disambiguate", FAULT_DIAGNOSED: "fault diagnosed",
-             HANG_DETECTED: "hang detected", PREEMPTED: "stopped on request (checkpointed)"}
+             HANG_DETECTED: "hang detected", PREEMPTED: "stopped on request (checkpointed)",
+             STORAGE_FAILED: "storage refused a write: disk full or read-only"}
     if status in names:
         return names[status]
     if status > SIGNAL_BASE:

@@ -8,7 +8,12 @@ step in metrics.jsonl, and the files' modification times (when the run last made
 
 Events (each with `rank`, `step` and `time`, see DESIGN.md):
 - failure: rank (the failed rank, None if unknown), cause (kill, raise, hang, exception,
-  unknown), exit_code, step (the step in progress), steps_completed, failed_at.
+  unknown), exit_code, step (the step in progress), steps_completed, failed_at; recorded by the
+  launcher (observed_by: launcher) when it stops restarting, with restarts_exhausted false when
+  the status is one no restart fixes (a config error, a diagnosed fault, refused storage).
+
+events.jsonl is read line by line: a line torn by a process that died mid-write is skipped with
+a note (engine/train/events.py), so it never stops a restart.
 - restart: restart_count, launcher.
 - resume (engine.job.runner.resume_trainer): step resumed from, and on a restart work_lost_steps
   (steps completed after that checkpoint, to be re-run), work_lost_s (seconds from that
@@ -18,10 +23,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+from engine.state.errors import CheckpointError
 from engine.train.events import EventLog
 from engine.resilience.exit_codes import EXCEPTION, HANG_DETECTED, SIGNAL_BASE, describe
 
@@ -56,12 +63,12 @@ def describe_failure(run_dir: str | Path, exit_code: Optional[int] = None) -> di
     run_dir = Path(run_dir)
     attempt = last_attempt_events(EventLog(run_dir, 0).read())
     completed = last_logged_step(run_dir)
-    failed_at = max([_mtime(run_dir / "metrics.jsonl")] + [e["time"] for e in attempt])
+    failed_at = max([_mtime(run_dir / "metrics.jsonl")] + [e.get("time", 0.0) for e in attempt])
     report = {"rank": None, "cause": "unknown", "exit_code": exit_code, "step": completed + 1,
               "steps_completed": completed, "failed_at": failed_at}
-    injected = [e for e in attempt if e["type"] == "fault_injected" and e.get("kind") in ("kill", "raise", "hang")]
-    hangs = [e for e in attempt if e["type"] == "hang"]
-    errors = [e for e in attempt if e["type"] == "exception"]
+    injected = [e for e in attempt if e.get("type") == "fault_injected" and e.get("kind") in ("kill", "raise", "hang")]
+    hangs = [e for e in attempt if e.get("type") == "hang"]
+    errors = [e for e in attempt if e.get("type") == "exception"]
     if injected:
         fault = injected[0]
         codes = {"kill": SIGNAL_BASE + 9, "raise": EXCEPTION, "hang": HANG_DETECTED}
@@ -108,8 +115,14 @@ def record_restart(run_dir: str | Path, restart_count: int, launcher: str) -> fl
 
 def record_final_failure(run_dir: str | Path, exit_code: int) -> dict:
     """The launching process, when the ranks failed and no restart is left: record the 'failure'."""
+    from engine.resilience.exit_codes import restart_helps
+
     report = describe_failure(run_dir, exit_code)
-    EventLog(run_dir, 0).record("failure", observed_by="launcher", restarts_exhausted=True, **report)
+    try:
+        EventLog(run_dir, 0).record("failure", observed_by="launcher", restarts_exhausted=restart_helps(exit_code),
+                                    **report)
+    except (OSError, CheckpointError) as err:  # e.g. the disk that is full: the exit status says it all
+        print(f"apogee: could not record the failure in events.jsonl ({err})", file=sys.stderr, flush=True)
     return report
 
 
@@ -129,7 +142,7 @@ def work_lost(run_dir: str | Path, resumed_step: int, failed_at: float) -> dict:
     before it was counted at the previous failure), to the failure.
     """
     events = EventLog(run_dir, 0).read()
-    starts = [e["time"] for e in events if e.get("type") == "start" and e["time"] <= failed_at]
+    starts = [e["time"] for e in events if e.get("type") == "start" and e.get("time", failed_at + 1) <= failed_at]
     snapshot = snapshot_time(events, resumed_step) if resumed_step > 0 else None
     since = max(t for t in (snapshot, starts[-1] if starts else None, -1.0) if t is not None)
     if since < 0:
@@ -164,12 +177,14 @@ def report_exception(run_dir: Optional[str | Path], rank: int, step: Optional[in
 
     Printed here because the elastic agent shows a rank's traceback only when no restart is left.
     """
-    import sys
     import traceback
 
     print(f"apogee: rank {rank} failed during step {step}:", file=sys.stderr)
     traceback.print_exception(error, file=sys.stderr)
     sys.stderr.flush()
     if run_dir is not None:
-        record_durably(EventLog(run_dir, rank), "exception", step=step, error=f"{type(error).__name__}: {error}",
-                       exit_code=EXCEPTION)
+        try:
+            record_durably(EventLog(run_dir, rank), "exception", step=step,
+                           error=f"{type(error).__name__}: {error}", exit_code=EXCEPTION)
+        except (OSError, CheckpointError) as err:  # the run directory refuses writes: the traceback is above
+            print(f"apogee: could not record the exception in events.jsonl ({err})", file=sys.stderr, flush=True)

@@ -13,7 +13,10 @@ backend cannot keep the rank from exiting.
 
 The clock starts at the first beat (the trainer beats once when it starts stepping), so process
 start, rendezvous and checkpoint loading never count against the timeout; a long operation
-inside the loop (e.g. a rewind's checkpoint load) should call `beat` to say it is alive.
+inside the loop (e.g. a rewind's checkpoint load) should call `beat` to say it is alive. Writing
+and verifying a checkpoint is progress too: the checkpoint thread calls `alive` for every few MiB
+it writes or hashes, so a rank waiting for a large checkpoint is not taken for a hung one, while a
+write that stops moving still is.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ class Watchdog:
         self.rank, self.timeout_s = rank, float(timeout_s)
         # (steps completed, monotonic time of the beat); one tuple so the watcher reads a consistent pair
         self._beat: Optional[tuple[int, float]] = None
+        self._beat_lock = threading.Lock()  # beats come from the step loop and the checkpoint thread
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -60,7 +64,14 @@ class Watchdog:
 
     def beat(self, steps_completed: int) -> None:
         """Progress: `steps_completed` optimizer steps are done (the first beat arms the timeout)."""
-        self._beat = (steps_completed, time.monotonic())
+        with self._beat_lock:
+            self._beat = (steps_completed, time.monotonic())
+
+    def alive(self) -> None:
+        """Progress that is not a step (checkpoint bytes written or hashed): resets the clock only."""
+        with self._beat_lock:
+            if self._beat is not None:
+                self._beat = (self._beat[0], time.monotonic())
 
     @property
     def steps_completed(self) -> Optional[int]:
@@ -78,27 +89,31 @@ class Watchdog:
     def _on_hang(self, steps_completed: int, beat_time: float) -> None:
         silent_s = time.monotonic() - beat_time
         dump = None
-        if self.run_dir is not None:
-            dump = self.run_dir / f"hang-rank{self.rank}.txt"
-            with open(dump, "w") as f:
-                f.write(f"rank {self.rank} (pid {os.getpid()}): no progress for {silent_s:.1f} s after "
-                        f"step {steps_completed}; stacks of all threads:\n")
-                f.flush()
-                faulthandler.dump_traceback(file=f, all_threads=True)
-                f.flush()
-                os.fsync(f.fileno())
-            recorded = _bounded(lambda: process_group.dump_flight_recorder(self.rank), self.LAST_WORDS_S)
-            record_durably(EventLog(self.run_dir, self.rank), "hang", step=steps_completed + 1,
-                           steps_completed=steps_completed, silent_s=silent_s, timeout_s=self.timeout_s,
-                           stack_dump=str(dump), exit_code=HANG_DETECTED,
-                           flight_recorder=str(recorded) if recorded else None)
-        print(f"apogee: rank {self.rank}: no progress for {silent_s:.0f} s during step {steps_completed + 1} "
-              f"(resilience.hang_timeout_s={self.timeout_s:g}); stacks in {dump}; exiting with status "
-              f"{HANG_DETECTED}", file=sys.stderr, flush=True)
-        _bounded(process_group.abort, self.LAST_WORDS_S)
-        # os._exit: the main thread is stuck (in a collective, or the hang), so a normal exit would
-        # wait on it forever; no cleanup is owed, the restart resumes from the last checkpoint.
-        os._exit(HANG_DETECTED)
+        try:
+            if self.run_dir is not None:
+                dump = self.run_dir / f"hang-rank{self.rank}.txt"
+                with open(dump, "w") as f:
+                    f.write(f"rank {self.rank} (pid {os.getpid()}): no progress for {silent_s:.1f} s after "
+                            f"step {steps_completed}; stacks of all threads:\n")
+                    f.flush()
+                    faulthandler.dump_traceback(file=f, all_threads=True)
+                    f.flush()
+                    os.fsync(f.fileno())
+                recorded = _bounded(lambda: process_group.dump_flight_recorder(self.rank), self.LAST_WORDS_S)
+                record_durably(EventLog(self.run_dir, self.rank), "hang", step=steps_completed + 1,
+                               steps_completed=steps_completed, silent_s=silent_s, timeout_s=self.timeout_s,
+                               stack_dump=str(dump), exit_code=HANG_DETECTED,
+                               flight_recorder=str(recorded) if recorded else None)
+        except Exception as err:  # e.g. a full disk: the exit below must happen regardless
+            print(f"apogee: rank {self.rank}: could not record the hang ({err})", file=sys.stderr, flush=True)
+        finally:
+            print(f"apogee: rank {self.rank}: no progress for {silent_s:.0f} s during step {steps_completed + 1} "
+                  f"(resilience.hang_timeout_s={self.timeout_s:g}); stacks in {dump}; exiting with status "
+                  f"{HANG_DETECTED}", file=sys.stderr, flush=True)
+            _bounded(process_group.abort, self.LAST_WORDS_S)
+            # os._exit: the main thread is stuck (in a collective, or the hang), so a normal exit would
+            # wait on it forever; no cleanup is owed, the restart resumes from the last checkpoint.
+            os._exit(HANG_DETECTED)
 
 
 def _bounded(action, timeout_s: float):

@@ -1,254 +1,134 @@
 """Sharded, asynchronous, reshardable checkpoints on torch.distributed.checkpoint (DCP).
 
-Every tensor is saved under its global name and shape, as the rectangles ("pieces") this rank
-holds: a column-parallel weight is one piece at row offset tp_rank * rows; a replicated tensor is
-one piece at offset 0, written once however many ranks hold it (DCP deduplicates identical
-pieces); a ZeRO shard of a flattened parameter is a few rectangles. DCP records the pieces of all
-ranks in its metadata and, on load, reads for each rank the overlap of what was saved with what
-the new layout asks for, so a checkpoint saved at tp=2 x pp=2 loads at tp=1 x dp=4 unchanged.
+Every tensor is saved under its global name and shape, as the pieces this rank holds
+(engine/state/views.py), so a checkpoint saved at one layout loads at any other.
 
 Saving is asynchronous: the step pauses only to copy this rank's pieces to host memory (the
 "snapshot", at most one in flight); a background thread then runs DCP's save on a dedicated gloo
-group (collectives on the training group from two threads could interleave), and rank 0
-publishes the directory atomically (engine.state.checkpoint_store).
+group (collectives on the training group from two threads could interleave), hashes the files
+this rank wrote (every rank at once, each about its own bytes), and rank 0 merges the digests into
+the manifest and publishes the directory atomically (engine/state/checkpoint_store.py). The thread
+reports progress (`progress`, the hang watchdog's `alive`) while bytes are written and hashed.
+
+Besides tensors, a checkpoint holds the trainer's state (skip list, the guard's history, fp8
+scales) as a JSON string and each rank's RNG state as a uint8 tensor: nothing in it needs
+unpickling beyond DCP's metadata types (engine/state/safe_load.py). A write the storage refuses
+(disk full, read-only) removes the partial directory and raises StorageError on every rank.
 """
 from __future__ import annotations
 
-import contextlib
+import io
+import json
+import os
 import pickle
 import threading
 import time
-import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from engine.state.checkpoint_store import CheckpointError, CheckpointInfo, CheckpointStore
-from parallel.collectives import CommLedger, Group, broadcast_objects
+from engine.state.errors import StorageError, UnsafeCheckpointError
+from engine.state.manifest import hash_files, no_progress
+from engine.state.safe_load import METADATA_FILE, read_metadata, safe_load, single_process_quietly
+from engine.state.storage import storage_cause, storage_error
+from engine.state.views import GlobalShards, load_optimizer_step, state_views, sync_masters
+from parallel.collectives import CommLedger, Group, all_gather_objects, broadcast_objects
 from parallel.process_group import new_cpu_group
-from parallel.sharding import shard_of
 
 
-class GlobalShards(torch.Tensor):
-    """A checkpoint view of a globally-shaped tensor: this rank's pieces and their offsets.
+class _RecordingWriter(dcp.FileSystemWriter):
+    """DCP's file writer, remembering the files this rank wrote (they are the ones it hashes), and
+    turning a write the storage refused into a plain OSError with its errno: torch's zip writer
+    raises a RuntimeError whose context (the OSError) is lost when DCP gathers the ranks' failures."""
 
-    It implements DCP's checkpointable protocol (__create_write_items__, __create_chunk_list__,
-    __get_tensor_shard__), so DCP saves and loads the pieces in place; it supports no tensor math.
-    """
+    def write_data(self, plan, planner):
+        """Write this rank's items; record the relative paths of the files written."""
+        with _storage_errors_kept(self.path):
+            future = super().write_data(plan, planner)
+            self.written = sorted({result.storage_data.relative_path for result in future.wait()})
+        return future
 
-    @staticmethod
-    def __new__(cls, global_shape, pieces: list[tuple[tuple[int, ...], torch.Tensor]]):
-        first = pieces[0][1]
-        view = torch.Tensor._make_wrapper_subclass(cls, torch.Size(global_shape), dtype=first.dtype, device=first.device)
-        view._pieces = [(torch.Size(offset), tensor) for offset, tensor in pieces]
-        view._properties = TensorProperties.create_from_tensor(first)
-        return view
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise NotImplementedError(f"GlobalShards is a checkpoint view; {func} is not supported")
-
-    def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
-        return [WriteItem(index=MetadataIndex(fqn, offset), type=WriteItemType.SHARD,
-                          tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=offset, sizes=t.shape),
-                                                      properties=self._properties, size=self.shape))
-                for offset, t in self._pieces]
-
-    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
-        return [ChunkStorageMetadata(offsets=offset, sizes=t.shape) for offset, t in self._pieces]
-
-    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
-        for offset, t in self._pieces:
-            if offset == index.offset:
-                return t
-        raise ValueError(f"{index.fqn}: this rank holds no piece at offset {tuple(index.offset)}")
-
-    @property
-    def pieces(self) -> list[tuple[torch.Size, torch.Tensor]]:
-        """(global offset, local tensor) of every piece held here."""
-        return self._pieces
-
-    def snapshot(self, staging: Optional["GlobalShards"] = None) -> "GlobalShards":
-        """The same view over host-memory copies (what an asynchronous save writes).
-
-        `staging`, a previous snapshot of the same view, is reused: copying into memory that is
-        already mapped costs a fraction of allocating it anew each time.
-        """
-        if staging is None or [t.shape for _, t in staging.pieces] != [t.shape for _, t in self._pieces]:
-            return GlobalShards(self.shape, [(o, t.detach().to("cpu", copy=True)) for o, t in self._pieces])
-        for (_, target), (_, source) in zip(staging.pieces, self._pieces):
-            target.copy_(source.detach())
-        return staging
+    def finish(self, metadata, results) -> None:
+        """Write DCP's metadata file (the coordinator)."""
+        with _storage_errors_kept(self.path):
+            super().finish(metadata, results)
 
 
-def param_view(param: torch.Tensor, tensor: Optional[torch.Tensor] = None) -> GlobalShards:
-    """`tensor` (default: the parameter itself), placed like `param` in the global tensor.
-
-    A tensor- or expert-parallel shard ((dim, rank, world), parallel.sharding) sits at offset rank * size
-    along dim; anything else is the whole tensor at offset 0.
-    """
-    tensor = param.data if tensor is None else tensor
-    shape, offset = list(tensor.shape), [0] * tensor.dim()
-    shard = shard_of(param)
-    if shard is not None:
-        dim, rank, world = shard
-        offset[dim] = rank * shape[dim]
-        shape[dim] *= world
-    return GlobalShards(shape, [(tuple(offset), tensor)])
-
-
-def flat_pieces(param: torch.Tensor, flat_offset: int, flat: torch.Tensor) -> list[tuple[tuple, torch.Tensor]]:
-    """Elements [flat_offset, +len) of `param`'s flattened local tensor as rectangles of the global tensor.
-
-    ZeRO cuts the flattened parameter anywhere, so a rank's piece of a matrix is a partial row,
-    whole rows and a partial row: three rectangles at most, each with its global offset (the
-    tensor-parallel shard's own offset added). Parameters are 1-D or 2-D.
-    """
-    shape = tuple(param.shape)
-    shard = shard_of(param)
-    base = [0] * len(shape)
-    if shard is not None:
-        base[shard[0]] = shard[1] * shape[shard[0]]
-    if len(shape) == 1:
-        return [((base[0] + flat_offset,), flat)]
-    rows, cols = shape
-    pieces, start, end = [], flat_offset, flat_offset + flat.numel()
-    while start < end:
-        row, col = divmod(start, cols)
-        if col or end - start < cols:  # a partial row
-            length = min(cols - col, end - start)
-            block = flat[start - flat_offset:start - flat_offset + length].view(1, length)
-        else:  # as many whole rows as remain
-            count = (end - start) // cols
-            length, block = count * cols, flat[start - flat_offset:start - flat_offset + count * cols].view(count, cols)
-        pieces.append(((base[0] + row, base[1] + col), block))
-        start += length
-    return pieces
-
-
-def _piece_views(entries: list[tuple[torch.Tensor, int, torch.Tensor]]) -> GlobalShards:
-    """One view of the pieces (param, flat offset, flat tensor) of one global tensor."""
-    param = entries[0][0]
-    global_shape = list(param.shape)
-    shard = shard_of(param)
-    if shard is not None:
-        global_shape[shard[0]] *= shard[2]
-    pieces = [piece for p, offset, flat in entries for piece in flat_pieces(p, offset, flat)]
-    return GlobalShards(global_shape, pieces)
-
-
-def zero_views(grads, optimizer, tie_embeddings: bool) -> dict[str, Any]:
-    """Views of a ZeRO rank's share: its pieces of every state tensor (and, at stage 3, of the weights).
-
-    Keys are those of the plain layout, so any stage and any layout can load them: fp32 pieces
-    are their own masters (saved as the weights), bf16 pieces add 'optim/<name>/master'.
-    """
-    views: dict[str, Any] = {}
-    _ensure_adam_state(optimizer)
-    state = optimizer.sharded_state_dict()
-    step = 0.0
-    by_key: dict[str, list] = {}
-    for segment, piece in zip(grads.segments, [grads.param_shard(s) for s in grads.segments]):
-        entry = state[segment.name]
-        name = "embed_tokens.weight" if tie_embeddings and segment.name == "lm_head.weight" else segment.name
-        keys = {f"optim/{name}/{k}": entry[k].local for k in ("exp_avg", "exp_avg_sq")}
-        if entry["master"].local.dtype != piece.dtype:
-            keys[f"optim/{name}/master"] = entry["master"].local
-        if not hasattr(grads, "all_gather_params"):  # stage 3: the weights exist only as pieces
-            keys[f"model/{name}"] = piece
-        for key, flat in keys.items():
-            by_key.setdefault(key, []).append((segment.param, segment.param_offset, flat))
-        step = entry.get("step", step)
-    for key, entries in by_key.items():
-        views[key] = _piece_views(entries)
-    views["optim/step"] = torch.tensor(float(step))
-    return views
-
-
-def model_views(named_params, tie_embeddings: bool = False) -> dict[str, GlobalShards]:
-    """'model/<name>' -> view of each parameter (tied duplicates appear once, under the first name).
-
-    With tied embeddings, a last pipeline stage's own copy of the output matrix is the embedding:
-    it is saved and loaded under 'model/embed_tokens.weight', so any layout finds it.
-    """
-    views, seen = {}, set()
-    for name, p in named_params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            key = "embed_tokens.weight" if tie_embeddings and name == "lm_head.weight" else name
-            views[f"model/{key}"] = param_view(p)
-    return views
-
-
-def _ensure_adam_state(optimizer) -> None:
-    """Create AdamW's moments (zeros) before the first step, so there is state to save or load into."""
-    torch_opt = optimizer.optimizer
-    for group in torch_opt.param_groups:
-        for master in group["params"]:
-            state = torch_opt.state[master]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-
-
-def optimizer_views(optimizer) -> dict[str, Any]:
-    """'optim/<name>/{exp_avg,exp_avg_sq,master}' views and the shared step count.
-
-    The plain optimizer keeps state shaped like each parameter's local shard, so the state sits
-    where its parameter sits (ZeRO's flat pieces are mapped by `zero_views`).
-    """
-    _ensure_adam_state(optimizer)
-    views: dict[str, Any] = {}
-    step = 0.0
-    for name, p, master in zip(optimizer.names, optimizer.params, optimizer.masters):
-        state = optimizer.optimizer.state[master]
-        views[f"optim/{name}/exp_avg"] = param_view(p, state["exp_avg"])
-        views[f"optim/{name}/exp_avg_sq"] = param_view(p, state["exp_avg_sq"])
-        if master is not p:
-            views[f"optim/{name}/master"] = param_view(p, master)
-        step = float(state["step"])
-    views["optim/step"] = torch.tensor(step)
-    return views
-
-
-@torch.no_grad()
-def sync_masters(optimizer) -> None:
-    """fp32 masters re-read from the (loaded) low-precision weights, for any optimizer kind."""
-    params = getattr(optimizer, "param_pieces", None) or optimizer.params
-    for p, master in zip(params, optimizer.masters):
-        if p is not master:
-            master.copy_(p)
-
-
-def load_optimizer_step(optimizer, step_tensor: torch.Tensor) -> None:
-    """Set AdamW's per-parameter step count (one shared value) after a load."""
-    for state in optimizer.optimizer.state.values():
-        state["step"].fill_(float(step_tensor))
-
-
-@contextlib.contextmanager
-def single_process_quietly():
-    """Silence DCP's warning that a one-process save/load is one process: that is intended here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+@contextmanager
+def _storage_errors_kept(path):
+    try:
         yield
+    except Exception as err:
+        cause = storage_cause(err)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, cause.filename or str(path)) from err
+
+
+@contextmanager
+def _beating_while_growing(directory: Path, rank: int, progress: Callable[[], None], poll_s: float = 1.0):
+    """Call `progress` every `poll_s` seconds while this rank's DCP files in `directory` grow."""
+    done = threading.Event()
+
+    def size() -> int:
+        total, index = 0, 0
+        while True:
+            try:
+                total += os.stat(directory / f"__{rank}_{index}.distcp").st_size
+            except OSError:
+                return total
+            index += 1
+
+    def watch() -> None:
+        last = -1
+        while not done.wait(poll_s):
+            now = size()
+            if now != last:
+                progress()
+                last = now
+
+    thread = threading.Thread(target=watch, name=f"checkpoint-progress-rank{rank}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, numbers and strings; any global (a class, a function) is refused."""
+
+    def __init__(self, file, source: str):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module, name):
+        raise UnsafeCheckpointError(f"{self.source}: refused: the trainer state asks to load {module}.{name}")
+
+
+def _plain_data(raw: bytes, source: str) -> Any:
+    """A format-1 trainer state (a pickle of plain data), read without any global: an older
+    checkpoint loads, a crafted one is refused."""
+    return _PlainDataUnpickler(io.BytesIO(raw), source).load()
 
 
 class Checkpointer:
     """Saves and loads one rank's share of the training state; one asynchronous save in flight."""
 
     def __init__(self, store: CheckpointStore, rank: int, world_size: int, run_id: str,
-                 on_event: Callable[..., None] = lambda *a, **k: None):
+                 on_event: Callable[..., None] = lambda *a, **k: None, progress: Callable[[], None] = no_progress,
+                 timeout_s: Optional[float] = None):
         self.store, self.rank, self.world_size, self.run_id = store, rank, world_size, run_id
-        self.on_event = on_event
+        self.on_event, self.progress = on_event, progress
         # DCP's collectives run in a background thread; a group of their own keeps them from
         # interleaving with the training step's collectives on the default group.
-        cpu_group = new_cpu_group()
+        cpu_group = new_cpu_group(timeout_s)
         self.group = Group("checkpoint", cpu_group, world_size, rank, CommLedger(), torch.device("cpu")) \
             if cpu_group is not None else None
         self._thread: Optional[threading.Thread] = None
@@ -257,25 +137,24 @@ class Checkpointer:
 
     def state_views(self, trainer) -> dict[str, Any]:
         """Everything a checkpoint holds for `trainer`, as DCP-savable views (no copies)."""
-        tied = trainer.cfg.model.tie_embeddings
-        if trainer.cfg.parallel.zero == 0:
-            views = model_views(trainer.named_parameters(), tied)
-            views.update(optimizer_views(trainer.optimizer))
-            return views
-        views = zero_views(trainer.grads, trainer.optimizer, tied)
-        if hasattr(trainer.grads, "all_gather_params"):  # stages 1-2 hold every weight whole
-            views.update(model_views(trainer.named_parameters(), tied))
-        return views
+        return state_views(trainer)
 
     def save(self, trainer, step: int, metadata: dict, blocking: bool = False) -> float:
         """Checkpoint the state after `step` steps; returns the pause the step saw (seconds)."""
         self.wait()  # bound staging memory: at most one checkpoint in flight
+        return self.save_views(self.state_views(trainer), trainer.checkpoint_extra_state(), step, metadata, blocking)
+
+    def save_views(self, views: dict[str, Any], extra: dict, step: int, metadata: dict,
+                   blocking: bool = False) -> float:
+        """Checkpoint `views` (tensors and GlobalShards) and the plain-data `extra` state as step `step`."""
+        self.wait()
         start = time.perf_counter()
         snapshot = {k: (v.snapshot(self._staging.get(k)) if isinstance(v, GlobalShards) else v.detach().clone())
-                    for k, v in self.state_views(trainer).items()}
+                    for k, v in views.items()}
         self._staging = {k: v for k, v in snapshot.items() if isinstance(v, GlobalShards)}
-        snapshot["trainer"] = pickle.dumps({**trainer.checkpoint_extra_state(), "step": step})
-        snapshot[f"rng/{self.rank}"] = pickle.dumps(torch.get_rng_state())
+        # Plain data, read back with torch.load(weights_only=True): floats keep every bit in JSON.
+        snapshot["trainer"] = json.dumps({**extra, "step": step})
+        snapshot[f"rng/{self.rank}"] = torch.get_rng_state()
         pause = time.perf_counter() - start
         token = f"{self.run_id}-{step}"
         self._thread = threading.Thread(target=self._write, args=(snapshot, step, token, metadata, pause),
@@ -286,17 +165,28 @@ class Checkpointer:
         return pause
 
     def _write(self, snapshot: dict, step: int, token: str, metadata: dict, pause: float) -> None:
+        partial: Optional[Path] = None
         try:
             start = time.perf_counter()
-            partial = self.store.root / f"step_{step:08d}.partial-{token}"
-            self._on_rank0_for_all(lambda: self.store.new_partial(step, token))
-            with single_process_quietly():
-                dcp.save(snapshot, storage_writer=dcp.FileSystemWriter(str(partial), sync_files=True),
-                         process_group=self.group.process_group if self.group else None, no_dist=self.group is None)
+            # Rank 0 names the directory for all: every rank writes into the same one.
+            partial = Path(self._on_rank0_for_all(lambda: str(self.store.new_partial(step, token))))
+            digests, failure = {}, None
+            try:
+                writer = _RecordingWriter(str(partial), sync_files=True)
+                with single_process_quietly(), _beating_while_growing(partial, self.rank, self.progress):
+                    dcp.save(snapshot, storage_writer=writer, no_dist=self.group is None,
+                             process_group=self.group.process_group if self.group else None)
+                mine = set(writer.written) | ({METADATA_FILE} if self.rank == 0 else set())
+                digests = hash_files(partial, mine, self.rank, self.progress)
+            except BaseException as err:  # noqa: B902 - DCP's CheckpointException is a BaseException
+                failure = err
+            merged, payload = self._after_write(partial, step, digests, failure, _payload_bytes(snapshot))
+            self.progress()
 
             def publish() -> None:
                 info = self.store.publish(partial, step, {**metadata, "run_id": self.run_id,
-                                                          "world_size": self.world_size})
+                                                          "world_size": self.world_size},
+                                          digests=merged, needed=self.store.newest_bytes() or payload)
                 size = sum(p.stat().st_size for p in info.path.rglob("*") if p.is_file())
                 self.on_event("checkpoint_saved", step=step, path=str(info.path), bytes=size,
                               pause_s=pause, write_s=time.perf_counter() - start)
@@ -306,30 +196,65 @@ class Checkpointer:
         except BaseException as err:  # surfaced to the training thread by wait()
             self._error = err
 
-    def _on_rank0_for_all(self, action: Callable[[], Any]) -> None:
-        """Run `action` on rank 0; every rank waits for it and raises if it failed."""
-        outcome: list = [None]
+    def _after_write(self, partial: Path, step: int, digests: dict, failure: Optional[BaseException],
+                     payload: int) -> tuple[dict, int]:
+        """Every rank's outcome of writing and hashing, exchanged: (merged digests, tensor bytes of
+        all ranks). A failure anywhere removes the partial directory (all ranks are past their writes
+        here) and raises on every rank."""
+        cause = storage_cause(failure) if failure is not None else None
+        mine = {"digests": digests, "payload": payload,
+                "error": None if failure is None else f"{type(failure).__name__}: {failure}".splitlines()[0],
+                "storage": None if cause is None else (cause.errno, cause.strerror, cause.filename)}
+        outcomes = all_gather_objects(mine, self.group, purpose="checkpoint") if self.group else [mine]
+        payload = sum(o["payload"] for o in outcomes)
+        failed = [(rank, o) for rank, o in enumerate(outcomes) if o["error"] is not None]
+        if not failed:
+            return {name: entry for o in outcomes for name, entry in o["digests"].items()}, payload
+        needed = self.store.newest_bytes() or payload  # the last checkpoint of this model: what one needs
+        if self.rank == 0:
+            self.store.discard(partial)
+        storage = [(rank, o) for rank, o in failed if o["storage"] is not None]
+        newest = self.store.published()
+        kept = "; the partial checkpoint was removed, earlier ones are untouched" + \
+            (f" (newest: step {newest[-1].step})" if newest else "")
+        if storage:
+            rank, o = storage[0]
+            errno_, strerror, filename = o["storage"]
+            raise storage_error(OSError(errno_, strerror, filename), f"rank {rank} writing the checkpoint of "
+                                f"step {step}", filename or partial, needed, after=kept)
+        rank, o = failed[0]
+        raise CheckpointError(f"checkpoint.dir={self.store.root}: rank {rank} failed writing step {step} "
+                              f"({o['error']}){kept}")
+
+    def _on_rank0_for_all(self, action: Callable[[], Any]) -> Any:
+        """Run `action` on rank 0; every rank waits for it and returns what it returned (picklable)
+        or raises what it raised (a StorageError stays one, so every rank stops with the same status)."""
+        outcome: list = [None, None]
         if self.rank == 0:
             try:
-                action()
+                outcome[1] = action()
+            except StorageError as err:
+                outcome[0] = ("storage", str(err))
             except CheckpointError as err:
-                outcome[0] = str(err)
+                outcome[0] = ("checkpoint", str(err))
             except OSError as err:
-                outcome[0] = f"checkpoint.dir={self.store.root}: {err}"
+                cause = storage_cause(err)
+                outcome[0] = ("storage", str(storage_error(cause, "a checkpoint", self.store.root))) if cause \
+                    else ("checkpoint", f"checkpoint.dir={self.store.root}: {err}")
         if self.group is not None:
             broadcast_objects(outcome, self.group)
         if outcome[0] is not None:
-            raise CheckpointError(outcome[0])
+            kind, message = outcome[0]
+            raise (StorageError if kind == "storage" else CheckpointError)(message)
+        return outcome[1]
 
-    def latest_for_all(self) -> Optional["CheckpointInfo"]:
-        """The newest intact checkpoint as rank 0 sees it, the same on every rank (for rewinds)."""
-        choice: list = [None]
-        if self.rank == 0:
-            info = self.store.latest_good()
-            choice[0] = (str(info.path), info.step) if info is not None else None
-        if self.group is not None:
-            broadcast_objects(choice, self.group)
-        return CheckpointInfo(Path(choice[0][0]), choice[0][1]) if choice[0] is not None else None
+    def latest_for_all(self, report: Callable[[str], None] = print) -> Optional[CheckpointInfo]:
+        """The newest intact checkpoint, the same on every rank (for rewinds): every rank verifies
+        its share of each candidate's files (engine/state/resume.py)."""
+        from engine.state.resume import newest_intact_for_all
+
+        return newest_intact_for_all(self.store, self.group, self.rank, self.progress,
+                                     report if self.rank == 0 else (lambda _: None))
 
     def wait(self) -> None:
         """Block until the checkpoint in flight (if any) is published; re-raise its failure."""
@@ -345,7 +270,8 @@ class Checkpointer:
     def load(self, trainer, path: Path) -> dict:
         """Load the checkpoint at `path` into `trainer` (any saved layout); returns its extra state."""
         views = self.state_views(trainer)
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        metadata = read_metadata(path)  # restricted: DCP's types only
+        saved = metadata.state_dict_metadata
         # fp32 masters are absent from an fp32 run's checkpoint: a bf16 run re-reads them from the
         # loaded weights. Anything else missing means the checkpoint does not hold this model.
         masters_missing = [k for k in views if k.endswith("/master") and k not in saved]
@@ -355,20 +281,34 @@ class Checkpointer:
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors this layout needs, e.g. "
                                   f"{', '.join(missing[:3])}")
-        holder = {**views, "trainer": b""}
+        holder = {**views, "trainer": ""}
         rng_key = f"rng/{self.rank}"
-        holder[rng_key] = b""
-        with single_process_quietly():
-            dcp.load(holder, checkpoint_id=str(path), process_group=self.group.process_group if self.group else None, no_dist=self.group is None,
-                     planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        if isinstance(saved.get(rng_key), TensorStorageMetadata):  # a rank of the saving world
+            holder[rng_key] = torch.empty(saved[rng_key].size, dtype=torch.uint8)
+        safe_load(holder, path, process_group=self.group.process_group if self.group else None,
+                  no_dist=self.group is None, metadata=metadata)
         if "optim/step" in views:
             load_optimizer_step(trainer.optimizer, holder["optim/step"])
         if masters_missing:
             sync_masters(trainer.optimizer)
         if hasattr(trainer.optimizer, "after_checkpoint_load"):  # e.g. ZeRO re-gathers parameters
             trainer.optimizer.after_checkpoint_load()
-        if isinstance(holder[rng_key], bytes) and holder[rng_key]:
-            torch.set_rng_state(pickle.loads(holder[rng_key]))
-        extra = pickle.loads(holder["trainer"])
+        if isinstance(holder.get(rng_key), torch.Tensor):
+            torch.set_rng_state(holder[rng_key])
+        state = holder["trainer"]
+        extra = json.loads(state) if isinstance(state, str) else _plain_data(state, f"checkpoint {path}")
+        if not isinstance(extra, dict):
+            raise CheckpointError(f"checkpoint {path}: the trainer state is a {type(extra).__name__}, not an object")
         trainer.load_extra_state(extra)
         return extra
+
+
+def _payload_bytes(snapshot: dict) -> int:
+    """Bytes of this rank's tensors in a snapshot (an estimate of what it writes)."""
+    total = 0
+    for value in snapshot.values():
+        if isinstance(value, GlobalShards):
+            total += sum(t.numel() * t.element_size() for _, t in value.pieces)
+        elif isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+    return total

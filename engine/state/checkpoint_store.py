@@ -1,20 +1,21 @@
-"""Publishing checkpoints atomically, and finding the newest good one.
+"""Publishing checkpoints atomically, and finding the newest intact one.
 
-A checkpoint directory is written under a temporary name (`step_00000120.partial-<id>`), then
-published by rank 0 in an order that never exposes a torn checkpoint:
+A checkpoint directory is written under a temporary name (`step_00000120.partial-<id>`): every
+rank writes and fsyncs its files and hashes them (engine/state/manifest.py); rank 0 then
+publishes in an order that never exposes a torn checkpoint:
 
-    write every file -> fsync them -> manifest.json (size and SHA-256 of every file) -> fsync
-    -> rename to step_00000120 -> fsync the parent -> `latest` (written to a temp file, renamed)
+    manifest.json (every rank's digests, merged) -> fsync -> rename to step_00000120
+    -> fsync the parent -> `latest` (written to a temp file, renamed)
 
-A crash at any point leaves either the previous `latest` or the new one, both complete. Loading
-verifies the manifest (every file present, sizes and checksums equal); a checkpoint that fails
-is reported and skipped, and the newest older one that passes is used instead. Old checkpoints
-beyond `keep` are deleted only after the new one is published.
+A crash at any point leaves the previous checkpoints and either no new one or a complete one; a
+failed write removes its partial directory. The checkpoint to continue from is the newest intact
+one whatever `latest` says (a crash between the rename and `latest`, or a `latest` naming a step
+that is gone, is reported and does not hide newer intact checkpoints): intact means its manifest
+parses and every file it lists is there with its size and SHA-256. Retention removes old
+checkpoints beyond `keep` only after a new one is published, and never the newest intact one.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -23,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-MANIFEST = "manifest.json"
+from engine.state.errors import CheckpointError, StorageError  # noqa: F401  (re-exported: callers import them here)
+from engine.state.manifest import (MANIFEST, ManifestError, check_sizes, fsync_path, hash_files, load_manifest,
+                                   manifest_text, no_progress, verify_files)
+from engine.state.storage import storage_cause, storage_error
+
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message names the path and the reason."""
 
 
 @dataclass
@@ -43,23 +44,6 @@ class CheckpointInfo:
 def step_dir_name(step: int) -> str:
     """Directory name of the checkpoint taken after `step` optimizer steps."""
     return f"step_{step:08d}"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _data_files(directory: Path) -> list[Path]:
@@ -82,50 +66,78 @@ class CheckpointStore:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
+            cause = storage_cause(err)
+            if cause is not None:
+                raise storage_error(cause, f"checkpoint of step {step}", path) from None
             raise CheckpointError(f"checkpoint.dir={self.root}: cannot create {path.name} ({err.strerror})") from None
         return path
 
-    def publish(self, partial: Path, step: int, metadata: Optional[dict] = None) -> CheckpointInfo:
-        """Checksum, fsync and rename `partial` into place, then point `latest` at it (rank 0 only)."""
+    def publish(self, partial: Path, step: int, metadata: Optional[dict] = None,
+                digests: Optional[dict[str, dict]] = None, needed: Optional[int] = None) -> CheckpointInfo:
+        """Write the manifest of `partial` (`digests`: every rank's, merged), rename it into place
+        and point `latest` at it (rank 0 only). Files no rank hashed are hashed here."""
         final = self.root / step_dir_name(step)
+        aside = None
         try:
-            files = _data_files(partial)
-            for path in files:
-                _fsync_path(path)
-            manifest = {"step": step, "metadata": metadata or {},
-                        "files": {str(p.relative_to(partial)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                                  for p in files}}
-            self._write_durably(partial / MANIFEST, json.dumps(manifest, indent=1))
-            _fsync_path(partial)
-            if final.exists():  # a re-run of the same step (after a rewind): replace it whole
-                shutil.rmtree(final)
+            on_disk = {str(p.relative_to(partial)) for p in _data_files(partial)}
+            files = {name: entry for name, entry in (digests or {}).items()}
+            lost = sorted(files.keys() - on_disk)
+            if lost:
+                raise CheckpointError(f"checkpoint.dir={self.root}: step {step}: {', '.join(lost[:3])} written by "
+                                      f"rank {files[lost[0]].get('rank')} is missing from {partial.name}")
+            files.update(hash_files(partial, on_disk - files.keys(), rank=0))
+            self._write_durably(partial / MANIFEST, manifest_text(step, metadata or {}, files))
+            fsync_path(partial)
+            if final.exists():  # the same step again (after a rewind): the old one stays until the new is in place
+                aside = final.with_name(f"{final.name}.replaced-{uuid.uuid4().hex[:8]}")
+                os.rename(final, aside)
             os.rename(partial, final)
-            _fsync_path(self.root)
-            self._write_durably(self.root / LATEST, final.name + "\n", atomic=True)
-        except OSError as err:
+            fsync_path(self.root)
+        except (OSError, CheckpointError) as err:
             shutil.rmtree(partial, ignore_errors=True)
+            if aside is not None and not final.exists():
+                os.rename(aside, final)
+            if isinstance(err, CheckpointError):
+                raise
+            cause = storage_cause(err)
+            if cause is not None:
+                raise storage_error(cause, f"publishing the checkpoint of step {step}", partial, needed,
+                                    after="; the partial checkpoint was removed, earlier ones are untouched") from None
             raise CheckpointError(f"checkpoint.dir={self.root}: publishing step {step} failed "
                                   f"({err.strerror or err}); earlier checkpoints are untouched") from None
-        self._apply_retention(final)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        try:
+            self._write_durably(self.root / LATEST, final.name + "\n", atomic=True)
+        except OSError as err:  # the checkpoint is complete; resuming finds it without `latest`
+            print(f"apogee: warning: {final} is published but `latest` could not be updated "
+                  f"({err.strerror or err}); the newest intact checkpoint is used on resume", flush=True)
+        self._apply_retention(CheckpointInfo(final, step))
         return CheckpointInfo(final, step)
 
     def _write_durably(self, path: Path, text: str, atomic: bool = False) -> None:
         target = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}") if atomic else path
-        with open(target, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if atomic:
-            os.replace(target, path)
-            _fsync_path(path.parent)
+        try:
+            with open(target, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            if atomic:
+                os.replace(target, path)
+                fsync_path(path.parent)
+        except OSError:
+            if atomic:
+                target.unlink(missing_ok=True)
+            raise
 
-    def _apply_retention(self, newest: Path) -> None:
-        published = self.published()
-        for info in published[:-self.keep] if len(published) > self.keep else []:
-            if info.path != newest:
-                shutil.rmtree(info.path, ignore_errors=True)
-        for stale in self.root.glob("step_*.partial-*"):  # leftovers of interrupted saves
-            shutil.rmtree(stale, ignore_errors=True)
+    def _apply_retention(self, newest: CheckpointInfo) -> None:
+        """Keep `newest` and the keep - 1 checkpoints before it; never one of a later step (that
+        is not this run's to judge) and never `newest`, the one just published and intact."""
+        older = [info for info in self.published() if info.step < newest.step]
+        for info in older[:max(0, len(older) - (self.keep - 1))]:
+            shutil.rmtree(info.path, ignore_errors=True)
+        for stale in [*self.root.glob("step_*.partial-*"), *self.root.glob("step_*.replaced-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # leftovers of interrupted saves
 
     def discard(self, partial: Path) -> None:
         """Remove a partial checkpoint that will not be published."""
@@ -144,64 +156,79 @@ class CheckpointStore:
     def latest_pointer(self) -> Optional[Path]:
         """The directory `latest` names, if any."""
         pointer = self.root / LATEST
-        if not pointer.is_file():
+        try:
+            name = pointer.read_text(errors="replace").strip()
+        except OSError:
             return None
-        return self.root / pointer.read_text().strip()
+        return self.root / name if name else None
 
-    def latest_good(self, report: Callable[[str], None] = print) -> Optional[CheckpointInfo]:
-        """The newest checkpoint that passes verification, starting from `latest`; None if none.
-
-        Each checkpoint that fails is reported through `report` with the reason.
-        """
-        candidates = self.published()
-        pointed = self.latest_pointer()
-        if pointed is not None:  # `latest` first; newer unpublished-by-pointer dirs are not trusted
-            candidates = [c for c in candidates if c.step <= _step_of(pointed)] or candidates
-        for info in reversed(candidates):
-            problem = verify(info.path)
+    def latest_good(self, report: Callable[[str], None] = print,
+                    check: Optional[Callable[[Path], Optional[str]]] = None) -> Optional[CheckpointInfo]:
+        """The newest checkpoint that passes `check` (default: full verification), whatever
+        `latest` says; None if none. Each one that fails is reported with the reason, and so is a
+        `latest` that names another checkpoint than the one chosen."""
+        check = check or verify
+        for info in reversed(self.published()):
+            problem = check(info.path)
             if problem is None:
+                pointed = self.latest_pointer()
+                if pointed is not None and pointed.name != info.path.name:
+                    state = "" if pointed.is_dir() else ", which does not exist"
+                    report(f"`latest` names {pointed.name}{state}, but the newest intact checkpoint is "
+                           f"{info.path.name}: using {info.path.name}")
                 return info
             report(f"checkpoint {info.path} is not usable ({problem}); trying an older one")
         return None
 
+    def newest_bytes(self) -> Optional[int]:
+        """Size of the newest published checkpoint (an estimate of what the next one needs)."""
+        for info in reversed(self.published()):
+            try:
+                return sum(p.stat().st_size for p in info.path.rglob("*") if p.is_file())
+            except OSError:
+                continue
+        return None
 
-def _step_of(path: Path) -> int:
-    m = _STEP_DIR.match(path.name)
-    return int(m.group(1)) if m else -1
 
+def verify(path: str | Path, hashes: bool = True, progress: Callable[[], None] = no_progress) -> Optional[str]:
+    """None if the checkpoint at `path` is complete and intact, else what is wrong with it.
 
-def verify(path: str | Path) -> Optional[str]:
-    """None if the checkpoint at `path` is complete and intact, else what is wrong with it."""
+    With hashes=False only the manifest and the files' sizes are checked (no file is read): the
+    quick check made before the ranks start, which then verify the checksums between them.
+    """
     path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        return "no manifest.json (the save did not finish)"
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        return f"manifest.json is corrupt ({err})"
-    for name, expected in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            return f"missing file {name}"
-        if file.stat().st_size != expected["bytes"]:
-            return f"{name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']}"
-        if file_sha256(file) != expected["sha256"]:
-            return f"{name} does not match its checksum"
-    return None
+        manifest = load_manifest(path)
+    except ManifestError as err:
+        return str(err)
+    problem = check_sizes(path, manifest)
+    if problem is not None or not hashes:
+        return problem
+    return verify_files(path, manifest, manifest["files"], progress)
+
+
+def quick_check(path: Path) -> Optional[str]:
+    """`verify` without reading the files: the manifest and every file's size."""
+    return verify(path, hashes=False)
 
 
 def read_manifest(path: str | Path) -> dict:
-    """The manifest of a published checkpoint (step, metadata, files)."""
-    return json.loads((Path(path) / MANIFEST).read_text())
+    """The manifest of a published checkpoint (format, step, metadata, files); CheckpointError if corrupt."""
+    try:
+        return load_manifest(path)
+    except ManifestError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
 
 
-def resolve_checkpoint(source: str | Path, key: str) -> Path:
+def resolve_checkpoint(source: str | Path, key: str, hashes: bool = True) -> Path:
     """The checkpoint that a command's `key` (train.init_from, midtrain.branch_from, --resume,
     --checkpoint) names: a step_* directory itself, or a run's checkpoints/ folder or run
     directory, meaning its newest intact checkpoint. CheckpointError names the key otherwise
-    (its `reason` attribute holds the reason alone)."""
+    (its `reason` attribute holds the reason alone). hashes=False checks sizes only (see verify)."""
     path = Path(source)
+
+    def check(candidate: Path) -> Optional[str]:
+        return verify(candidate, hashes=hashes)
 
     def refuse(reason: str):
         error = CheckpointError(f"{key}={str(source)!r}: not an intact checkpoint ({reason})")
@@ -209,14 +236,14 @@ def resolve_checkpoint(source: str | Path, key: str) -> Path:
         return error
 
     if (path / MANIFEST).is_file() or _STEP_DIR.match(path.name):
-        problem = verify(path) if path.is_dir() else "no such directory"
+        problem = check(path) if path.is_dir() else "no such directory"
         if problem is not None:
             raise refuse(problem)
         return path
     for root in (path, path / "checkpoints"):
         store = CheckpointStore(root)
         if store.published() or store.latest_pointer() is not None:
-            found = store.latest_good(report=lambda _: None)
+            found = store.latest_good(report=lambda _: None, check=check)
             if found is None:
                 raise refuse(f"no intact checkpoint in {root}")
             return found.path

@@ -6,7 +6,8 @@ loaded weights; for a bf16 run those are the bf16 values), the step count, the d
 the RNG start at zero. An Apogee checkpoint is read through DCP into this rank's shards, so the
 source and the new run may have different layouts; a Hugging Face directory is read whole and
 each rank copies its slice. `check_init_source` validates the source against the run's model
-before any rank starts.
+before any rank starts, verifying its checksums and reading its DCP metadata through the restricted
+unpickler (engine/state/safe_load.py); the ranks then load it without unpickling anything else.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
-from engine.state.checkpoint import model_views, single_process_quietly, sync_masters
 from engine.state.checkpoint_store import CheckpointError, read_manifest, resolve_checkpoint
+from engine.state.safe_load import read_metadata, safe_load
+from engine.state.views import model_views, sync_masters
 from engine.config import ApogeeConfig, ConfigError, ModelConfig
 from parallel.sharding import shard_of
 
@@ -27,13 +28,14 @@ SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_h
 RoPE or the loss settings, which a later stage may change)."""
 
 
-def resolve_source(source: str) -> tuple[str, Path]:
-    """('hf' | 'apogee', directory) of an init_from path; a checkpoints/ directory means its newest intact one."""
+def resolve_source(source: str, hashes: bool = True) -> tuple[str, Path]:
+    """('hf' | 'apogee', directory) of an init_from path; a checkpoints/ directory means its newest
+    intact one (hashes=False: manifest and sizes only, for ranks after the launcher verified it)."""
     path = Path(source)
     if (path / "config.json").is_file():
         return "hf", path
     try:
-        return "apogee", resolve_checkpoint(source, "train.init_from")
+        return "apogee", resolve_checkpoint(source, "train.init_from", hashes=hashes)
     except CheckpointError as error:
         raise ConfigError(f"train.init_from={source!r}: not a Hugging Face Llama directory (config.json) nor an "
                           f"intact Apogee checkpoint ({error.reason})") from None
@@ -51,6 +53,8 @@ def _source_model(kind: str, path: Path) -> ModelConfig:
 def check_init_source(cfg: ApogeeConfig) -> None:
     """Refuse (ConfigError) an init_from that does not exist or holds another model shape."""
     kind, path = resolve_source(cfg.train.init_from)
+    if kind == "apogee":
+        read_metadata(path)  # UnsafeCheckpointError (exit 2) for a metadata file that would run code
     if cfg.parallel.zero == 3:
         raise ConfigError("train.init_from with parallel.zero=3: loading weights into ZeRO-3 shards is not "
                           "implemented; use zero 0-2 for the first run, or resume instead")
@@ -64,13 +68,11 @@ def check_init_source(cfg: ApogeeConfig) -> None:
 @torch.no_grad()
 def initialize_chunks(chunks: list, source: str, tie_embeddings: bool, world_size: int) -> str:
     """Load the weights of `source` into model `chunks` (every rank calls it); returns the source kind."""
-    kind, path = resolve_source(source)
+    kind, path = resolve_source(source, hashes=False)  # verified before the ranks started
     named = [item for chunk in chunks for item in chunk.named_parameters()]
     if kind == "apogee":
-        views = model_views(named, tie_embeddings)
-        with single_process_quietly():  # every rank reads its own shards; the optimizer state is left out
-            dcp.load(views, checkpoint_id=str(path), no_dist=world_size == 1,
-                     planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        # every rank reads its own shards; the optimizer state is left out
+        safe_load(model_views(named, tie_embeddings), path, no_dist=world_size == 1)
     else:
         from engine.model.hf_interop import load_hf
 

@@ -24,10 +24,13 @@ def fit(trainer, start_step: int = 0, checkpointer=None,
     checkpointed; a rejected step rewinds the run to the last good checkpoint (see `rewind`).
     """
     logs = trainer.ctx.rank == 0 and trainer.run_dir is not None
-    writer = MetricsWriter(trainer.run_dir, trainer.cfg.train.steps, trainer.cfg.logging.tensorboard) if logs else None
+    attempt = next_attempt(trainer.events) if trainer.events is not None and trainer.ctx.rank == 0 else 1
+    writer = MetricsWriter(trainer.run_dir, trainer.cfg.train.steps, trainer.cfg.logging.tensorboard,
+                           attempt=attempt) if logs else None
     if trainer.events is not None and trainer.ctx.rank == 0:
         trainer.events.record("start", step=start_step, world_size=trainer.ctx.world_size,
-                              device=str(trainer.ctx.device), backend=current_backend())
+                              device=str(trainer.ctx.device), backend=current_backend(),
+                              attempt=attempt)
     interval, last = trainer.cfg.checkpoint.interval, trainer.cfg.train.steps
     results = []
     if trainer.heartbeat is not None:  # arms the hang timeout: start-up and resume do not count
@@ -47,7 +50,10 @@ def fit(trainer, start_step: int = 0, checkpointer=None,
                 if trainer.guard is not None:
                     trainer.guard.after_step(step, result.loss, result.grad_norm, trainer.last_local_loss, saving)
             except Rewind as request:
-                step = rewind(trainer, checkpointer, request)
+                step = rewind(trainer, checkpointer, request, attempt + 1)
+                attempt += 1  # the steps after the rewind are logged again, as the next attempt
+                if writer is not None:
+                    writer.attempt = attempt
                 continue
             results.append(result)
             if writer is not None:
@@ -71,6 +77,12 @@ def fit(trainer, start_step: int = 0, checkpointer=None,
             writer.close()
     return results
 
+
+def next_attempt(events) -> int:
+    """The number of the attempt starting now: one more than the starts and rewinds recorded."""
+    return 1 + sum(1 for e in events.read() if e.get("type") in ("start", "rewind"))
+
+
 def stop_here(trainer, checkpointer, step: int, saved: bool) -> None:
     """Asked to stop (engine/resilience/preemption.py): make sure a checkpoint of `step` is
     published, record the event and raise Preempted."""
@@ -84,8 +96,10 @@ def stop_here(trainer, checkpointer, step: int, saved: bool) -> None:
     all_reduce_values([0], trainer.world)
     raise Preempted(f"stopped on request after step {step}, checkpoint written")
 
-def rewind(trainer, checkpointer, request: Rewind) -> int:
-    """Go back to the newest intact checkpoint (skipping a data batch if asked); returns its step."""
+
+def rewind(trainer, checkpointer, request: Rewind, attempt: int = 0) -> int:
+    """Go back to the newest intact checkpoint (skipping a data batch if asked); returns its step.
+    `attempt`: the number the steps after it are logged with (recorded in the 'rewind' event)."""
     if checkpointer is None:
         raise ResilienceError(f"{request.reason}, but there is no checkpointer to rewind with")
     checkpointer.wait()
@@ -101,7 +115,7 @@ def rewind(trainer, checkpointer, request: Rewind) -> int:
     trainer.cfg.data.skip_steps = sorted(skips)  # skips decided since that checkpoint are kept
     if trainer.ctx.rank == 0 and trainer.events is not None:
         trainer.events.record("rewind", step=info.step, from_step=request.failed_step + 1, reason=request.reason,
-                           skipped_batch=skipped)
+                              skipped_batch=skipped, attempt=attempt)
         if skipped is not None:
             trainer.events.record("skip", step=request.skip_step + 1, data_batch=skipped)
         print(f"apogee: rewind to step {info.step}: {request.reason}", flush=True)

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from engine.config import ModelConfig
+from engine.state.storage import storage_cause, storage_error
 
 # Dense BF16 peaks (TFLOP/s) per device, from vendor data sheets (not the 2:4-sparse figures).
 GPU_BF16_PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -109,17 +110,35 @@ def machine_peak(device: torch.device, world_size: int, ranks_per_node: int) -> 
     return PeakFlops(measured * nodes, f"measured CPU bf16 matmul peak {measured / 1e9:.1f} GFLOP/s x {nodes} node(s)")
 
 
+def _ends_torn(path: Path) -> bool:
+    """Whether the file's last line lacks its newline (its writer died mid-line)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size == 0:
+                return False
+            f.seek(size - 1)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
+
+
 class MetricsWriter:
     """Writes one record per step: a console line, a metrics.jsonl object and TensorBoard scalars.
 
     Only the rank that logs (the last pipeline stage's first rank, which sees the loss) creates one.
+    Every record carries `attempt`: which attempt at the run's steps wrote it (1 for the first
+    start, one more for every later start, restart, resume and rewind), so a step logged twice is
+    never ambiguous: the row of the highest attempt is the one the run kept.
     """
 
-    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool = True):
-        self.total_steps = total_steps
+    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool = True, attempt: int = 1):
+        self.total_steps, self.attempt = total_steps, attempt
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a")
+        if _ends_torn(self.path):  # a line torn by a crash: the next record starts on its own line
+            self._file.write("\n")
         self._tb = None
         if tensorboard:
             try:
@@ -129,9 +148,18 @@ class MetricsWriter:
                 print("apogee: tensorboard not importable, TensorBoard scalars disabled")
 
     def write(self, record: dict, samples: int, console: bool = True) -> None:
-        """Record one step; `samples` is the number of samples consumed so far (the 'vs samples' axis)."""
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        """Record one step; `samples` is the number of samples consumed so far (the 'vs samples' axis).
+
+        A write the storage refuses raises StorageError (engine/state/storage.py)."""
+        record = {**record, "attempt": self.attempt}
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as err:
+            cause = storage_cause(err)
+            if cause is None:
+                raise
+            raise storage_error(cause, "writing metrics.jsonl", self.path) from None
         if self._tb is not None:
             step = record["step"]
             for key, name in TENSORBOARD_NAMES.items():
@@ -143,7 +171,10 @@ class MetricsWriter:
 
     def close(self) -> None:
         """Flush and close the files."""
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # a flush the storage refused was already reported by write()
+            pass
         if self._tb is not None:
             self._tb.close()
 
