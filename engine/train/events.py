@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.run_files import open_run_file
+
 
 class EventLog:
     """Append-only events.jsonl in the run directory; safe to share between processes (O_APPEND)."""
@@ -25,7 +27,7 @@ class EventLog:
         event = {"type": type, "rank": self.rank, "time": time.time(), **fields}
         line = (json.dumps(event) + "\n").encode()
         # One write() on an O_APPEND descriptor: lines from several ranks never interleave.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = open_run_file(self.path)  # O_APPEND, and never through a symlink planted in its place
         try:
             os.write(fd, line)
         finally:

@@ -8,6 +8,7 @@ causal attention (QK^T and AV) is counted at half cost. Recomputation is not cou
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Optional
 import torch
 
 from engine.config import ModelConfig
+from engine.run_files import open_run_file
 
 # Dense BF16 peaks (TFLOP/s) per device, from vendor data sheets (not the 2:4-sparse figures).
 GPU_BF16_PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -119,7 +121,7 @@ class MetricsWriter:
         self.total_steps = total_steps
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a")
+        self._file = os.fdopen(open_run_file(self.path), "a")  # never through a planted symlink
         self._tb = None
         if tensorboard:
             try:
