@@ -120,3 +120,32 @@ def test_exit_records_of_an_earlier_attempt_are_not_read_for_this_one(tmp_path):
     assert read_exits(tmp_path, attempt_of(again)) == []  # the requeued run's own records only
     record_exit(tmp_path, 1, 143, "killed by SIGTERM", env=again)  # replaces the file, atomically
     assert [r["status"] for r in read_exits(tmp_path, attempt_of(again))] == [143]
+
+
+BLOCKED_RANK = """
+import select, sys
+from engine.resilience.exit_records import ExitRecorder
+from engine.resilience.recovery import report_signal
+
+recorder = ExitRecorder(3, sys.argv[1], on_signal=report_signal)
+print("ready", flush=True)
+recorder.run(select.select, [], [], [], 60)  # stuck in C, as in a collective: no Python handler can run
+"""
+
+
+def test_a_rank_stuck_outside_python_records_sigterm_and_exits_at_once(tmp_path):
+    import os
+    import signal
+    import time
+
+    rank = subprocess.Popen([sys.executable, "-c", BLOCKED_RANK, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=launcher_env())
+    assert rank.stdout.readline().strip() == "ready"
+    sent = time.monotonic()
+    os.kill(rank.pid, signal.SIGTERM)
+    assert rank.wait(timeout=30) == 143
+    assert time.monotonic() - sent < 20  # not after select's 60 s
+    (record,) = read_exits(tmp_path)
+    assert (record["rank"], record["status"], record["reason"]) == (3, 143, "killed by SIGTERM")
+    (event,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert (event["type"], event["rank"], event["signal"]) == ("signal", 3, "SIGTERM")
