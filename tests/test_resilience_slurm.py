@@ -51,9 +51,12 @@ def test_a_killed_rank_requeues_the_sbatch_job_which_resumes_and_finishes(tmp_pa
 
 
 # An external stage (apogee run module:Stage) whose rank 1 refuses its input: the other rank is
-# then in the rendezvous, waiting for it, when srun stops it (SIGTERM, status 143).
+# then in the rendezvous, waiting for it, when srun stops it (SIGTERM, status 143). Each rank
+# first writes down the binding srun gave it.
 RANK_ONE_REFUSES = """
+import json
 import os
+from pathlib import Path
 
 from engine.config import ConfigError
 from stages.pretrain import PretrainStage
@@ -63,7 +66,10 @@ class RankOneRefuses(PretrainStage):
     name = "rank_one_refuses"
 
     def validate(self, cfg, world_size):
-        if os.environ.get("SLURM_PROCID") == "1":
+        rank = os.environ["SLURM_PROCID"]
+        seen = {name: os.environ.get(name) for name in ("SLURM_CPUS_PER_TASK", "SLURM_CPU_BIND_TYPE")}
+        (Path(__file__).parent / f"binding-{rank}.json").write_text(json.dumps(seen))
+        if rank == "1":
             raise ConfigError("rehearsed: rank 1 refuses its input")
 """
 
@@ -90,6 +96,9 @@ def test_a_rank_that_exits_2_while_srun_kills_the_other_is_not_requeued(tmp_path
     assert reported and int(reported.group(1)) > 128, output  # srun's own status said "killed": retry
     statuses = {r["rank"]: r["status"] for r in read_exits(run_dir, f"slurm:{job_id}:0")}
     assert statuses[1] == 2 and statuses.get(0, 143) > 128, statuses
+    for rank in (0, 1):  # srun's binding: one CPU each here (2 tasks overcommitted on the job's CPU), cores
+        binding = json.loads((tmp_path / f"binding-{rank}.json").read_text())
+        assert binding == {"SLURM_CPUS_PER_TASK": "1", "SLURM_CPU_BIND_TYPE": "cores"}, binding
 
 
 def _record(rank, status, when, attempt="slurm:7:0"):
