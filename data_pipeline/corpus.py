@@ -38,16 +38,27 @@ def ensure_corpus(spec: str, cache_dir: str, tokenizer: str = "byte") -> str:
                         f"file or directory; valid: a PREFIX with .bin/.idx, a text/jsonl path, or {list(NAMED_INPUTS)}")
     from data_pipeline.preprocess import preprocess
 
-    os.makedirs(cache_dir, exist_ok=True)
     label = spec if spec in NAMED_INPUTS else os.path.basename(os.path.normpath(spec)) or "input"
     prefix = os.path.join(cache_dir, f"corpus-{label}-{_fingerprint(spec, tokenizer)}")
-    if dataset_exists(prefix):
+    if dataset_exists(prefix):  # a read-only cache that holds it already is fine
         return prefix
-    with open(prefix + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not dataset_exists(prefix):  # a rank that held the lock before us may have built it
-                preprocess([spec], prefix, tokenizer=tokenizer, progress=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with cache_writes(cache_dir):
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(prefix + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not dataset_exists(prefix):  # a rank that held the lock before us may have built it
+                    preprocess([spec], prefix, tokenizer=tokenizer, progress=True,
+                               where=f"data.cache_dir={cache_dir!r}")
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
     return prefix
+
+
+def cache_writes(cache_dir: str):
+    """A context in which a write data.cache_dir cannot take (read-only, no permission) is one
+    DataError line naming it (preprocessed corpora, sample indices and token ranges are cached there)."""
+    from data_pipeline.preprocess import unwritable
+
+    return unwritable(cache_dir, f"data.cache_dir={cache_dir!r}",
+                      "the cache holds preprocessed corpora and sample indices: give a writable data.cache_dir")

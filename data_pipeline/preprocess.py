@@ -15,8 +15,11 @@ the output: the same documents give the same bytes whatever format held them. Em
 are skipped. Tokenization runs in a pool of worker processes; results are written in input
 order, so the output does not depend on the number of workers.
 The dataset is written under temporary names and renamed when complete: an interrupted or
-failed run leaves no PREFIX.bin/.idx behind.
+failed run leaves no PREFIX.bin/.idx behind. An output folder that cannot be written (read-only,
+no permission) is a DataError naming it, before any input is read (`unwritable`).
 """
+import contextlib
+import errno
 import functools
 import json
 import multiprocessing
@@ -148,12 +151,32 @@ def _batches(documents, size: int):
         yield batch
 
 
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+"""OSError numbers of a folder that cannot take a write: read-only file system, no permission."""
+
+
+@contextlib.contextmanager
+def unwritable(root: str, where: str, what: str):
+    """Turn an OSError of a write under `root` that it cannot take (UNWRITABLE) into one DataError line
+    naming `where` (the option and its value), the path and `what` to do; other errors pass as they are."""
+    try:
+        yield
+    except OSError as error:
+        path = os.path.abspath(error.filename) if isinstance(error.filename, str) else None
+        inside = path is not None and (path + os.sep).startswith(os.path.abspath(root or ".") + os.sep)
+        if error.errno not in UNWRITABLE or not inside:
+            raise
+        raise DataError(f"{where}: cannot write {error.filename} ({error.strerror}); {what}") from None
+
+
 def preprocess(inputs: list, output_prefix: str, tokenizer: str = "byte", json_key: str = "text",
-               workers: int | None = None, progress: bool = True, dtype: str | None = None) -> dict:
+               workers: int | None = None, progress: bool = True, dtype: str | None = None,
+               where: str | None = None) -> dict:
     """Tokenize `inputs` into OUTPUT_PREFIX.bin/.idx; returns {documents, tokens, bytes, seconds, ...}.
 
     dtype: 'uint8' | 'uint16' | 'int32' | 'int64'; default Megatron's rule (uint16 when the
-    vocabulary has < 65500 ids, else int32). workers: processes (default: all cores).
+    vocabulary has < 65500 ids, else int32). workers: processes (default: all cores). where: how
+    errors name the output (default '--output-prefix PREFIX').
     """
     start = time.perf_counter()
     tok = get_tokenizer(tokenizer)
@@ -167,11 +190,13 @@ def preprocess(inputs: list, output_prefix: str, tokenizer: str = "byte", json_k
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     if multiprocessing.current_process().daemon:
         workers = 1  # daemonic processes (e.g. pool workers) may not start children
-    if os.path.dirname(output_prefix):
-        os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
     suffix = f".tmp-{os.getpid()}-{time.time_ns()}"
-    writer = IndexedDatasetWriter(output_prefix, token_dtype, bin_path(output_prefix) + suffix,
-                                  idx_path(output_prefix) + suffix)
+    folder = os.path.dirname(output_prefix)
+    with unwritable(folder or ".", where or f"--output-prefix {output_prefix}", "give a folder this process can write"):
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        writer = IndexedDatasetWriter(output_prefix, token_dtype, bin_path(output_prefix) + suffix,
+                                      idx_path(output_prefix) + suffix)
     encoder = _Encoder(tokenizer, json_key, token_dtype)
     total_bytes = sum(os.path.getsize(path) for path in files)
     written = input_bytes = 0

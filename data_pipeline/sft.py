@@ -57,13 +57,31 @@ def encode_example(record: dict, tokenizer, prompt_key: str = "prompt", response
     return context + answer, [0] * len(context) + [1] * len(answer)
 
 
+def trained_text(record: dict, response_key: str = "response") -> str:
+    """The text an example trains on: its response, or its assistant turns joined ('' when all are empty)."""
+    if "messages" in record:
+        return "".join(m["content"] for m in record["messages"] if m.get("role") == "assistant")
+    return record.get(response_key, "")
+
+
 def read_examples(paths, tokenizer, prompt_key: str = "prompt", response_key: str = "response",
                   key: str = "inputs") -> list:
-    """Every example of the JSONL files `paths`, encoded; errors name the file and line."""
-    examples = [encode_example(record, tokenizer, prompt_key, response_key, where)
-                for where, record in jsonl_records(paths, key, "one example per line")]
+    """Every example of the JSONL files `paths`, encoded; errors name the file and line.
+
+    A file whose every response is empty is refused: its examples would train the end-of-document
+    token alone, i.e. teach the model to answer nothing (a wrong `response_key`, or a broken export).
+    """
+    examples, with_text = [], {}
+    for where, record in jsonl_records(paths, key, "one example per line"):
+        examples.append(encode_example(record, tokenizer, prompt_key, response_key, where))
+        file = where.rsplit(":", 1)[0]
+        with_text[file] = with_text.get(file, 0) + int(bool(trained_text(record, response_key).strip()))
     if not examples:
         raise DataError(f"{key}={[str(p) for p in paths]}: no examples")
+    empty = [file for file, count in with_text.items() if count == 0]
+    if empty:
+        raise DataError(f"{key}: {empty[0]}: every response is empty (in {response_key!r} or the assistant turns), "
+                        f"so its examples would train nothing but the end-of-document token")
     return examples
 
 

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from parallel.layout import ParallelLayout
+from engine.run_files import write_run_file
 
 
 class ConfigError(ValueError):
@@ -401,5 +402,5 @@ def config_from_dict(data: dict, sections: Optional[Mapping[str, type]] = None,
 
 
 def save_config(cfg: ApogeeConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML (never through a symlink planted in its place)."""
+    write_run_file(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -25,6 +25,15 @@ def _one_of(key: str, value: Any, choices: tuple) -> None:
     require(value in choices, key, value, f"expected one of {', '.join(map(str, choices))}")
 
 
+def check_run_name(name: str) -> None:
+    """A run name is one folder under runs/: not empty, no path separator, not '.' or '..' (so that
+    `--set name=../../x` cannot put a run outside runs/; --run-dir is where a run goes anywhere else)."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name
+    require(plain, "name", name, "a run name is one folder name under runs/ (no '/', not '.' or '..'); "
+            "to write the run elsewhere, give --run-dir")
+
+
 def resolve_dp(cfg: ApogeeConfig, world_size: int) -> int:
     """Data-parallel size: the configured value, or world / (tp * cp * pp) when left out."""
     p = cfg.parallel
@@ -40,12 +49,14 @@ def resolve_dp(cfg: ApogeeConfig, world_size: int) -> int:
 def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     """Check every field for a run on `world_size` ranks; fill derived values (parallel.dp)."""
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    check_run_name(cfg.name)
     for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
         require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be positive")
     require(m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads, f"must divide model.hidden_size={m.hidden_size}")
     require(m.head_dim % 2 == 0, "model.hidden_size", m.hidden_size, "hidden_size / num_heads must be even (RoPE rotates pairs)")
     require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads, f"must divide model.num_heads={m.num_heads}")
     _one_of("model.recompute", m.recompute, ("none", "selective", "full"))
+    require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0 (the std of the normal initialisation)")
     require(m.num_experts >= 0, "model.num_experts", m.num_experts, "must be >= 0")
     if m.num_experts:
         require(1 <= m.moe_topk <= m.num_experts, "model.moe_topk", m.moe_topk, f"must be in 1..num_experts={m.num_experts}")
@@ -104,6 +115,8 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
     require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay,
+            "must be >= 0 (decoupled decay shrinks the weights; a negative one grows them without bound)")
     require(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)")
     require(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "must be in [0, 1)")
     require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")

@@ -1,7 +1,8 @@
 """`apogee submit`: check a run against its Slurm allocation, then sbatch slurm/apogee.sbatch.
 
 The config is loaded and validated for world = nodes x tasks per node before anything is queued,
-so a bad layout is refused at the prompt, not after hours in the queue. The job runs the stage
+so a bad layout is refused at the prompt, not after hours in the queue; so is a job that names no
+devices (`--gpus-per-node G`, or `--cpu` for a CPU-only job). The job runs the stage
 (`pretrain`, `midtrain`, `sft`, `dpo`, `grpo`) through slurm/apogee.sbatch with one task per rank; the script
 requeues on failures a restart can fix and on the pre-timeout signal (a checkpoint is written
 first), and every run of the job resumes from the run directory's latest checkpoint. The Slurm
@@ -34,6 +35,9 @@ class Submission:
     nodes: int = 1
     ntasks_per_node: int = 1
     gpus_per_node: Optional[int] = None
+    cpu: bool = False
+    """A CPU-only job, said explicitly: a submission names either GPUs or this."""
+    cpus_per_task: Optional[int] = None
     time: Optional[str] = None
     partition: Optional[str] = None
     overcommit: bool = False
@@ -51,16 +55,40 @@ def check(submission: Submission, registry) -> ApogeeConfig:
     """The run's config, validated for the allocation as `apogee <stage>` would (ConfigError otherwise)."""
     from engine.config import ConfigError
 
-    for name in ("nodes", "ntasks_per_node", "signal_lead"):
-        if getattr(submission, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}={getattr(submission, name)}: must be >= 1")
+    for name in ("nodes", "ntasks_per_node", "cpus_per_task", "signal_lead"):
+        value = getattr(submission, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}={value}: must be >= 1")
     stage = registry.get(submission.stage)
     cfg = registry.load_config(stage, submission.config, submission.overrides)
     registry.check_foreign(stage, cfg)
     stage.prepare(cfg, submission.run_dir, "auto")
     validate(cfg, submission.world_size)
     stage.validate(cfg, submission.world_size)
+    check_devices(submission)
     return cfg
+
+
+def check_devices(submission: Submission) -> None:
+    """A job names its devices: --gpus-per-node G (one GPU per rank at least), or --cpu (ConfigError otherwise).
+
+    Every submission must say which: a GPU job whose --gpus-per-node was left out would be given
+    no GPUs and train on CPU without a word, at a fraction of the speed, until its time limit.
+    """
+    from engine.config import ConfigError
+
+    s = submission
+    if s.cpu and s.gpus_per_node is not None:
+        raise ConfigError(f"--cpu with --gpus-per-node={s.gpus_per_node}: a job runs on GPUs or on CPUs; give one")
+    if s.cpu:
+        return
+    if s.gpus_per_node is None:
+        raise ConfigError("--gpus-per-node is missing: a job without GPUs trains on CPU with gloo; give "
+                          f"--gpus-per-node G (G >= --ntasks-per-node={s.ntasks_per_node}, one GPU per rank), or "
+                          "--cpu for a CPU-only job")
+    if s.gpus_per_node < s.ntasks_per_node:
+        raise ConfigError(f"--gpus-per-node={s.gpus_per_node}: fewer GPUs than ranks per node "
+                          f"(--ntasks-per-node={s.ntasks_per_node}); each rank needs a GPU of its own (NCCL)")
 
 
 def sbatch_command(submission: Submission, run_dir: Path, job_name: str) -> list[str]:
@@ -72,6 +100,8 @@ def sbatch_command(submission: Submission, run_dir: Path, job_name: str) -> list
                f"--export=ALL,APOGEE_STAGE={s.stage},APOGEE_PYTHON={sys.executable}"]
     if s.gpus_per_node:
         command.append(f"--gpus-per-node={s.gpus_per_node}")
+    if s.cpus_per_task:
+        command.append(f"--cpus-per-task={s.cpus_per_task}")
     if s.time:
         command.append(f"--time={s.time}")
     if s.partition:

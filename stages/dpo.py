@@ -76,9 +76,11 @@ class DPOStage(Stage):
         from data_pipeline.tokenizer import get_tokenizer
 
         tokenizer, t = get_tokenizer(cfg.data.tokenizer), cfg.train
-        chosen, rejected = read_pairs(getattr(cfg, self.section).inputs, tokenizer, key=self.inputs_key)
+        notes: list = []
+        chosen, rejected = read_pairs(getattr(cfg, self.section).inputs, tokenizer, key=self.inputs_key,
+                                      seq_length=cfg.model.seq_length, notes=notes)
         return PreferenceData(chosen, rejected, cfg.model.seq_length, cfg.seed, t.global_batch_size,
-                              t.micro_batch_size, tokenizer.pad_id)
+                              t.micro_batch_size, tokenizer.pad_id, notes=notes)
 
     def trainer_class(self, cfg: ApogeeConfig) -> type:
         """The DPO objective on the engine's Trainer."""

@@ -229,3 +229,17 @@ def test_mpirun_inside_an_sbatch_script_uses_the_mpi_ranks():
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29400"}
     info = detect_launcher(env)
     assert (info.launcher, info.rank, info.world_size, info.master_port) == ("mpi", 1, 2, 29400)
+
+
+def test_a_slurm_rank_given_gpus_that_sees_none_refuses_to_train_on_cpu():
+    from engine.job.launch import LaunchError, check_gpus_visible
+
+    step = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "9", "SLURM_STEP_GPUS": "0,1",
+            "SLURM_GPUS_ON_NODE": "2", "CUDA_VISIBLE_DEVICES": "1"}
+    info = detect_launcher(step)
+    with pytest.raises(LaunchError, match=r"rank 1: Slurm gave this task GPUs \(SLURM_STEP_GPUS=0,1, SLURM_GPUS_ON_NODE=2, "
+                                          r"CUDA_VISIBLE_DEVICES=1\) but PyTorch sees none .* refusing to train on CPU"):
+        check_gpus_visible(info, cuda_available=False, env=step)
+    check_gpus_visible(info, cuda_available=True, env=step)  # it sees them: NCCL on its GPU
+    cpu_job = {k: v for k, v in step.items() if "GPU" not in k and k != "CUDA_VISIBLE_DEVICES"}
+    check_gpus_visible(detect_launcher(cpu_job), cuda_available=False, env={**cpu_job, "SLURM_GPUS_ON_NODE": "0"})

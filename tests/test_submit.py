@@ -22,11 +22,12 @@ def _submit(*args, env=None):
 
 def test_dry_run_prints_the_sbatch_command_for_the_stage(tmp_path):
     done = _submit("--stage", "sft", "--nodes", "2", "--ntasks-per-node", "4", "--gpus-per-node", "4", "--time",
-                   "01:00:00", "--run-dir", str(tmp_path / "run"), "--dry-run", "--set", "parallel.tp=2",
+                   "01:00:00", "--cpus-per-task", "12", "--run-dir", str(tmp_path / "run"), "--dry-run", "--set", "parallel.tp=2",
                    "sft.inputs=[x.jsonl]")
     assert done.returncode == 0, done.stderr
     command = done.stdout.strip()
     for part in ("sbatch --parsable", "--nodes=2", "--ntasks-per-node=4", "--ntasks=8", "--gpus-per-node=4",
+                 "--cpus-per-task=12",
                  "--time=01:00:00", "APOGEE_STAGE=sft", f"--output={tmp_path}/run/slurm-%j.out",
                  "slurm/apogee.sbatch --run-dir", "--set parallel.tp=2 'sft.inputs=[x.jsonl]'"):
         assert part in command, part
@@ -42,13 +43,30 @@ def test_a_layout_that_cannot_run_is_refused_before_queueing(args, message):
     assert done.returncode == 2 and message in done.stderr and "sbatch" not in done.stdout
 
 
+@pytest.mark.parametrize("args, message", [
+    ([], "--gpus-per-node is missing: a job without GPUs trains on CPU with gloo; give --gpus-per-node G"),
+    (["--ntasks-per-node", "4", "--gpus-per-node", "2"],
+     "--gpus-per-node=2: fewer GPUs than ranks per node (--ntasks-per-node=4)"),
+    (["--gpus-per-node", "2", "--cpu"], "argument --cpu: not allowed with argument --gpus-per-node"),
+])
+def test_a_job_that_names_no_gpus_or_too_few_is_refused(args, message):
+    done = _submit(*args, "--dry-run")
+    assert done.returncode == 2 and message in done.stderr and "sbatch" not in done.stdout, done.stderr
+
+
+def test_a_cpu_job_says_so_and_requests_no_gpus(tmp_path):
+    done = _submit("--cpu", "--ntasks-per-node", "2", "--run-dir", str(tmp_path / "run"), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "--ntasks=2" in done.stdout and "--gpus" not in done.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_stop_signal_checkpoints_requeues_and_the_job_finishes_where_it_stopped(tmp_path):
     slurm_is_up()
     dataset = make_dataset(tmp_path)
     run_dir = tmp_path / "run"
-    done = _submit("--ntasks-per-node", "2", "--overcommit", "--run-dir", str(run_dir), "--set", *TRAIN,
+    done = _submit("--cpu", "--ntasks-per-node", "2", "--overcommit", "--run-dir", str(run_dir), "--set", *TRAIN,
                    "train.steps=40", f"data.inputs=[{dataset}]", f"data.cache_dir={tmp_path / 'cache'}")
     assert done.returncode == 0, done.stderr
     job = done.stdout.split()[-1]

@@ -159,6 +159,31 @@ def detect_launcher(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
     return info
 
 
+SLURM_GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE")
+"""What a Slurm task's environment says about the GPUs it was given (IDs, or a count)."""
+
+
+def check_gpus_visible(info: LaunchInfo, cuda_available: bool, env: Optional[Mapping[str, str]] = None) -> None:
+    """A rank that Slurm gave GPUs refuses to train when PyTorch sees none (LaunchError, exit status 2).
+
+    Without this the rank would fall back to CPU and gloo without a word: a job that asked for
+    GPUs would train at a thousandth of the speed, or meet ranks that did find theirs.
+    """
+    env = os.environ if env is None else env
+    if info.launcher != "slurm" or cuda_available:
+        return
+    given = {name: env[name] for name in SLURM_GPU_VARIABLES if env.get(name, "").strip() not in ("", "0")}
+    if not given:
+        return
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    shown = ", ".join(f"{name}={value}" for name, value in given.items())
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    raise LaunchError(
+        f"rank {info.rank}: Slurm gave this task GPUs ({shown}{f', CUDA_VISIBLE_DEVICES={visible}' if visible else ''}) "
+        f"but PyTorch sees none (torch {torch.__version__}, {build}): refusing to train on CPU with gloo; install a "
+        f"CUDA build of PyTorch or check the node's driver, or submit a CPU job (apogee submit --cpu)")
+
+
 def init_distributed(info: LaunchInfo, timeout_s: float = 600.0) -> torch.device:
     """Join the ranks (gloo on CPU, NCCL on GPU; parallel/process_group.py); return this rank's device.
 
@@ -166,6 +191,7 @@ def init_distributed(info: LaunchInfo, timeout_s: float = 600.0) -> torch.device
     default group: a rank left waiting for a dead peer fails after it instead of hanging."""
     from parallel import process_group
 
+    check_gpus_visible(info, torch.cuda.is_available())
     if torch.cuda.is_available():
         device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

@@ -25,13 +25,15 @@ from engine.state.resume import (check_compatible, check_loadable, check_steps_b
                                  choose_checkpoint, choose_for_all, run_id)
 from engine.job.run_dir import claim_run_dir
 from engine.config import ApogeeConfig, ConfigError, config_from_dict, save_config
-from engine.config_validation import validate
+from engine.config_validation import check_run_name, validate
 from engine.state.init_from import check_init_source, initialize_from
 from engine.job.launch import cpu_threads_per_rank, detect_launcher, init_distributed, launch_local
 from engine.train.metrics import PeakFlops, machine_peak
+from engine.resilience.exit_records import ExitRecorder
 from engine.resilience.preemption import Preempted
-from engine.resilience.recovery import (record_final_failure, record_restart, report_exception,
+from engine.resilience.recovery import (record_final_failure, record_restart, report_exception, report_signal,
                                         restart_resume_choice, work_lost)
+from engine.run_files import RunFileError, check_run_files
 from engine.stage import Stage, StageRegistry
 from engine.resilience import determinism
 from parallel.collectives import CommLedger, broadcast_objects, world_group
@@ -57,7 +59,7 @@ def build_training_data(cfg: ApogeeConfig, stage: Stage, prefixes: list[str]):
 
 def prepare_data(cfg: ApogeeConfig, stage: Stage) -> list[str]:
     """Preprocess raw inputs on first use and build the sample indices; returns dataset prefixes."""
-    from data_pipeline.corpus import ensure_corpus
+    from data_pipeline.corpus import cache_writes, ensure_corpus
     from data_pipeline.token_range import check_token_ids
     from data_pipeline.tokenizer import get_tokenizer
 
@@ -67,18 +69,25 @@ def prepare_data(cfg: ApogeeConfig, stage: Stage) -> list[str]:
                           f"({tokenizer.vocab_size} ids from data.tokenizer={cfg.data.tokenizer!r})")
     if cfg.train.init_from:
         check_init_source(cfg)
-    if stage.build_data(cfg) is not None:  # reads every example once: a bad line fails here, before ranks start
+    own = stage.build_data(cfg)  # reads every example once: a bad line fails here, before ranks start
+    if own is not None:
+        for note in getattr(own, "notes", ()):  # what reading dropped or found useless, said once
+            print(f"apogee: note: {note}", file=sys.stderr, flush=True)
         return []
-    prefixes = [ensure_corpus(spec, cfg.data.cache_dir, cfg.data.tokenizer) for spec in cfg.data.inputs]
-    for prefix in prefixes:  # an id past the vocabulary indexes past the embedding: refused before ranks start
-        check_token_ids(prefix, cfg.model.vocab_size, cfg.data.cache_dir, option="model.vocab_size")
-    build_training_data(cfg, stage, prefixes)  # builds and caches the indices once, before ranks start
+    with cache_writes(cfg.data.cache_dir):  # a read-only cache: one line naming data.cache_dir, exit 2
+        prefixes = [ensure_corpus(spec, cfg.data.cache_dir, cfg.data.tokenizer) for spec in cfg.data.inputs]
+        for prefix in prefixes:  # an id past the vocabulary indexes past the embedding: refused before ranks start
+            check_token_ids(prefix, cfg.model.vocab_size, cfg.data.cache_dir, option="model.vocab_size")
+        build_training_data(cfg, stage, prefixes)  # builds and caches the indices once, before ranks start
     return prefixes
 
 
 def resolve_run_dir(cfg: ApogeeConfig, run_dir: Optional[str]) -> Path:
-    """--run-dir, or runs/<name>."""
-    return Path(run_dir) if run_dir else Path("runs") / cfg.name
+    """--run-dir (wherever the user puts it), or runs/<name>, which a name cannot leave (no '/', no '..')."""
+    if run_dir:
+        return Path(run_dir)
+    check_run_name(cfg.name)
+    return Path("runs") / cfg.name
 
 
 def run_job(cfg: ApogeeConfig, stage: Stage, run_dir: Optional[str] = None, nproc: Optional[int] = None,
@@ -145,6 +154,7 @@ def prepare_rank_environment(cfg: ApogeeConfig, run_dir: Path) -> None:
 
 def _prepare_run(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
+    check_run_files(out)  # a symlink planted as config.yaml & co. is refused, never written through
     this_run = run_id(out)  # created here, before any rank reads it (every rank names its checkpoint files by it)
     # A checkpoint of another model or run, one that would run code, or one the run is already
     # past is refused here, before any rank starts. Its checksums are verified by the ranks,
@@ -191,7 +201,8 @@ def _join_outside_launch(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str
         if error is not None:
             kind = {"DataError": DataError, "ConfigError": ConfigError, "LaunchError": ConfigError,
                     "RunDirLocked": ConfigError, "CheckpointError": CheckpointError,
-                    "UnsafeCheckpointError": CheckpointError, "StorageError": StorageError}.get(error[0])
+                    "UnsafeCheckpointError": CheckpointError, "StorageError": StorageError,
+                    "RunFileError": RunFileError}.get(error[0])
             if kind is None:
                 raise RuntimeError(f"rank 0 failed while preparing the run: {error[0]}: {error[1]}")
             raise kind(error[1])
@@ -204,8 +215,10 @@ def _join_outside_launch(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str
 
 def local_rank_main(cfg_dict: dict, stage: Stage, run_dir: str, prefixes: list[str], resume: str,
                     peak: Optional[PeakFlops]) -> None:
-    """The elastic agent's entry point: worker_main, with a config error as exit status 2."""
-    status = exit_on_config_error(worker_main, cfg_dict, stage, run_dir, prefixes, resume, peak)
+    """The elastic agent's entry point: worker_main, with a config error as exit status 2 (and every
+    way out recorded in RUN_DIR/exit/, engine/resilience/exit_records.py)."""
+    recorder = ExitRecorder(detect_launcher().rank, run_dir, on_signal=report_signal)
+    status = recorder.run(exit_on_config_error, worker_main, cfg_dict, stage, run_dir, prefixes, resume, peak)
     if status:  # exit 0 would skip handing the return value back to the agent
         sys.exit(status)
 
@@ -321,13 +334,25 @@ def run_stage(stage: Stage, registry: StageRegistry, config: Optional[str], over
               overwrite: bool = False) -> int:
     """`apogee <stage>`: load the config with the stage's sections, refuse other stages' settings,
     claim the run directory, let the stage prepare its start, run the job. Exit status 2 with the
-    key and what is valid otherwise; STORAGE_FAILED (20) when the storage refuses a write."""
+    key and what is valid otherwise; STORAGE_FAILED (20) when the storage refuses a write.
+
+    A process that is a rank (started by srun, torchrun or mpirun, or the only rank) records how it
+    left in the run directory, once that is known (engine/resilience/exit_records.py); the process
+    that only starts `--nproc` local ranks is none (its ranks record their own).
+    """
+    info = detect_launcher()
+    recorder = ExitRecorder(info.rank, on_signal=report_signal) if info.launcher != "none" or (nproc or 1) == 1 else None
+
     def run() -> int:
         cfg = registry.load_config(stage, config, overrides)
         registry.check_foreign(stage, cfg)
+        if recorder is not None:
+            recorder.bind(resolve_run_dir(cfg, run_dir))
         return run_job(cfg, stage, run_dir=run_dir, nproc=nproc, resume=resume, overwrite=overwrite, prepare=True)
 
-    return exit_on_config_error(run)
+    if recorder is None:
+        return exit_on_config_error(run)
+    return recorder.run(exit_on_config_error, run)
 
 
 def exit_on_config_error(fn, *args, **kwargs) -> int:
@@ -343,6 +368,6 @@ def exit_on_config_error(fn, *args, **kwargs) -> int:
         if detect_launcher().rank == 0:
             print(f"apogee: error: {err}", file=sys.stderr, flush=True)
         return STORAGE_FAILED
-    except (ConfigError, TopologyError, DataError, CheckpointError) as err:
+    except (ConfigError, TopologyError, DataError, CheckpointError, RunFileError) as err:
         print(f"apogee: error: {err}", file=sys.stderr)
         return 2

@@ -7,17 +7,18 @@ failing attempt left (fault_injected, hang, exception) after its 'start' or 'res
 step in metrics.jsonl, and the files' modification times (when the run last made progress).
 
 Events (each with `rank`, `step` and `time`, see DESIGN.md):
-- failure: rank (the failed rank, None if unknown), cause (kill, raise, hang, exception,
-  unknown), exit_code, step (the step in progress), steps_completed, failed_at; recorded by the
-  launcher (observed_by: launcher) when it stops restarting, with restarts_exhausted false when
-  the status is one no restart fixes (a config error, a diagnosed fault, refused storage).
-
-events.jsonl is read line by line: a line torn by a process that died mid-write is skipped with
-a note (engine/train/events.py), so it never stops a restart.
+- failure: rank (the failed rank, None if unknown), cause (kill, raise, hang, exception, signal,
+  unknown), exit_code, step (the step in progress), steps_completed, failed_at; `signal` (its
+  name) when a rank recorded that a signal ended it (engine/resilience/exit_records.py). Recorded by the launcher (observed_by: launcher) when it stops restarting,
+  with restarts_exhausted false when the status is one no restart fixes (a config error, a
+  diagnosed fault, refused storage).
 - restart: restart_count, launcher.
 - resume (engine.job.runner.resume_trainer): step resumed from, and on a restart work_lost_steps
   (steps completed after that checkpoint, to be re-run), work_lost_s (seconds from that
   checkpoint's snapshot to the failure) and downtime_s (failure to resume).
+
+events.jsonl is read line by line: a line torn by a process that died mid-write is skipped with
+a note (engine/train/events.py), so it never stops a restart.
 """
 from __future__ import annotations
 
@@ -68,12 +69,21 @@ def describe_failure(run_dir: str | Path, exit_code: Optional[int] = None) -> di
               "steps_completed": completed, "failed_at": failed_at}
     injected = [e for e in attempt if e.get("type") == "fault_injected" and e.get("kind") in ("kill", "raise", "hang")]
     hangs = [e for e in attempt if e.get("type") == "hang"]
-    errors = [e for e in attempt if e.get("type") == "exception"]
+    # A rank that dies (by a signal or an exception) makes its peers fail in their next collective:
+    # the first to record is the cause, the rest are consequences. A signal after a hang is the
+    # launcher stopping the ranks that the hang's exit left behind.
+    errors = sorted((e for e in attempt if e.get("type") == "exception" or
+                     (e.get("type") == "signal" and not (hangs and e.get("time", 0.0) >= hangs[0].get("time", 0.0)))),
+                    key=lambda e: e.get("time", 0.0))
     if injected:
         fault = injected[0]
         codes = {"kill": SIGNAL_BASE + 9, "raise": EXCEPTION, "hang": HANG_DETECTED}
         report.update(rank=fault["rank"], cause=fault["kind"], step=fault["step"], fault=fault["fault"],
                       exit_code=exit_code if exit_code is not None else codes[fault["kind"]])
+    elif errors and errors[0]["type"] == "signal":
+        first = errors[0]
+        report.update(rank=first["rank"], cause="signal", signal=first["signal"], step=completed + 1,
+                      exit_code=exit_code if exit_code is not None else first["exit_code"])
     elif errors:
         report.update(rank=errors[0]["rank"], cause="exception", step=errors[0].get("step", completed + 1),
                       error=errors[0].get("error"), exit_code=exit_code if exit_code is not None else EXCEPTION)
@@ -108,7 +118,7 @@ def record_restart(run_dir: str | Path, restart_count: int, launcher: str) -> fl
     events.record("failure", observed_by="restart", **report)
     events.record("restart", step=report["steps_completed"], restart_count=restart_count, launcher=launcher,
                   failed_rank=report["rank"], cause=report["cause"])
-    print(f"apogee: restart {restart_count} after {report['cause']} of rank {report['rank']} at step "
+    print(f"apogee: restart {restart_count} after {report.get('signal', report['cause'])} of rank {report['rank']} at step "
           f"{report['step']}; resuming from the latest checkpoint", flush=True)
     return report["failed_at"]
 
@@ -170,6 +180,14 @@ def record_durably(events: EventLog, type: str, **fields) -> dict:
     finally:
         os.close(fd)
     return event
+
+
+def report_signal(run_dir: str | Path, rank: int, name: str) -> None:
+    """A rank a signal is about to end leaves a `signal` event naming itself and the signal, for the restart."""
+    import signal
+
+    record_durably(EventLog(run_dir, rank), "signal", signal=name,
+                   exit_code=SIGNAL_BASE + int(signal.Signals[name]))
 
 
 def report_exception(run_dir: Optional[str | Path], rank: int, step: Optional[int], error: BaseException) -> None:

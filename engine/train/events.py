@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.state.storage import storage_cause, storage_error
+from engine.run_files import open_run_file
 
 
 class EventLog:
@@ -36,7 +37,8 @@ class EventLog:
         event = {"type": type, "rank": self.rank, "time": time.time(), **fields}
         line = (json.dumps(event) + "\n").encode()
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            # O_APPEND, and never through a symlink planted in its place (RunFileError, exit 2)
+            fd = open_run_file(self.path, readable=True)
             try:
                 size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line before us: end it first

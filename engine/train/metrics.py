@@ -8,6 +8,7 @@ causal attention (QK^T and AV) is counted at half cost. Recomputation is not cou
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.state.storage import storage_cause, storage_error
+from engine.run_files import open_run_file
 
 # Dense BF16 peaks (TFLOP/s) per device, from vendor data sheets (not the 2:4-sparse figures).
 GPU_BF16_PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -136,7 +138,7 @@ class MetricsWriter:
         self.total_steps, self.attempt = total_steps, attempt
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a")
+        self._file = os.fdopen(open_run_file(self.path), "a")  # never through a planted symlink
         if _ends_torn(self.path):  # a line torn by a crash: the next record starts on its own line
             self._file.write("\n")
         self._tb = None

@@ -69,14 +69,21 @@ class GRPOStage(Stage):
             raise ConfigError(f"grpo.reward={g.reward!r}: {error}") from None
 
     def build_data(self, cfg: ApogeeConfig):
-        """Prompts with answers, addressed like SFT examples (data_pipeline/prompts.py)."""
+        """Prompts with answers, addressed like SFT examples (data_pipeline/prompts.py); the reward is
+        called once on the first answer and an empty completion, and must return a number."""
         from data_pipeline.prompts import PromptData, read_prompts
         from data_pipeline.tokenizer import get_tokenizer
+
+        from engine.rewards import check_reward, reward_function
 
         t = cfg.train
         prompts = read_prompts(cfg.grpo.inputs, get_tokenizer(cfg.data.tokenizer),
                                cfg.model.seq_length - cfg.grpo.max_new_tokens, key=self.inputs_key,
                                limit="model.seq_length - grpo.max_new_tokens")
+        try:  # once, on the first prompt's answer: a wrong signature fails here, not at step 1
+            check_reward(reward_function(cfg.grpo.reward), cfg.grpo.reward, prompts[0][1])
+        except ValueError as error:
+            raise ConfigError(f"grpo.reward={cfg.grpo.reward!r}: {error}") from None
         return PromptData(prompts, cfg.seed, t.global_batch_size, t.micro_batch_size)
 
     def trainer_class(self, cfg: ApogeeConfig) -> type:
