@@ -160,7 +160,7 @@ def _pretrain(run_dir: Path, dataset: str, nproc: int, settings: list) -> list:
     from bench.common import SMALL
 
     cmd = [sys.executable, "-m", "cli.main", "pretrain", "--nproc", str(nproc), "--run-dir", str(run_dir), "--set",
-           *SMALL, "model.seq_length=64", "train.steps=5", "logging.tensorboard=false",
+           *SMALL, "model.seq_length=64", "model.vocab_size=512", "train.steps=5", "logging.tensorboard=false",
            "resilience.max_restarts=0", f"data.inputs=[{dataset}]", f"data.cache_dir={run_dir.parent / 'cache'}",
            *settings]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

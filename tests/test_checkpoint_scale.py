@@ -120,8 +120,8 @@ def test_the_collective_timeout_is_a_config_key_given_to_the_process_groups(monk
 
 @pytest.mark.parametrize("flags, expected", [([], "--signal=B:USR1@90"), (["--signal-lead", "300"], "--signal=B:USR1@300")])
 def test_submit_sets_the_sigusr1_lead_time(tmp_path, flags, expected):
-    done = subprocess.run([sys.executable, "-m", "cli.main", "submit", "--dry-run", "--run-dir", str(tmp_path / "r"),
-                           *flags], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-m", "cli.main", "submit", "--dry-run", "--cpu", "--run-dir",
+                           str(tmp_path / "r"), *flags], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert expected in done.stdout
 

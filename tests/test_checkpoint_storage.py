@@ -114,6 +114,11 @@ def test_the_launcher_restarts_only_what_a_restart_can_fix(tmp_path, status, att
 
 def test_the_slurm_script_requeues_none_of_the_statuses_no_restart_fixes():
     script = (ROOT / "slurm" / "apogee.sbatch").read_text()
-    final = re.search(r"case \$status in\s+([\d|]+)\) exit", script)
+    final = re.search(r"case \$status in\s+([\d|]+)\) action=exit", script)  # srun's status, no records
     assert final and {int(s) for s in final.group(1).split("|")} == set(NO_RESTART)
     assert not restart_helps(STORAGE_FAILED)
+    from slurm.requeue import decide
+
+    # The ranks' records decide first: a rank that left 20 stops the job whatever srun reports (143).
+    decision = decide(143, [{"rank": 1, "status": STORAGE_FAILED, "time": 1.0}, {"rank": 0, "status": 143, "time": 2.0}])
+    assert (decision.action, decision.status) == ("exit", STORAGE_FAILED)

@@ -103,6 +103,11 @@ def run_job(cfg: ApogeeConfig, stage: Stage, run_dir: Optional[str] = None, npro
                           f"{info.world_size} ranks; leave --nproc out or set it to {info.world_size}")
     world = info.world_size if info.launcher != "none" else (nproc or 1)
     out = resolve_run_dir(cfg, run_dir)
+    # Every rank checks the config and layout on its own, before meeting the others and before the
+    # run directory is touched: a bad one exits with status 2 on all ranks at once instead of
+    # leaving some waiting in the rendezvous.
+    validate(cfg, world)
+    cfg.parallel.validate(world)
     prepare_rank_environment(cfg, out)
     lock, claim_error = None, None
     if info.rank == 0:  # the owner: the launcher itself, or rank 0 of an outside launcher
@@ -115,11 +120,8 @@ def run_job(cfg: ApogeeConfig, stage: Stage, run_dir: Optional[str] = None, npro
     try:
         if prepare:
             resume = stage.prepare(cfg, run_dir, resume)
-        # Every rank checks the layout on its own, before meeting the others: a bad one exits with
-        # status 2 on all ranks at once instead of leaving some waiting in the rendezvous.
-        validate(cfg, world)
+            validate(cfg, world)  # again: what the stage's start set (a branch's schedule, say)
         stage.validate(cfg, world)
-        cfg.parallel.validate(world)
         if info.launcher != "none":
             return _join_outside_launch(cfg, stage, out, resume, info, claim_error)
         return _run_here(cfg, stage, out, resume, world)
