@@ -1,7 +1,10 @@
 """Preference pairs for DPO: {prompt, chosen, rejected} JSONL lines -> paired SFT-style samples.
 
 A pair is two examples sharing the prompt: prompt + chosen and prompt + rejected, each trained on
-its response and EOD only (data_pipeline/sft.py's rules). Both sides are addressed like SFT
+its response only (data_pipeline/sft.py's rules: BOS where the tokenizer adds one, the response
+ending with the declared EOS). TRL's conversational form, {"prompt": [messages], "chosen":
+[messages], "rejected": [messages]}, is rendered with the tokenizer's chat template (or the plain
+format without one) and trains the chosen / rejected assistant turns only. Both sides are addressed like SFT
 samples with the same seed, so sample p of the run is the same pair on both sides; a microbatch
 stacks the chosen sequences of its mbs pairs, then their rejected ones.
 """
@@ -12,7 +15,7 @@ import torch
 from data_pipeline import DataError
 from data_pipeline.jsonl import jsonl_records
 from data_pipeline.microbatch import Microbatch
-from data_pipeline.sft import SFTData, encode_example
+from data_pipeline.sft import SFTData, check_messages, encode_chat, encode_text_pair
 
 KEYS = ("prompt", "chosen", "rejected")
 """Text fields of a preference line."""
@@ -21,11 +24,19 @@ KEYS = ("prompt", "chosen", "rejected")
 def read_pairs(paths, tokenizer, key: str = "inputs") -> tuple[list, list]:
     """(chosen examples, rejected examples) of the JSONL files `paths`; errors name file and line."""
     chosen, rejected = [], []
+    plain = tokenizer.chat_template is None
     for where, record in jsonl_records(paths, key, "{prompt, chosen, rejected} lines"):
+        if all(isinstance(record.get(k), list) for k in KEYS):
+            prompt = check_messages(record["prompt"], where, "prompt", plain)
+            for side, out in (("chosen", chosen), ("rejected", rejected)):
+                messages = prompt + check_messages(record[side], where, side, plain)
+                out.append(encode_chat(messages, tokenizer, first_trained=len(prompt), where=where))
+            continue
         if not all(isinstance(record.get(k), str) for k in KEYS):
-            raise DataError(f"{where}: expected text fields {list(KEYS)}; found {sorted(record)}")
+            raise DataError(f"{where}: expected text fields {list(KEYS)} (or three lists of messages); "
+                            f"found {sorted(record)}")
         for side, out in (("chosen", chosen), ("rejected", rejected)):
-            out.append(encode_example({"prompt": record["prompt"], "response": record[side]}, tokenizer, where=where))
+            out.append(encode_text_pair(record["prompt"], record[side], tokenizer))
     if not chosen:
         raise DataError(f"{key}={[str(p) for p in paths]}: no preference pairs")
     return chosen, rejected

@@ -185,7 +185,7 @@ def test_apogee_sft_starts_from_a_pretrained_run_and_learns(tmp_path, dataset):
 @pytest.mark.parametrize("sets, message", [
     ([], "sft.inputs=[]: `apogee sft` needs JSONL files of examples"),
     (["sft.inputs=[nowhere.jsonl]"], "sft.inputs: 'nowhere.jsonl' is not a file"),
-    (["sft.inputs=[README.md]", "train.init_from=nowhere"], "train.init_from='nowhere': not a Hugging Face Llama directory"),
+    (["sft.inputs=[README.md]", "train.init_from=nowhere"], "train.init_from='nowhere': not a Hugging Face directory"),
 ])
 def test_bad_sft_input_is_refused_before_any_rank_starts(tmp_path, sets, message):
     done = _cli("sft", "--run-dir", str(tmp_path / "run"), "--set", *SMALL, *sets)
