@@ -76,6 +76,13 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: Optional[str] 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = tokenizer or metadata.get("tokenizer")
+    if source:
+        from data_pipeline.tokenizer import get_tokenizer
+
+        ids = get_tokenizer(source).vocab_size
+        if ids > model.cfg.vocab_size:
+            raise ValueError(f"tokenizer {source}: {ids} ids, more than the model's {model.cfg.vocab_size} embedding rows "
+                             f"(model.vocab_size); pass the tokenizer the run trained with (--tokenizer)")
     tokens = write_tokenizer_files(source, out_dir) if source else {}
     save_hf(model, model.cfg, out_dir, dtype=DTYPES[dtype], max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
             tokens=tokens)
