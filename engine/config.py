@@ -84,7 +84,8 @@ class DataConfig:
     phases: Optional[list] = None
     """Mixture schedule: list of {start_step, weights}; overrides `weights` from each start_step."""
     tokenizer: str = "byte"
-    """'byte' or the path of a Hugging Face tokenizer.json."""
+    """'byte', the path of a Hugging Face tokenizer.json, or a directory holding one (its
+    tokenizer_config.json declares BOS, EOS, pad and the chat template: data_pipeline/tokenizer.py)."""
     cache_dir: str = ".cache/apogee"
     """Where preprocessed corpora and built sample indices are cached."""
     prefetch: int = 2
@@ -139,8 +140,9 @@ class TrainConfig:
     """Samples per optimizer step across all data-parallel ranks."""
     init_from: Optional[str] = None
     """Weights to start from (fine-tuning, mid-training): an Apogee checkpoint directory (any
-    layout; a run's checkpoints/ directory means its latest) or a Hugging Face Llama directory.
-    Only the weights: optimizer, step and data start fresh. None starts from the seed's
+    layout; a run's checkpoints/ directory means its latest) or a Hugging Face Llama / Mixtral
+    directory, whose config.json then sets the model (engine/state/init_from.py). Only the
+    weights: optimizer, step and data start fresh. None starts from the seed's
     initialisation; a run resuming its own checkpoint ignores it."""
     log_interval: int = 1
     """Steps between console log lines."""

@@ -196,8 +196,6 @@ def steps_from_epochs(cfg: ApogeeConfig, stage: Stage) -> None:
     inputs (one example per JSONL line); train.steps set by the user (file or --set) wins."""
     import math
 
-    from data_pipeline.jsonl import jsonl_records
-
     t = cfg.train
     if t.epochs is None:
         return
@@ -211,8 +209,12 @@ def steps_from_epochs(cfg: ApogeeConfig, stage: Stage) -> None:
                           f"length is train.steps; leave train.epochs out")
     inputs = stage.inputs(cfg)
     if not all(Path(path).is_file() for path in inputs):
-        return  # the stage's data reader refuses them, after the layout's checks
-    examples = sum(1 for _ in jsonl_records(inputs, stage.inputs_key, stage.inputs_what))
+        return  # the stage's data reader refuses them, after the layout's and init_from's checks
+    # Non-blank lines: each is one example (the reader checks them later, naming file:line).
+    examples = 0
+    for path in inputs:
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            examples += sum(1 for line in lines if line.strip())
     t.steps = max(1, math.ceil(t.epochs * examples / t.global_batch_size))
     print(f"apogee: train.epochs={t.epochs:g} over {examples} examples at train.global_batch_size="
           f"{t.global_batch_size}: train.steps={t.steps}", file=sys.stderr)

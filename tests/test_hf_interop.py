@@ -189,3 +189,48 @@ def test_qk_norm_is_refused_by_name():
         to_hf_state_dict(LlamaModel(cfg).state_dict(), cfg)
     with pytest.raises(ValueError, match="qk_norm"):
         hf_config(cfg)
+
+
+def test_fine_tuning_a_hf_model_and_exporting_it_keeps_its_config_and_tokenizer(tmp_path, capsys):
+    """`apogee sft --set train.init_from=HF_DIR` (no model key, no tokenizer set) takes both from the
+    directory; `apogee export --dtype bf16` writes a complete directory with the same true values."""
+    from cli.main import main
+    from data_pipeline.tokenizer import get_tokenizer
+    from tests.hf_fixtures import CONVERSATIONS, write_llama3_tokenizer
+
+    cfg = dataclasses.replace(LLAMA3, vocab_size=320)
+    source = tmp_path / "llama3"
+    save_hf(_model(cfg), cfg, source)
+    write_llama3_tokenizer(source)
+    examples = tmp_path / "chat.jsonl"
+    examples.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    run, out = tmp_path / "sft", tmp_path / "export"
+    assert main(["sft", "--run-dir", str(run), "--set", f"train.init_from={source}", f"sft.inputs=[{examples}]",
+                 "model.seq_length=96", "train.micro_batch_size=2", "train.global_batch_size=2", "train.steps=2",
+                 "checkpoint.interval=2", "logging.tensorboard=false"]) == 0
+    assert f"tokenizer {source}" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", f"{run}/checkpoints", "--out", str(out), "--dtype", "bf16",
+                 "--max-shard-size", "100KB"]) == 0
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+            "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    auto = transformers.AutoConfig.from_pretrained(out)
+    rope = getattr(auto, "rope_parameters", None) or dict(auto.rope_scaling, rope_theta=auto.rope_theta)
+    assert (auto.rms_norm_eps, rope["rope_theta"], rope["rope_type"], auto.num_key_value_heads) == (1e-6, 5e5, "llama3", 2)
+    assert auto.max_position_embeddings == 96  # the longest context the model has now been trained at
+    ours, theirs = get_tokenizer(str(source)), transformers.AutoTokenizer.from_pretrained(str(out))
+    assert (auto.bos_token_id, auto.eos_token_id) == (ours.bos_prefix[0], ours.eos_id)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (ours.bos_prefix[0], ours.eos_id)
+    assert theirs.apply_chat_template(CONVERSATIONS[0], return_dict=False) == ours.encode(
+        ours.chat_template.render(CONVERSATIONS[0]))
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()) and model.dtype == torch.bfloat16
+
+
+def test_export_refuses_a_bad_dtype_and_a_missing_checkpoint(tmp_path, capsys):
+    from cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"), "--dtype", "int4"])
+    assert main(["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
