@@ -20,6 +20,7 @@ The byte tokenizer keeps its own ids (no BOS, EOS = EOD = 256).
 import hashlib
 import json
 import os
+from types import MappingProxyType
 from typing import Optional
 
 import numpy as np
@@ -45,9 +46,9 @@ class ByteTokenizer:
     vocab_size = BYTE_VOCAB_SIZE
     eod_id = eos_id = BYTE_EOD_ID
     pad_id = BYTE_PAD_ID
-    bos_prefix: list = []
+    bos_prefix = ()
     chat_template = None
-    special_tokens = {"eos_token": "<|endoftext|>", "pad_token": "<pad>"}
+    special_tokens = MappingProxyType({"eos_token": "<|endoftext|>", "pad_token": "<pad>"})
     """The names of EOD and pad in the equivalent tokenizer.json (data_pipeline/tokenizer_files.py)."""
 
     def encode(self, text: str) -> list:

@@ -67,6 +67,19 @@ def test_pairs_are_read_and_bad_lines_named(tmp_path):
         read_pairs([path], ByteTokenizer())
 
 
+def test_conversational_pairs_train_the_chosen_and_rejected_turns_only(tmp_path):
+    """TRL's conversational form: the prompt (an earlier assistant turn included) is context."""
+    tokenizer = ByteTokenizer()
+    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "2+2="}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": "4"}],
+                                "rejected": [{"role": "assistant", "content": "five"}]}) + "\n")
+    (chosen,), (rejected,) = read_pairs([path], tokenizer)
+    for (tokens, trained), answer in ((chosen, "4"), (rejected, "five")):
+        assert bytes(t for t in tokens if t < 256).decode() == "user: hi\nassistant: youser: 2+2=\nassistant: " + answer
+        assert [t for t, m in zip(tokens, trained) if m] == list(answer.encode()) + [tokenizer.eos_id]
+
+
 @pytest.fixture(scope="module")
 def reference():
     return _train(DPO, 1, 8)

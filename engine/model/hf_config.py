@@ -25,7 +25,7 @@ MAPPED = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
           "num_key_value_heads", "head_dim", "max_position_embeddings", "initializer_range", "rms_norm_eps",
           "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings", "num_local_experts",
           "num_experts_per_tok", "hidden_act", "attention_bias", "mlp_bias", "attention_dropout",
-          "sliding_window", "router_jitter_noise", "model_type", "architectures"}
+          "sliding_window", "router_jitter_noise", "model_type", "architectures", "layer_types"}
 """Fields read (or checked) here."""
 
 IGNORED = {
@@ -150,6 +150,9 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     for key in ("attention_dropout", "router_jitter_noise"):
         if hf.get(key):
             _refuse(key, hf[key], "must be 0 (Apogee trains without dropout or router noise)")
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        _refuse("layer_types", sorted(layer_types), "every layer must be 'full_attention'")
     if hf.get("sliding_window") is not None:
         _refuse("sliding_window", hf["sliding_window"], "sliding-window attention is not supported (null)")
     if hf.get("hidden_act", "silu") != "silu":

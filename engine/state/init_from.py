@@ -81,10 +81,7 @@ def adopt_hf_architecture(cfg: ApogeeConfig) -> None:
     if not source or not (Path(source) / "config.json").is_file():
         return
     theirs, mine = _hf_model(Path(source), source), cfg.model
-    wanted = architecture(theirs)
-    if not theirs.num_experts:
-        wanted["moe_ffn_hidden_size"] = None  # a dense checkpoint has no expert width to keep
-    current = architecture(mine)
+    wanted, current = architecture(theirs), architecture(mine)
     contradictions = []
     for field, value in wanted.items():
         here = current.get(field, getattr(mine, field))
