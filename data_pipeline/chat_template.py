@@ -5,7 +5,9 @@ A chat template is code read from a file (tokenizer_config.json or chat_template
 runs in Jinja's ImmutableSandboxedEnvironment with transformers' settings (trim_blocks,
 lstrip_blocks, loop controls, its `tojson`, `raise_exception`, `strftime_now`, and a `namespace`
 that refuses underscore names), given `messages`, `add_generation_prompt`, `tools=None`,
-`documents=None` and the tokenizer's named special tokens (bos_token, eos_token, ...). The
+`documents=None` and the tokenizer's named special tokens (bos_token, eos_token, ...), the
+messages normalised as transformers does (None values dropped; reasoning under `thinking` and
+`reasoning_content` alike). The
 rendered text is tokenised whole, without added special tokens: the ids of
 `apply_chat_template(messages)`.
 
@@ -32,6 +34,20 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 """The named special tokens a template sees (transformers' SPECIAL_TOKENS_ATTRIBUTES)."""
 
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_REASONING = ("reasoning_content", "thinking", "reasoning")
+"""Names a message's reasoning comes under; transformers fills the first two from any of them."""
+
+
+def _aliased(messages: list) -> list:
+    """transformers' message normalisation: keys whose value is None dropped, reasoning under both names."""
+    out = []
+    for message in messages:
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
 
 
 def plain_template(bos: bool) -> str:
@@ -135,7 +151,7 @@ class ChatTemplate:
         env = self._template.environment
         env.spans, env.blocks = spans, []
         try:
-            for block in self._template.generate(messages=messages, tools=None, documents=None,
+            for block in self._template.generate(messages=_aliased(messages), tools=None, documents=None,
                                                  add_generation_prompt=add_generation_prompt, **self.special_tokens):
                 env.blocks.append(block)
             return "".join(env.blocks)
