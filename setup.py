@@ -35,6 +35,7 @@ setup(
         "tokenizers>=0.15",
         "pyarrow>=12",  # preprocess reads Parquet and `datasets` save_to_disk (Arrow) corpora
         "zstandard>=0.18",  # and .jsonl.zst
+        "jinja2>=3.1.6",  # chat templates, rendered in its immutable sandbox (older releases have escapes)
     ],
     extras_require={
         "dev": ["pytest>=7", "megatron-core>=0.16", "transformers>=4.45", "datasets>=2.14"],  # datasets: test fixtures

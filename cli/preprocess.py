@@ -16,7 +16,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"text, .jsonl(.gz/.zst), .parquet or .arrow files, `datasets` save_to_disk directories, "
                         f"directories (recursive) or a named input: {', '.join(sorted(NAMED_INPUTS))}")
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
-    parser.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of a tokenizer.json")
+    parser.add_argument("--tokenizer", default="byte", help="'byte' (default), the path of a tokenizer.json, or a directory holding one")
     parser.add_argument("--json-key", default="text",
                         help="key (JSONL) or column (Parquet, Arrow) holding the text (default: text)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")

@@ -8,7 +8,7 @@ import sys
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every training stage (and `apogee bench`)."""
-    parser.add_argument("--config", help="YAML config file (default: the tiny CPU config)")
+    parser.add_argument("--config", help="YAML config file (default: the stage's preset: configs/tiny.yaml, or configs/sft.yaml, dpo.yaml, grpo.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", nargs="+",
                         help="override config keys, e.g. --set parallel.tp=2 train.steps=50")
     parser.add_argument("--nproc", type=int, default=None,

@@ -1,7 +1,10 @@
 """Preference pairs for DPO: {prompt, chosen, rejected} JSONL lines -> paired SFT-style samples.
 
 A pair is two examples sharing the prompt: prompt + chosen and prompt + rejected, each trained on
-its response and EOD only (data_pipeline/sft.py's rules). Both sides are addressed like SFT
+its response only (data_pipeline/sft.py's rules: BOS where the tokenizer adds one, the response
+ending with the declared EOS). TRL's conversational form, {"prompt": [messages], "chosen":
+[messages], "rejected": [messages]}, is rendered with the tokenizer's chat template (or the plain
+format without one) and trains the chosen / rejected assistant turns only. Both sides are addressed like SFT
 samples with the same seed, so sample p of the run is the same pair on both sides; a microbatch
 stacks the chosen sequences of its mbs pairs, then their rejected ones.
 
@@ -20,7 +23,7 @@ import torch
 from data_pipeline import DataError
 from data_pipeline.jsonl import jsonl_records
 from data_pipeline.microbatch import Microbatch
-from data_pipeline.sft import SFTData, encode_example
+from data_pipeline.sft import SFTData, check_messages, encode_chat, encode_text_pair
 
 KEYS = ("prompt", "chosen", "rejected")
 """Text fields of a preference line."""
@@ -28,6 +31,18 @@ KEYS = ("prompt", "chosen", "rejected")
 
 def _listed(places: list[str], most: int = 5) -> str:
     return ", ".join(places[:most]) + (f" and {len(places) - most} more" if len(places) > most else "")
+
+
+def _encode_pair(record: dict, tokenizer, where: str, plain: bool) -> list:
+    """[chosen (ids, trained), rejected (ids, trained)] of one line: three texts, or three lists of messages."""
+    if all(isinstance(record.get(k), list) for k in KEYS):
+        prompt = check_messages(record["prompt"], where, "prompt", plain)
+        return [encode_chat(prompt + check_messages(record[side], where, side, plain), tokenizer,
+                            first_trained=len(prompt), where=where) for side in ("chosen", "rejected")]
+    if not all(isinstance(record.get(k), str) for k in KEYS):
+        raise DataError(f"{where}: expected text fields {list(KEYS)} (or three lists of messages); "
+                        f"found {sorted(record)}")
+    return [encode_text_pair(record["prompt"], record[side], tokenizer) for side in ("chosen", "rejected")]
 
 
 def read_pairs(paths, tokenizer, key: str = "inputs", seq_length: Optional[int] = None,
@@ -39,11 +54,9 @@ def read_pairs(paths, tokenizer, key: str = "inputs", seq_length: Optional[int] 
     """
     chosen, rejected, same, untrained = [], [], [], []
     keep = None if seq_length is None else seq_length + 1
+    plain = tokenizer.chat_template is None
     for where, record in jsonl_records(paths, key, "{prompt, chosen, rejected} lines"):
-        if not all(isinstance(record.get(k), str) for k in KEYS):
-            raise DataError(f"{where}: expected text fields {list(KEYS)}; found {sorted(record)}")
-        pair = [encode_example({"prompt": record["prompt"], "response": record[side]}, tokenizer, where=where)
-                for side in ("chosen", "rejected")]
+        pair = _encode_pair(record, tokenizer, where, plain)
         if keep is not None and not all(any(trained[1:keep]) for _, trained in pair):
             untrained.append(where)
             continue

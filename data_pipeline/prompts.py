@@ -1,7 +1,9 @@
 """Prompts with verifiable answers for GRPO / RLVR (the rewards that verify completions: engine/rewards.py).
 
-Each line of a JSONL file is one prompt: {"prompt": "...", "answer": "..."}. The prompt is
-tokenised as context (no special tokens); the answer is only ever compared with decoded
+Each line of a JSONL file is one prompt: {"prompt": "...", "answer": "..."}, the prompt text or a
+list of chat messages. Text is tokenised after the tokenizer's BOS (where it adds one); messages
+are rendered with the chat template's generation prompt (data_pipeline/sft.py: encode_prompt),
+as TRL's GRPO does. The answer is only ever compared with decoded
 completions by a reward function. Prompts are addressed like SFT examples (data_pipeline/sft.py):
 sample p of the run is a prompt drawn from a per-epoch permutation of (seed, epoch), and
 (step, microbatch, dp rank) maps to global positions through data_pipeline.loader.sample_position,
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from data_pipeline import DataError
 from data_pipeline.jsonl import jsonl_records
 from data_pipeline.loader import sample_position
-from data_pipeline.sft import SFTData
+from data_pipeline.sft import SFTData, encode_prompt
 
 KEYS = ("prompt", "answer")
 """Text fields of a prompt line."""
@@ -38,9 +40,9 @@ def read_prompts(paths, tokenizer, max_prompt_tokens: int, key: str = "inputs",
     """
     prompts = []
     for where, record in jsonl_records(paths, key, "{prompt, answer} lines"):
-        if not all(isinstance(record.get(k), str) for k in KEYS):
+        if not (isinstance(record.get("prompt"), (str, list)) and isinstance(record.get("answer"), str)):
             raise DataError(f"{where}: expected text fields {list(KEYS)}; found {sorted(record)}")
-        tokens = tuple(tokenizer.encode(record["prompt"]))
+        tokens = tuple(encode_prompt(record["prompt"], tokenizer, where))
         if not 1 <= len(tokens) <= max_prompt_tokens:
             raise DataError(f"{where}: the prompt is {len(tokens)} tokens; 1 to {max_prompt_tokens} "
                             f"({limit}) fit")

@@ -2,12 +2,19 @@
 
 Each line of a JSONL file is one example, either
     {"prompt": "...", "response": "..."}          (keys settable), or
-    {"messages": [{"role": "user"|"system"|"assistant", "content": "..."}, ...]}.
-An example becomes tokens with a per-token *trained* flag: prompt/user/system text is context
-(not trained), the response or every assistant turn is trained, and each trained span ends with
-the end-of-document token, which is trained too (the model learns to stop). Chat messages are
-rendered as "<role>: <content>\\n" before their tokens; an assistant turn trains on its content
-and EOD, not on its "assistant: " header.
+    {"messages": [{"role": "user"|"system"|"assistant", "content": "..."}, ...]}, or
+    {"prompt": [messages], "response": [messages]} (a conversation and its continuation).
+An example becomes tokens with a per-token *trained* flag, the tokenizer's conventions applied
+(data_pipeline/tokenizer.py), as TRL applies them:
+- prompt/response text: the tokenizer's BOS (when it adds one), the prompt as context, then the
+  response and the declared EOS, trained (the model learns to stop);
+- messages, with a tokenizer that has a chat template: the conversation rendered by the
+  template as transformers renders it, ids equal to apply_chat_template's, the assistant turns
+  trained as transformers and TRL find them (data_pipeline/chat_template.py); with a
+  prompt/response conversation only the response's assistant turns train;
+- messages, with a tokenizer without a template (the byte tokenizer): Apogee's plain format,
+  BOS, then "<role>: <content>\n" per message, an assistant turn trained on its content and the
+  EOS that ends it instead of the newline (not on its "assistant: " header).
 
 Samples are one example each, truncated to seq_length + 1 tokens or padded with the tokenizer's
 pad id (padding is never trained). Sample p of the run is example perm_e[p % n] with
@@ -20,41 +27,88 @@ from __future__ import annotations
 import torch
 
 from data_pipeline import DataError
+from data_pipeline.chat_template import overlap_mask
 from data_pipeline.jsonl import jsonl_records
 from data_pipeline.loader import sample_position
 from data_pipeline.microbatch import Microbatch
 
 ROLES = ("system", "user", "assistant")
-"""Chat roles accepted in `messages`; only assistant turns are trained."""
+"""Chat roles of the plain format (a chat template may accept others); only assistant turns train."""
+
+
+def check_messages(messages, where: str, key: str = "messages", plain: bool = True) -> list:
+    """`messages` as a list of {role, content} dicts, or DataError naming `where` and the message."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: {key!r} must be a non-empty list of {{role, content}} objects")
+    for k, message in enumerate(messages):
+        role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
+        if (role not in ROLES if plain else not isinstance(role, str)) or not isinstance(content, str):
+            roles = f"one of {list(ROLES)}" if plain else "text"
+            raise DataError(f"{where}: {key}[{k}] = {message!r}: expected {{'role': {roles}, 'content': text}}")
+    return messages
+
+
+def encode_chat(messages: list, tokenizer, first_trained: int = 0, where: str = "example") -> tuple[list, list]:
+    """(token ids, trained flags) of a conversation: its assistant turns from message
+    `first_trained` on are trained (see the module doc for the two formats)."""
+    template = tokenizer.chat_template
+    check_messages(messages, where, plain=template is None)
+    if template is not None:
+        text, spans = template.trained_spans(messages, first_trained, where)
+        tokens, offsets = tokenizer.encode_with_offsets(text)
+        trained = overlap_mask(offsets, spans)
+    else:
+        tokens, trained = list(tokenizer.bos_prefix), [0] * len(tokenizer.bos_prefix)
+        for k, message in enumerate(messages):
+            role, content = message["role"], message["content"]
+            header = tokenizer.encode(f"{role}: ")
+            body = tokenizer.encode(content) + ([tokenizer.eos_id] if role == "assistant" else tokenizer.encode("\n"))
+            tokens += header + body
+            trained += [0] * len(header) + [int(role == "assistant" and k >= first_trained)] * len(body)
+    if not any(trained):
+        raise DataError(f"{where}: no assistant message to train on"
+                        + (f" from message {first_trained} on" if first_trained else ""))
+    return tokens, trained
+
+
+def encode_prompt(prompt, tokenizer, where: str = "example") -> list:
+    """Token ids that ask for a response: BOS + text, or a conversation rendered with the chat
+    template's generation prompt (the plain format: its messages, then "assistant: ")."""
+    if isinstance(prompt, str):
+        return list(tokenizer.bos_prefix) + tokenizer.encode(prompt)
+    template = tokenizer.chat_template
+    messages = check_messages(prompt, where, "prompt", plain=template is None)
+    if template is not None:
+        return tokenizer.encode(template.render(messages, add_generation_prompt=True))
+    ids = list(tokenizer.bos_prefix)
+    for message in messages:
+        ids += tokenizer.encode(f"{message['role']}: {message['content']}")
+        ids += [tokenizer.eos_id] if message["role"] == "assistant" else tokenizer.encode("\n")
+    return ids + tokenizer.encode("assistant: ")
+
+
+def encode_text_pair(prompt: str, response: str, tokenizer) -> tuple[list, list]:
+    """(token ids, trained flags) of BOS + prompt (context) + response + EOS (trained)."""
+    context = list(tokenizer.bos_prefix) + tokenizer.encode(prompt)
+    answer = tokenizer.encode(response) + [tokenizer.eos_id]
+    return context + answer, [0] * len(context) + [1] * len(answer)
 
 
 def encode_example(record: dict, tokenizer, prompt_key: str = "prompt", response_key: str = "response",
                    where: str = "example") -> tuple[list[int], list[int]]:
     """(token ids, trained flag per token) of one JSON record; DataError naming `where` if malformed."""
-    eod = tokenizer.eod_id
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        tokens, trained = [], []
-        for k, message in enumerate(messages):
-            role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
-            if role not in ROLES or not isinstance(content, str):
-                raise DataError(f"{where}: messages[{k}] = {message!r}: expected {{'role': one of {list(ROLES)}, "
-                                f"'content': text}}")
-            header = tokenizer.encode(f"{role}: ")
-            body = tokenizer.encode(content) + ([eod] if role == "assistant" else tokenizer.encode("\n"))
-            tokens += header + body
-            trained += [0] * len(header) + [int(role == "assistant")] * len(body)
-        if not any(trained):
-            raise DataError(f"{where}: no assistant message, so nothing to train on")
-        return tokens, trained
+        return encode_chat(record["messages"], tokenizer, where=where)
     prompt, response = record.get(prompt_key), record.get(response_key)
+    if isinstance(prompt, list) and isinstance(response, list):
+        plain = tokenizer.chat_template is None
+        check_messages(prompt, where, prompt_key, plain)
+        check_messages(response, where, response_key, plain)
+        return encode_chat(prompt + response, tokenizer, first_trained=len(prompt), where=where)
     if not isinstance(prompt, str) or not isinstance(response, str):
         raise DataError(f"{where}: expected text fields {prompt_key!r} and {response_key!r} (or 'messages'); "
                         f"found keys {sorted(record)}")
-    context, answer = tokenizer.encode(prompt), tokenizer.encode(response) + [eod]
-    return context + answer, [0] * len(context) + [1] * len(answer)
+    return encode_text_pair(prompt, response, tokenizer)
 
 
 def trained_text(record: dict, response_key: str = "response") -> str:

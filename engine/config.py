@@ -44,6 +44,9 @@ class ModelConfig:
     """RoPE theta."""
     rope_scaling: Optional[dict] = None
     """Llama-3 frequency scaling: {factor, low_freq_factor, high_freq_factor, original_max_position}."""
+    max_position_embeddings: Optional[int] = None
+    """Longest context the model is meant for (Hugging Face's max_position_embeddings, kept through
+    train.init_from and export); None means seq_length. Changes nothing in training."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     qk_norm: bool = False
@@ -82,7 +85,8 @@ class DataConfig:
     phases: Optional[list] = None
     """Mixture schedule: list of {start_step, weights}; overrides `weights` from each start_step."""
     tokenizer: str = "byte"
-    """'byte' or the path of a Hugging Face tokenizer.json."""
+    """'byte', the path of a Hugging Face tokenizer.json, or a directory holding one (its
+    tokenizer_config.json declares BOS, EOS, pad and the chat template: data_pipeline/tokenizer.py)."""
     cache_dir: str = ".cache/apogee"
     """Where preprocessed corpora and built sample indices are cached."""
     prefetch: int = 2
@@ -127,14 +131,19 @@ class TrainConfig:
 
     steps: int = 200
     """Optimizer steps to run."""
+    epochs: Optional[float] = None
+    """Passes over a stage's own examples (SFT, DPO, GRPO): when set, train.steps becomes
+    ceil(epochs * examples / global_batch_size), unless train.steps is set too (then train.steps
+    wins and epochs is dropped, as TRL's max_steps wins over num_train_epochs). None: train.steps."""
     micro_batch_size: int = 4
     """Samples per microbatch per data-parallel rank."""
     global_batch_size: int = 16
     """Samples per optimizer step across all data-parallel ranks."""
     init_from: Optional[str] = None
     """Weights to start from (fine-tuning, mid-training): an Apogee checkpoint directory (any
-    layout; a run's checkpoints/ directory means its latest) or a Hugging Face Llama directory.
-    Only the weights: optimizer, step and data start fresh. None starts from the seed's
+    layout; a run's checkpoints/ directory means its latest) or a Hugging Face Llama / Mixtral
+    directory, whose config.json then sets the model (engine/state/init_from.py). Only the
+    weights: optimizer, step and data start fresh. None starts from the seed's
     initialisation; a run resuming its own checkpoint ignores it."""
     log_interval: int = 1
     """Steps between console log lines."""
@@ -258,6 +267,9 @@ class ApogeeConfig:
         """The running stage's config sections (engine/stage.py), by name: `cfg.<section>` reads one."""
         self.foreign: dict = {}
         """Sections of other stages found in the config (accepted for old config files, never run)."""
+        self.explicit: frozenset = frozenset()
+        """'section.field' keys the user set (the --config file and --set), as opposed to defaults and
+        a stage's preset: the values a checkpoint's own (train.init_from) must not silently replace."""
 
     def __getattr__(self, name: str):
         # Only called when normal lookup fails: a stage's own section (cfg.<section>).
@@ -367,29 +379,49 @@ def _with_sections(sections: Optional[Mapping[str, type]], foreign: Optional[Map
     return cfg
 
 
+def _read_yaml(path: str | Path, option: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{option} {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{option} {path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{option} {path}: expected a mapping at the top level")
+    return data
+
+
+def _keys(data: dict) -> set[str]:
+    """'section.field' (or 'field' at the top level) of every value in a nested config dict."""
+    return {f"{name}.{field}" if isinstance(value, dict) else name
+            for name, value in data.items() for field in (value if isinstance(value, dict) else [None])}
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
                 sections: Optional[Mapping[str, type]] = None,
-                foreign: Optional[Mapping[str, type]] = None) -> ApogeeConfig:
-    """Build a config from defaults, an optional YAML file and `key=value` overrides.
+                foreign: Optional[Mapping[str, type]] = None,
+                preset: Optional[str | Path] = None) -> ApogeeConfig:
+    """Build a config from defaults, a preset, an optional YAML file and `key=value` overrides.
 
     `sections` are the running stage's config sections (name -> dataclass), `foreign` those of
-    other stages, accepted but not run (engine/stage.py).
+    other stages, accepted but not run (engine/stage.py). `preset` (a stage's default config)
+    sits between the defaults and the file; what the file and the overrides set is recorded in
+    `cfg.explicit`.
     """
     cfg = _with_sections(sections, foreign)
+    explicit: set[str] = set()
+    if preset is not None:
+        _merge(cfg, _read_yaml(preset, "preset"))
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path}: not valid YAML ({err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config {path}: expected a mapping at the top level")
+        data = _read_yaml(path, "--config")
         _merge(cfg, data)
+        explicit |= _keys(data)
     for text in overrides or []:
         key, value = parse_override(text)
         _merge(cfg, _nest(key, value))
+        explicit |= _keys(_nest(key, value))
+    cfg.explicit = frozenset(explicit)
     return cfg
 
 

@@ -60,6 +60,9 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     require(m.num_experts >= 0, "model.num_experts", m.num_experts, "must be >= 0")
     if m.num_experts:
         require(1 <= m.moe_topk <= m.num_experts, "model.moe_topk", m.moe_topk, f"must be in 1..num_experts={m.num_experts}")
+    if m.max_position_embeddings is not None:
+        require(m.max_position_embeddings > 0, "model.max_position_embeddings", m.max_position_embeddings,
+                "must be positive (or null: model.seq_length)")
     if m.rope_scaling is not None:
         needed = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position"}
         missing = needed - set(m.rope_scaling)
@@ -100,6 +103,8 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
                  "tied embeddings across pipeline stages (model.tie_embeddings with parallel.pp > 1) "
                  "work with zero=0 only for now")
     require(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
+    if t.epochs is not None:
+        require(t.epochs > 0, "train.epochs", t.epochs, "must be > 0 (or null: train.steps)")
     require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
     per_step = t.micro_batch_size * dp
     require(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
@@ -113,7 +118,9 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     _one_of("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
     _one_of("optim.wsd_decay_style", o.wsd_decay_style, ("linear", "cosine", "sqrt"))
     require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
-    require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    if o.schedule in ("cosine", "wsd"):  # the schedules that decay to min_lr; constant never reads it
+        require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}] "
+                f"(optim.schedule={o.schedule} decays to it)")
     require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay,
             "must be >= 0 (decoupled decay shrinks the weights; a negative one grows them without bound)")

@@ -11,6 +11,12 @@ mid-training, SFT, DPO and GRPO live in `stages/`, and a stage outside the packa
 - how it builds its data (`build_data`; None trains on the pre-training blend);
 - its trainer (`trainer_class`: the engine's Trainer, or a subclass with another objective).
 
+Each stage has a preset (`default_config`, a YAML file under configs/) loaded when no --config is
+given: fine-tuning wants other hyperparameters than pre-training (configs/sft.yaml, dpo.yaml,
+grpo.yaml). A preset's values count as defaults: `cfg.explicit` holds only what the user's file
+and --set say, which is what a checkpoint's architecture (train.init_from) must not contradict
+and what decides whether train.steps or train.epochs sets the length of the run.
+
 A config carries only the sections of the stage that runs. Sections of the other registered
 stages are still accepted, so the config.yaml of an earlier run loads for any stage: left at
 their defaults they are ignored; a setting that belongs to another stage (its inputs, a branch
@@ -26,6 +32,9 @@ from types import MappingProxyType
 from typing import Iterable, Mapping, Optional
 
 from engine.config import ApogeeConfig, ConfigError, config_from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository root, where a stage's `default_config` is found."""
 
 
 class Stage:
@@ -43,6 +52,9 @@ class Stage:
     """What those inputs are, for messages ('fine-tuning examples')."""
     inputs_needs: str = ""
     """What a valid value looks like, for the message when they are missing."""
+    default_config: Optional[str] = "configs/tiny.yaml"
+    """The preset loaded when no --config is given (relative to the repository root, or absolute);
+    None: the dataclass defaults."""
 
     def inputs(self, cfg: ApogeeConfig) -> list:
         """The stage's own inputs in `cfg` ([] when it trains on the pre-training blend)."""
@@ -67,9 +79,11 @@ class Stage:
 
     def prepare(self, cfg: ApogeeConfig, run_dir: Optional[str], resume: str) -> str:
         """Adjust `cfg` before the run is validated (the process the user started); returns the
-        `--resume` choice to run with. The default requires the stage's inputs and changes nothing."""
+        `--resume` choice to run with. The default requires the stage's inputs and turns
+        train.epochs into train.steps (`steps_from_epochs`)."""
         if self.inputs_key is not None and not self.inputs(cfg):
             raise ConfigError(f"{self.inputs_key}=[]: `apogee {self.name}` needs {self.inputs_needs}")
+        steps_from_epochs(cfg, self)
         return resume
 
     def validate(self, cfg: ApogeeConfig, world_size: int) -> None:
@@ -133,8 +147,18 @@ class StageRegistry:
                 for name, cls in other.sections.items()}
 
     def load_config(self, stage: Stage, path=None, overrides=None) -> ApogeeConfig:
-        """defaults <- YAML file <- --set overrides, with `stage`'s sections live."""
-        return load_config(path, overrides, sections=stage.sections, foreign=self.foreign_sections(stage))
+        """defaults <- the stage's preset (without --config) or the YAML file <- --set overrides, with
+        `stage`'s sections live; a Hugging Face train.init_from then brings its architecture."""
+        from engine.state.init_from import adopt_hf_architecture
+
+        preset = None
+        if path is None and stage.default_config is not None:
+            preset = ROOT / stage.default_config
+            if not preset.is_file():
+                raise ConfigError(f"stage {stage.name!r}: its preset {preset} is missing; pass --config FILE")
+        cfg = load_config(path, overrides, sections=stage.sections, foreign=self.foreign_sections(stage), preset=preset)
+        adopt_hf_architecture(cfg)
+        return cfg
 
     def config_from_dict(self, stage: Stage, data: dict) -> ApogeeConfig:
         """A config saved with `to_dict()`, rebuilt with `stage`'s sections (ranks, run directories)."""
@@ -165,6 +189,35 @@ class StageRegistry:
                     if value != getattr(default, field.name):
                         print(f"apogee: note: {name}.{field.name}={value!r} is a setting of `apogee {other.name}`; "
                               f"`apogee {stage.name}` ignores it", file=sys.stderr)
+
+
+def steps_from_epochs(cfg: ApogeeConfig, stage: Stage) -> None:
+    """train.epochs -> train.steps = ceil(epochs * examples / global batch) over the stage's own
+    inputs (one example per JSONL line); train.steps set by the user (file or --set) wins."""
+    import math
+
+    t = cfg.train
+    if t.epochs is None:
+        return
+    if "train.steps" in cfg.explicit:
+        if "train.epochs" in cfg.explicit:
+            print(f"apogee: note: train.steps={t.steps} is set, so train.epochs={t.epochs:g} is ignored", file=sys.stderr)
+        t.epochs = None
+        return
+    if stage.inputs_key is None:
+        raise ConfigError(f"train.epochs={t.epochs}: `apogee {stage.name}` trains on the pre-training blend, whose "
+                          f"length is train.steps; leave train.epochs out")
+    inputs = stage.inputs(cfg)
+    if not all(Path(path).is_file() for path in inputs):
+        return  # the stage's data reader refuses them, after the layout's and init_from's checks
+    # Non-blank lines: each is one example (the reader checks them later, naming file:line).
+    examples = 0
+    for path in inputs:
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            examples += sum(1 for line in lines if line.strip())
+    t.steps = max(1, math.ceil(t.epochs * examples / t.global_batch_size))
+    print(f"apogee: train.epochs={t.epochs:g} over {examples} examples at train.global_batch_size="
+          f"{t.global_batch_size}: train.steps={t.steps}", file=sys.stderr)
 
 
 class _Sections:

@@ -53,6 +53,8 @@ class DPOStage(Stage):
     inputs_what = "preference pairs"
     inputs_needs = ("JSONL files of preference pairs, e.g. --set dpo.inputs=[pairs.jsonl] "
                     "(lines {prompt, chosen, rejected})")
+    default_config = "configs/dpo.yaml"
+    """The dpo preset, used without --config (its comments document each value)."""
     section = "dpo"
     """The config section with `inputs` and `beta` (a stage with another preference loss names its own)."""
 

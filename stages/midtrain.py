@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Optional
 
 from engine.config import ApogeeConfig, ConfigError
-from engine.stage import Stage
+from engine.stage import Stage, steps_from_epochs
 from engine.state.checkpoint_store import read_manifest, resolve_checkpoint
 
 
@@ -55,6 +55,7 @@ class MidtrainStage(Stage):
         from engine.job.runner import resolve_run_dir
         from engine.state.resume import checkpoint_store
 
+        steps_from_epochs(cfg, self)  # refuses train.epochs: the blend's length is train.steps
         branch, init = cfg.midtrain.branch_from, cfg.train.init_from
         if bool(branch) == bool(init):
             raise ConfigError(f"midtrain.branch_from={branch!r}, train.init_from={init!r}: `apogee midtrain` starts "

@@ -45,6 +45,8 @@ class SFTStage(Stage):
     inputs_what = "fine-tuning examples"
     inputs_needs = ("JSONL files of examples, e.g. --set sft.inputs=[train.jsonl] "
                     "(lines {prompt, response} or {messages})")
+    default_config = "configs/sft.yaml"
+    """The sft preset, used without --config (its comments document each value)."""
 
     def prepare(self, cfg: ApogeeConfig, run_dir: Optional[str], resume: str) -> str:
         """The stage's inputs are required; sft.lora_rank/lora_alpha move to lora.* with a note."""

@@ -68,3 +68,12 @@ def test_dp_is_derived_from_the_world_size():
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="--config nope.yaml: no such file"):
         load_config("nope.yaml")
+
+
+def test_min_lr_is_checked_only_where_a_schedule_decays_to_it():
+    """A constant schedule never reads optim.min_lr: --set optim.lr=1e-4 alone is fine there."""
+    validate(load_config(None, ["optim.schedule=constant", "optim.lr=1e-4"]), 1)
+    for schedule in ("cosine", "wsd"):
+        with pytest.raises(ConfigError, match=rf"optim.min_lr=0.0003: must be in \[0, optim.lr=0.0001\] "
+                                              rf"\(optim.schedule={schedule} decays to it\)"):
+            validate(load_config(None, [f"optim.schedule={schedule}", "optim.lr=1e-4"]), 1)

@@ -73,6 +73,19 @@ def test_pairs_are_read_and_bad_lines_named(tmp_path):
         read_pairs([path], ByteTokenizer())
 
 
+def test_conversational_pairs_train_the_chosen_and_rejected_turns_only(tmp_path):
+    """TRL's conversational form: the prompt (an earlier assistant turn included) is context."""
+    tokenizer = ByteTokenizer()
+    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "2+2="}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": "4"}],
+                                "rejected": [{"role": "assistant", "content": "five"}]}) + "\n")
+    (chosen,), (rejected,) = read_pairs([path], tokenizer)
+    for (tokens, trained), answer in ((chosen, "4"), (rejected, "five")):
+        assert bytes(t for t in tokens if t < 256).decode() == "user: hi\nassistant: youser: 2+2=\nassistant: " + answer
+        assert [t for t, m in zip(tokens, trained) if m] == list(answer.encode()) + [tokenizer.eos_id]
+
+
 @pytest.fixture(scope="module")
 def reference():
     return _train(DPO, 1, 8)
@@ -138,9 +151,62 @@ def test_apogee_dpo_runs_from_a_checkpoint(tmp_path):
     assert done.returncode == 0, done.stderr
     run = tmp_path / "dpo"
     done = subprocess.run([sys.executable, "-m", "cli.main", "dpo", "--nproc", "2", "--run-dir", str(run),
-                           "--set", *small, "train.steps=6", f"dpo.inputs=[{pairs}]", f"train.init_from={sft}"],
+                           "--set", *small, "train.steps=6", f"dpo.inputs=[{pairs}]", f"train.init_from={sft}",
+                           "optim.lr=1e-3"],  # the preset's 1e-6 would barely move in 6 steps
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)  # policy == reference at the start
     assert records[-1]["loss"] < records[0]["loss"] and "reward_accuracy" in records[-1]
+
+
+def test_dpo_loss_equals_transformers_on_llama3_chat_pairs_in_fp32(tmp_path):
+    """TRL's definition, computed by transformers on the same weights: conversational pairs rendered
+    with Llama 3's chat template, the prompt with its generation prompt, each response's log-prob
+    the sum over the tokens after it; the policy one DPO step away from the reference."""
+    transformers = pytest.importorskip("transformers")
+    import torch.nn.functional as F
+
+    from engine.model.hf_interop import save_hf
+    from parallel.topology import ParallelContext
+    from stages.dpo import DPOStage, DPOTrainer
+    from tests.hf_fixtures import CONVERSATIONS, write_llama3_tokenizer
+    from tests.parity import stage_config
+
+    directory = write_llama3_tokenizer(tmp_path / "tokenizer")
+    pairs = [(c[:-1], [c[-1]], [{"role": "assistant", "content": "the cat sat on the mat."}]) for c in CONVERSATIONS]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in pairs))
+    beta, n = 0.5, len(pairs)
+    cfg = stage_config(None, ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.seq_length=96",
+                              "model.vocab_size=320", f"data.tokenizer={directory}", f"dpo.inputs=[{path}]",
+                              f"dpo.beta={beta}", "optim.lr=1e-3", f"train.micro_batch_size={n}",
+                              f"train.global_batch_size={n}"], 1, "dpo")
+    trainer = DPOTrainer(cfg, ParallelContext.single(), DPOStage().build_data(cfg))
+    save_hf(trainer.model, cfg.model, tmp_path / "reference")
+    assert trainer.train_step(0).loss == pytest.approx(math.log(2), rel=1e-6)
+    save_hf(trainer.model, cfg.model, tmp_path / "policy")
+    ours = trainer.train_step(1).loss
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
+    models = {name: transformers.LlamaForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32).eval()
+              for name in ("policy", "reference")}
+
+    def logp(model, ids, start):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        return F.log_softmax(logits[start - 1:-1], dim=-1).gather(-1, torch.tensor(ids[start:])[:, None]).sum()
+
+    losses = []
+    for prompt, chosen, rejected in pairs:
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+        ratios = []
+        for response in (chosen, rejected):
+            ids = tokenizer.apply_chat_template(prompt + response, return_dict=False)
+            assert ids[:len(prompt_ids)] == prompt_ids and len(ids) <= cfg.model.seq_length + 1  # nothing truncated
+            ratios.append(logp(models["policy"], ids, len(prompt_ids)) - logp(models["reference"], ids, len(prompt_ids)))
+        losses.append(-F.logsigmoid(beta * (ratios[0] - ratios[1])))
+    reference = torch.stack(losses).mean().item()
+    relative = abs(ours - reference) / reference
+    print(f"DPO loss at step 1: ours {ours:.8f}, transformers {reference:.8f}, relative diff {relative:.2e}")
+    assert abs(reference - math.log(2)) > 1e-3 and relative <= 1e-5

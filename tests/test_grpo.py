@@ -94,6 +94,24 @@ def test_prompts_are_read_and_bad_lines_named(tmp_path):
             read_prompts([path], ByteTokenizer(), 4)
 
 
+def test_prompts_get_bos_or_the_chat_templates_generation_prompt(tmp_path):
+    """As TRL's GRPO: text after the tokenizer's BOS; messages rendered with add_generation_prompt."""
+    transformers = pytest.importorskip("transformers")
+    from tests.hf_fixtures import write_llama3_tokenizer
+    from data_pipeline.tokenizer import get_tokenizer
+
+    directory = write_llama3_tokenizer(tmp_path / "tokenizer")
+    messages = [{"role": "system", "content": "Count."}, {"role": "user", "content": "one two"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "one two", "answer": "three"}) + "\n"
+                    + json.dumps({"prompt": messages, "answer": "three"}) + "\n")
+    (text, _), (chat, _) = read_prompts([path], get_tokenizer(str(directory)), 64)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+    assert list(text) == theirs("one two")["input_ids"]
+    assert list(chat) == theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert read_prompts([path], ByteTokenizer(), 64)[1][0] == tuple(b"system: Count.\nuser: one two\nassistant: ")
+
+
 def test_rewards_by_hand():
     assert exact_match(" 7\n", "7") == 1.0 and exact_match("77", "7") == 0.0 and exact_match("", "7") == 0.0
     assert contains("the answer is 7.", "7") == 1.0 and contains("seven", "7") == 0.0

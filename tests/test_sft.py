@@ -172,7 +172,8 @@ def test_apogee_sft_starts_from_a_pretrained_run_and_learns(tmp_path, dataset):
     examples = _write_examples(tmp_path / "sums.jsonl")
     run = tmp_path / "sft"
     done = _cli("sft", "--nproc", "2", "--run-dir", str(run), "--set", *SMALL, "train.steps=30",
-                f"sft.inputs=[{examples}]", f"train.init_from={pre}/checkpoints", "optim.warmup_steps=2")
+                f"sft.inputs=[{examples}]", f"train.init_from={pre}/checkpoints", "optim.warmup_steps=2",
+                "optim.lr=3e-3")  # a learning rate that shows learning in 30 steps (the preset's is 2e-5)
     assert done.returncode == 0, done.stderr
     assert f"weights from {pre}/checkpoints (apogee weights)" in done.stdout
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -184,7 +185,7 @@ def test_apogee_sft_starts_from_a_pretrained_run_and_learns(tmp_path, dataset):
 @pytest.mark.parametrize("sets, message", [
     ([], "sft.inputs=[]: `apogee sft` needs JSONL files of examples"),
     (["sft.inputs=[nowhere.jsonl]"], "sft.inputs: 'nowhere.jsonl' is not a file"),
-    (["sft.inputs=[README.md]", "train.init_from=nowhere"], "train.init_from='nowhere': not a Hugging Face Llama directory"),
+    (["sft.inputs=[README.md]", "train.init_from=nowhere"], "train.init_from='nowhere': not a Hugging Face directory"),
 ])
 def test_bad_sft_input_is_refused_before_any_rank_starts(tmp_path, sets, message):
     done = _cli("sft", "--run-dir", str(tmp_path / "run"), "--set", *SMALL, *sets)
@@ -195,3 +196,126 @@ def test_bad_sft_input_is_refused_before_any_rank_starts(tmp_path, sets, message
 def test_pretrain_refuses_sft_inputs(tmp_path):
     done = _cli("pretrain", "--run-dir", str(tmp_path / "run"), "--set", "sft.inputs=[x.jsonl]")
     assert done.returncode == 2 and "fine-tuning examples are trained by `apogee sft`" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer conventions and chat templates, against transformers (a Llama-3-like tokenizer built
+# locally: tests/hf_fixtures.py)
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    """(tokenizer directory with Llama 3's template, one with generation blocks, transformers)."""
+    transformers = pytest.importorskip("transformers")
+    from tests.hf_fixtures import LLAMA3_GENERATION_TEMPLATE, write_llama3_tokenizer
+
+    root = tmp_path_factory.mktemp("llama3")
+    return (write_llama3_tokenizer(root / "plain"), write_llama3_tokenizer(root / "generation", LLAMA3_GENERATION_TEMPLATE),
+            transformers)
+
+
+def test_chat_ids_equal_apply_chat_template_and_turns_are_found_as_transformers_finds_them(llama3):
+    """Ids are apply_chat_template's; with {% generation %} blocks the trained tokens are transformers'
+    assistant mask, and Llama 3's own template (no blocks) finds the same tokens prefix by prefix."""
+    from data_pipeline.sft import encode_chat
+    from data_pipeline.tokenizer import get_tokenizer
+    from tests.hf_fixtures import CONVERSATIONS
+
+    plain_dir, generation_dir, transformers = llama3
+    plain, generation = get_tokenizer(str(plain_dir)), get_tokenizer(str(generation_dir))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(generation_dir))
+    eot = theirs.convert_tokens_to_ids("<|eot_id|>")
+    for conversation in CONVERSATIONS:
+        reference = theirs.apply_chat_template(conversation, return_dict=True, return_assistant_tokens_mask=True)
+        ids, trained = encode_chat(conversation, generation)
+        assert (ids, trained) == (reference["input_ids"], reference["assistant_masks"])
+        assert encode_chat(conversation, plain) == (ids, trained)
+        assert ids[0] == theirs.bos_token_id and sum(trained) > 0
+        # Each trained span is an assistant's content and the <|eot_id|> that ends its turn.
+        ends = [t for t, (m, n) in enumerate(zip(trained, trained[1:] + [0])) if m and not n]
+        assert [ids[t] for t in ends] == [eot] * sum(m["role"] == "assistant" for m in conversation)
+        assert theirs.decode([t for t, m in zip(ids, trained) if m]) == "".join(
+            m["content"].strip() + "<|eot_id|>" for m in conversation if m["role"] == "assistant")
+
+
+def test_prompt_response_text_gets_bos_and_the_declared_eos(llama3):
+    from data_pipeline.sft import encode_example
+    from data_pipeline.tokenizer import get_tokenizer
+
+    plain_dir, _, transformers = llama3
+    theirs = transformers.AutoTokenizer.from_pretrained(str(plain_dir))
+    tokens, trained = encode_example({"prompt": "two plus two is", "response": " four."}, get_tokenizer(str(plain_dir)))
+    prompt = theirs("two plus two is")["input_ids"]  # BOS + prompt, as TRL tokenises it
+    answer = theirs(" four.", add_special_tokens=False)["input_ids"] + [theirs.eos_token_id]
+    assert tokens == prompt + answer and trained == [0] * len(prompt) + [1] * len(answer)
+    assert theirs.convert_ids_to_tokens(tokens[-1]) == "<|eot_id|>"
+
+
+def test_a_conversation_and_its_continuation_trains_the_continuation_only(llama3):
+    from data_pipeline.sft import encode_chat, encode_example
+    from data_pipeline.tokenizer import get_tokenizer
+    from tests.hf_fixtures import CONVERSATIONS
+
+    tokenizer = get_tokenizer(str(llama3[0]))
+    conversation = CONVERSATIONS[1]  # two assistant turns
+    whole_ids, whole_trained = encode_chat(conversation, tokenizer)
+    ids, trained = encode_example({"prompt": conversation[:3], "response": conversation[3:]}, tokenizer)
+    second = len(tokenizer.encode(tokenizer.chat_template.render(conversation[:3], add_generation_prompt=True)))
+    assert ids == whole_ids and not any(trained[:second]) and trained[second:] == whole_trained[second:]
+    assert 0 < sum(trained) < sum(whole_trained)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ ''.__class__.__mro__ }}", "the chat template fails"),  # the sandbox refuses Python internals
+    ("{% set ns = namespace(_x=1) %}{{ ns }}", "underscore"),
+    ("{% for m in messages %}{{ m['content'] }}{% if loop.last %}<end>{% endif %}{% endfor %}",
+     r"messages\[1\]: the chat template .* does not render the conversation up to this assistant turn"),
+    ("{% for m in messages %}", "does not compile"),
+])
+def test_unsafe_or_unusable_templates_are_refused(tmp_path, template, message):
+    from data_pipeline.sft import encode_chat
+    from data_pipeline.tokenizer import get_tokenizer
+    from tests.hf_fixtures import write_llama3_tokenizer
+
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(DataError, match=message):
+        encode_chat(conversation, get_tokenizer(str(write_llama3_tokenizer(tmp_path, template))))
+
+
+def _relative(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def test_sft_loss_equals_transformers_on_llama3_chat_in_fp32(tmp_path, llama3):
+    """TRL's definition, computed by transformers: labels are the assistant mask of
+    apply_chat_template on the same conversations, the loss LlamaForCausalLM's mean over them."""
+    from engine.model.hf_interop import save_hf
+    from engine.train.trainer import Trainer
+    from parallel.topology import ParallelContext
+    from stages.sft import SFTStage
+    from tests.hf_fixtures import CONVERSATIONS
+    from tests.parity import stage_config
+
+    _, directory, transformers = llama3
+    examples = tmp_path / "chat.jsonl"
+    examples.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    n = len(CONVERSATIONS)
+    cfg = stage_config(None, ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.seq_length=80",
+                              "model.vocab_size=320", "model.norm_eps=1e-6", "model.rope_base=500000.0",
+                              f"data.tokenizer={directory}", f"sft.inputs=[{examples}]", "optim.lr=1e-3",
+                              f"train.micro_batch_size={n}", f"train.global_batch_size={n}"], 1, "sft")
+    trainer = Trainer(cfg, ParallelContext.single(), SFTStage().build_data(cfg))
+    save_hf(trainer.model, cfg.model, tmp_path / "hf")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
+    rows, labels = [], []
+    for conversation in CONVERSATIONS:
+        chat = tokenizer.apply_chat_template(conversation, return_dict=True, return_assistant_tokens_mask=True)
+        pad = cfg.model.seq_length + 1 - len(chat["input_ids"])
+        rows.append(chat["input_ids"] + [tokenizer.eos_token_id] * pad)
+        labels.append([t if m else -100 for t, m in zip(chat["input_ids"], chat["assistant_masks"])] + [-100] * pad)
+    with torch.no_grad():
+        reference = theirs(torch.tensor(rows), labels=torch.tensor(labels)).loss.item()
+    ours = trainer.train_step(0).loss
+    print(f"SFT loss: ours {ours:.8f}, transformers {reference:.8f}, relative diff {_relative(ours, reference):.2e}")
+    assert _relative(ours, reference) <= 1e-5

@@ -119,3 +119,52 @@ def test_a_stage_name_or_section_cannot_be_taken_twice():
         registry.register(Clash())
     with pytest.raises(ValueError, match="stage 'sft' is registered already"):
         registry.register(type(registry.get("sft"))())
+
+
+def test_post_training_stages_load_their_presets_and_pretraining_keeps_tiny(tmp_path):
+    """Without --config each stage loads its preset (engine/stage.py: default_config); its values are
+    defaults (not in cfg.explicit), and a --config file replaces the preset."""
+    registry = builtin_stages()
+    expected = {"pretrain": ("tiny", 3e-3, "cosine", None), "midtrain": ("tiny", 3e-3, "cosine", None),
+                "sft": ("sft", 2e-5, "cosine", 3.0), "dpo": ("dpo", 1e-6, "cosine", 3.0),
+                "grpo": ("grpo", 1e-6, "constant", 1.0)}
+    for name, (run_name, lr, schedule, epochs) in expected.items():
+        cfg = registry.load_config(registry.get(name))
+        assert (cfg.name, cfg.optim.lr, cfg.optim.schedule, cfg.train.epochs) == (run_name, lr, schedule, epochs), name
+        assert cfg.explicit == frozenset()
+    own = tmp_path / "own.yaml"
+    own.write_text("train: {steps: 7}\n")
+    cfg = registry.load_config(registry.get("sft"), own, ["optim.warmup_steps=1"])
+    assert (cfg.optim.lr, cfg.train.epochs, cfg.train.steps) == (3e-3, None, 7)  # the engine's defaults under the file
+    assert cfg.explicit == {"train.steps", "optim.warmup_steps"}
+
+
+def test_every_value_of_a_preset_is_documented_where_it_is_set():
+    for name in ("sft", "dpo", "grpo"):
+        preset = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+        lines = (ROOT / "configs" / f"{name}.yaml").read_text().splitlines()
+        for section, values in preset.items():
+            for key in (values if isinstance(values, dict) else {section: values}):
+                line = next(line for line in lines if line.strip().startswith(f"{key}:"))
+                assert "#" in line, f"configs/{name}.yaml: {key} has no comment"
+
+
+def test_epochs_set_the_length_of_a_run_unless_steps_are_set(tmp_path, capsys):
+    from engine.config import ConfigError
+
+    registry = builtin_stages()
+    sft = registry.get("sft")
+    examples = _jsonl(tmp_path / "x.jsonl", [{"prompt": str(i), "response": "y"} for i in range(10)])
+    cfg = registry.load_config(sft, None, [f"sft.inputs=[{examples}]", "train.global_batch_size=4"])
+    sft.prepare(cfg, None, "auto")
+    assert cfg.train.steps == 8  # ceil(3 epochs * 10 examples / 4 per step)
+    assert "train.epochs=3 over 10 examples at train.global_batch_size=4: train.steps=8" in capsys.readouterr().err
+    cfg = registry.load_config(sft, None, [f"sft.inputs=[{examples}]", "train.steps=5"])
+    sft.prepare(cfg, None, "auto")
+    assert (cfg.train.steps, cfg.train.epochs) == (5, None)  # steps the user set win over the preset's epochs
+    cfg = registry.load_config(sft, None, [f"sft.inputs=[{examples}]", "train.epochs=0.5", "train.global_batch_size=2"])
+    sft.prepare(cfg, None, "auto")
+    assert cfg.train.steps == 3
+    pretrain = registry.get("pretrain")
+    with pytest.raises(ConfigError, match=r"train.epochs=2.0: `apogee pretrain` trains on the pre-training blend"):
+        pretrain.prepare(registry.load_config(pretrain, None, ["train.epochs=2"]), None, "auto")

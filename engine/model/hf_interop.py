@@ -1,49 +1,98 @@
-"""Hugging Face Llama interop: our state dict <-> LlamaForCausalLM's, config.json, safetensors.
+"""Hugging Face weights: our state dict <-> LlamaForCausalLM's or MixtralForCausalLM's, safetensors.
 
-Our parameter names are HF's without the `model.` prefix (and `lm_head.weight` as is), and our
-RoPE uses HF's rotate_half convention, so q/k weights map without any permutation. A tied model
-has no `lm_head` in either layout. QK-norm and MoE have no HF Llama equivalent and are refused.
+Our parameter names are HF Llama's without the `model.` prefix (and `lm_head.weight` as is), and
+our RoPE uses HF's rotate_half convention, so q/k weights map without any permutation. A tied
+model has no `lm_head` in either layout. A MoE layer's stacked experts (engine/model/moe.py:
+gate/up [E * ffn, h], down [E * h, ffn], router [E, h]) are written as Mixtral's checkpoints on
+the Hub hold them, one matrix per expert: `block_sparse_moe.experts.{e}.w1` (gate), `w3` (up),
+`w2` (down) and `block_sparse_moe.gate` (the router); transformers 5 fuses them when it loads
+(and its own fused `mlp.experts.gate_up_proj` / `down_proj` layout is read too).
+
+`save_hf` writes safetensors shards of at most `max_shard_bytes` with HF's index file;
+`load_hf` reads a directory back (config through engine/model/hf_config.py).
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from engine.config import ModelConfig
+from engine.model.hf_config import check_exportable, hf_config, model_config_from_hf
 
-_SAFETENSORS = "model.safetensors"
-_SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 2**30
+"""Largest safetensors shard written by default (transformers' max_shard_size of 5GB)."""
 
-
-def _check_exportable(cfg: ModelConfig) -> None:
-    if cfg.qk_norm:
-        raise ValueError("model.qk_norm=True: HF LlamaForCausalLM has no QK-norm; export needs qk_norm=false")
-    if cfg.num_experts:
-        raise ValueError(f"model.num_experts={cfg.num_experts}: HF LlamaForCausalLM is dense; export needs num_experts=0")
-
-
-def _hf_name(name: str) -> str:
-    return name if name == "lm_head.weight" else "model." + name
+_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+_OUR_NAMES = {v: k for k, v in _MIXTRAL_NAMES.items()}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def to_hf_state_dict(state_dict: dict, cfg: ModelConfig) -> dict:
-    """Our names -> HF names (`model.embed_tokens.weight`, `model.layers.{i}...`, `lm_head.weight`)."""
-    _check_exportable(cfg)
+    """Our names -> HF names (`model.embed_tokens.weight`, `model.layers.{i}...`, `lm_head.weight`;
+    a MoE layer's experts one matrix each, Mixtral's names)."""
+    check_exportable(cfg)
     out = {}
     for name, tensor in state_dict.items():
         if cfg.tie_embeddings and name == "lm_head.weight":
             continue  # a pipeline stage's copy of the tied embedding
-        out[_hf_name(name)] = tensor
+        if name == "lm_head.weight":
+            out[name] = tensor
+            continue
+        expert = _EXPERT.match(name) if cfg.num_experts else None
+        if expert:
+            layer, kind = expert.groups()
+            for e, block in enumerate(tensor.chunk(cfg.num_experts, dim=0)):
+                # A copy: safetensors refuses tensors that share storage.
+                out[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{_MIXTRAL_NAMES[kind]}.weight"] = block.clone()
+        elif cfg.num_experts and name.endswith(".mlp.router.weight"):
+            out["model." + name.replace(".mlp.router.", ".block_sparse_moe.gate.")] = tensor
+        else:
+            out["model." + name] = tensor
+    return out
+
+
+def _stack_experts(hf_sd: dict, cfg: ModelConfig) -> dict:
+    """Mixtral's per-expert matrices (or transformers 5's fused ones) -> our stacked names."""
+    out, blocks = {}, {}
+    for name, tensor in hf_sd.items():
+        expert = _HF_EXPERT.match(name)
+        if expert:
+            layer, e, kind = expert.groups()
+            blocks.setdefault((layer, _OUR_NAMES[kind]), {})[int(e)] = tensor
+            continue
+        fused = re.match(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
+        if fused:  # [E, 2 ffn, h] (gate then up) or [E, h, ffn]
+            layer, kind = fused.groups()
+            if kind == "gate_up_proj":
+                gate, up = tensor.chunk(2, dim=1)
+                out[f"model.layers.{layer}.mlp.gate_proj.weight"] = gate.flatten(0, 1)
+                out[f"model.layers.{layer}.mlp.up_proj.weight"] = up.flatten(0, 1)
+            else:
+                out[f"model.layers.{layer}.mlp.down_proj.weight"] = tensor.flatten(0, 1)
+            continue
+        out[re.sub(r"\.(block_sparse_moe|mlp)\.gate\.weight$", ".mlp.router.weight", name)] = tensor
+    for (layer, kind), by_expert in blocks.items():
+        if sorted(by_expert) != list(range(cfg.num_experts)):
+            raise ValueError(f"HF checkpoint layer {layer} {_MIXTRAL_NAMES[kind]}: experts {sorted(by_expert)}, "
+                             f"expected 0..{cfg.num_experts - 1} (num_local_experts={cfg.num_experts})")
+        out[f"model.layers.{layer}.mlp.{kind}.weight"] = torch.cat([by_expert[e] for e in range(cfg.num_experts)])
     return out
 
 
 def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
     """HF names -> our names; drops HF's tied `lm_head.weight` and stale rotary buffers."""
-    _check_exportable(cfg)
+    check_exportable(cfg)
+    if cfg.num_experts:
+        hf_sd = _stack_experts(hf_sd, cfg)
     out = {}
     for name, tensor in hf_sd.items():
         if name.endswith("rotary_emb.inv_freq"):
@@ -54,105 +103,83 @@ def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
         elif name.startswith("model."):
             out[name[len("model."):]] = tensor
         else:
-            raise ValueError(f"unexpected tensor {name!r} in a HF Llama checkpoint")
+            raise ValueError(f"unexpected tensor {name!r} in a HF {'Mixtral' if cfg.num_experts else 'Llama'} checkpoint")
     expected = "embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
     if expected not in out:
         raise ValueError(f"HF checkpoint lacks the tensor for {expected!r} (tie_embeddings={cfg.tie_embeddings})")
     return out
 
 
-def hf_config(cfg: ModelConfig) -> dict:
-    """transformers.LlamaConfig keyword arguments for `cfg`."""
-    _check_exportable(cfg)
-    out = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        hidden_act="silu",
-        max_position_embeddings=cfg.seq_length,
-        initializer_range=cfg.init_std,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_base,
-        rope_scaling=None,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-    )
-    if cfg.rope_scaling:
-        s = cfg.rope_scaling
-        out["rope_scaling"] = dict(rope_type="llama3", factor=float(s["factor"]),
-                                   low_freq_factor=float(s["low_freq_factor"]),
-                                   high_freq_factor=float(s["high_freq_factor"]),
-                                   original_max_position_embeddings=int(s["original_max_position"]))
-    return out
+def shard_names(tensors: dict, max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names in shards of at most max_shard_bytes each (a larger tensor gets a shard of its
+    own), in order, as transformers splits a checkpoint."""
+    shards, size = [[]], 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
 
 
-def model_config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig from a HF Llama config.json dict (transformers 4.x or 5.x key styles)."""
-    if hf.get("model_type", "llama") != "llama":
-        raise ValueError(f"config.json model_type={hf.get('model_type')!r}: only 'llama' is supported")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise ValueError(f"config.json {key}=true: biases are not supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if head_dim * heads != hf["hidden_size"]:
-        raise ValueError(f"config.json head_dim={head_dim}: must equal hidden_size / num_attention_heads")
-    # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    theta = hf.get("rope_theta") or rope.get("rope_theta", 10000.0)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"config.json rope_type={rope_type!r}: only 'default' and 'llama3' are supported")
-    scaling = None
-    if rope_type == "llama3":
-        scaling = dict(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
-                       high_freq_factor=rope["high_freq_factor"],
-                       original_max_position=rope["original_max_position_embeddings"])
-    return ModelConfig(
-        hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"], seq_length=hf.get("max_position_embeddings", 2048),
-        rope_base=float(theta), rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=hf.get("initializer_range", 0.02),
-    )
+def save_hf(model_or_state_dict: Union[nn.Module, dict], cfg: ModelConfig, out_dir: Union[str, Path],
+            dtype: Optional[torch.dtype] = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+            tokens: Optional[dict] = None) -> list[str]:
+    """Write `out_dir/config.json` and the weights as safetensors shards with their index
+    (model-0000k-of-0000n.safetensors + model.safetensors.index.json), loadable by transformers.
 
-
-def save_hf(model_or_state_dict: Union[nn.Module, dict], cfg: ModelConfig, out_dir: Union[str, Path]) -> None:
-    """Write `out_dir/model.safetensors` and `out_dir/config.json` loadable by LlamaForCausalLM."""
+    dtype: cast every tensor to it (default: keep theirs); tokens: BOS/EOS/pad ids for config.json.
+    Returns the shard file names.
+    """
     from safetensors.torch import save_file
 
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
-    tensors = {k: v.detach().cpu().contiguous() for k, v in to_hf_state_dict(state, cfg).items()}
-    dtypes = {v.dtype for v in tensors.values()}
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in to_hf_state_dict(state, cfg).items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / _SAFETENSORS), metadata={"format": "pt"})
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", **hf_config(cfg))
-    config["torch_dtype"] = "bfloat16" if dtypes == {torch.bfloat16} else "float32"
+    shards = shard_names(tensors, max_shard_bytes)
+    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    weight_map = {}
+    for file, names in zip(files, shards):
+        save_file({n: tensors[n] for n in names}, str(out_dir / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in names})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    kinds = {t.dtype for t in tensors.values()}
+    name = _DTYPE_NAMES.get(kinds.pop(), "float32") if len(kinds) == 1 else "float32"
+    config = hf_config(cfg, tokens=tokens, dtype=name)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return files
+
+
+def read_hf_config(directory: Union[str, Path]) -> ModelConfig:
+    """ModelConfig of a HF directory's config.json (ValueError naming the file and the field)."""
+    path = Path(directory) / "config.json"
+    try:
+        return model_config_from_hf(json.loads(path.read_text()))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg})") from None
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def load_hf(directory: Union[str, Path]) -> tuple[ModelConfig, dict]:
-    """Read a HF Llama directory (config.json + safetensors, sharded or not) -> (cfg, our state dict)."""
+    """Read a HF Llama or Mixtral directory (config.json + safetensors, sharded or not) -> (cfg, our state dict)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    cfg = model_config_from_hf(json.loads((directory / "config.json").read_text()))
-    if (directory / _SAFETENSORS).is_file():
-        files = [directory / _SAFETENSORS]
-    elif (directory / _SAFETENSORS_INDEX).is_file():
-        index = json.loads((directory / _SAFETENSORS_INDEX).read_text())
+    cfg = read_hf_config(directory)
+    if (directory / SAFETENSORS_INDEX).is_file():
+        index = json.loads((directory / SAFETENSORS_INDEX).read_text())
         files = [directory / f for f in sorted(set(index["weight_map"].values()))]
+    elif (directory / SAFETENSORS).is_file():
+        files = [directory / SAFETENSORS]
     else:
-        raise FileNotFoundError(f"{directory}: no {_SAFETENSORS} or {_SAFETENSORS_INDEX}")
+        raise FileNotFoundError(f"{directory}: no {SAFETENSORS} or {SAFETENSORS_INDEX} (safetensors weights; "
+                                f"pickled .bin checkpoints are not read)")
     hf_sd: dict[str, Tensor] = {}
     for f in files:
         hf_sd.update(load_file(str(f)))

@@ -32,6 +32,7 @@ from engine.model.precision import Fp8Recipe
 from engine.resilience.hooks import ResilienceHooks
 from engine.resilience.spikes import SpikeDetector
 from engine.state.init_from import initialize_chunks
+from engine.state.export import tokenizer_source
 from engine.train.events import EventLog
 from engine.train.grad_sync import build_grad_sync, memory_bytes
 from engine.train.metrics import PeakFlops, flops_per_step
@@ -336,7 +337,8 @@ class Trainer:
     def checkpoint_metadata(self) -> dict:
         """What a checkpoint's manifest records about the run (checked when resuming)."""
         meta = {"model": dataclasses.asdict(self.cfg.model), "seed": self.cfg.seed,
-                "parallel": dataclasses.asdict(self.cfg.parallel), "precision": self.cfg.precision.dtype}
+                "parallel": dataclasses.asdict(self.cfg.parallel), "precision": self.cfg.precision.dtype,
+                "tokenizer": tokenizer_source(self.cfg.data.tokenizer)}  # what `apogee export` ships with the weights
         if self.cfg.lora.rank:  # an export folds the adapters into the weights
             meta["lora"] = {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha,
                             "targets": list(self.cfg.lora.targets)}

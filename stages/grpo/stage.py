@@ -18,7 +18,7 @@ class GRPOConfig:
     group_size: int = 8
     """Completions sampled per prompt; advantages are relative to the prompt's group (>= 2)."""
     max_new_tokens: int = 32
-    """Longest completion in tokens (sampling also stops at the end-of-document token); prompt
+    """Longest completion in tokens (sampling also stops at the tokenizer's EOS); prompt
     plus completion must fit model.seq_length."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts; 0 samples greedily."""
@@ -42,6 +42,8 @@ class GRPOStage(Stage):
     inputs_what = "prompts with answers"
     inputs_needs = ("JSONL files of prompts with verifiable answers, e.g. --set grpo.inputs=[prompts.jsonl] "
                     "(lines {prompt, answer})")
+    default_config = "configs/grpo.yaml"
+    """The grpo preset, used without --config (its comments document each value)."""
 
     def validate(self, cfg: ApogeeConfig, world_size: int) -> None:
         """The rules of a GRPO run: its layout, precision and rollout settings."""

@@ -3,7 +3,7 @@ DeepSeekMath; DeepSeek-R1) on the engine's parallel model.
 
 A step's data is prompts with answers (data_pipeline/prompts.py). For each prompt the current
 policy samples `grpo.group_size` completions of up to `grpo.max_new_tokens` tokens (stopping at
-EOD), a reward function scores each decoded completion against the answer, and each completion's
+the tokenizer's EOS, data_pipeline/tokenizer.py), a reward function scores each decoded completion against the answer, and each completion's
 advantage is its reward relative to its group: A_i = (r_i - mean(r)) / (std(r) + 1e-4), with
 torch's (Bessel-corrected) std as TRL; `grpo.scale_rewards=false` drops the division. The loss of
 completion token t under the policy pi, the rollout policy pi_old and the frozen reference is
@@ -51,13 +51,13 @@ class RolloutBatch(NamedTuple):
     tokens: torch.Tensor
     """[rows, seq + 1] prompt + completion, padded."""
     loss_mask: torch.Tensor
-    """[rows, seq]: 1 where target t + 1 is a completion token (EOD included)."""
+    """[rows, seq]: 1 where target t + 1 is a completion token (EOS included)."""
     advantages: torch.Tensor
     """[rows] group-relative advantage of each completion."""
     rewards: torch.Tensor
     """[rows] reward of each completion."""
     completion_lengths: torch.Tensor
-    """[rows] completion tokens (EOD included)."""
+    """[rows] completion tokens (EOS included)."""
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, generators: list) -> torch.Tensor:
@@ -109,7 +109,8 @@ class GRPOTrainer(Trainer):
 
     def rollout(self, step: int, prompts: list[Prompt]) -> RolloutBatch:
         """Sample group_size completions per prompt, score them and compute their advantages."""
-        g, seq, eod = self.cfg.grpo, self.cfg.model.seq_length, self.tokenizer.eod_id
+        # Sampling stops at the tokenizer's declared EOS (what SFT trained responses to end with).
+        g, seq, eos = self.cfg.grpo, self.cfg.model.seq_length, self.tokenizer.eos_id
         vocab = min(self.tokenizer.vocab_size, self.cfg.model.vocab_size)
         rows = len(prompts) * g.group_size
         tokens = torch.full((rows, seq + 1), self.tokenizer.pad_id, dtype=torch.int64)
@@ -132,14 +133,14 @@ class GRPOTrainer(Trainer):
                 chosen = sample_tokens(last, g.temperature, [generators[r] for r in rows_now.tolist()]).cpu()
                 tokens[rows_now, ends[rows_now]] = chosen
                 ends[rows_now] += 1
-                active[rows_now] = chosen != eod
+                active[rows_now] = chosen != eos
         loss_mask = torch.zeros(rows, seq)
         rewards = torch.zeros(rows)
         for row in range(rows):
             start, end = int(starts[row]), int(ends[row])
             loss_mask[row, start - 1:end - 1] = 1.0  # mask[t] trains target t + 1
             completion = tokens[row, start:end].tolist()
-            text = self.tokenizer.decode(completion[:-1] if completion and completion[-1] == eod else completion)
+            text = self.tokenizer.decode(completion[:-1] if completion and completion[-1] == eos else completion)
             rewards[row] = float(self.reward(text, prompts[row // g.group_size].answer))
         advantages = group_advantages(rewards.view(-1, g.group_size), g.scale_rewards).view(-1)
         return RolloutBatch(tokens, loss_mask, advantages, rewards, ends - starts)
