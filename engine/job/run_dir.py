@@ -73,3 +73,17 @@ def claim_run_dir(out: Path, cfg: ApogeeConfig, overwrite: bool = False,
         lock.release()
         raise
     return lock
+
+
+def remove_if_empty(out: Path) -> None:
+    """Remove `out` if no file is left in it, its empty folders too (the claim's writability probes
+    make checkpoints/): a run refused after its claim leaves no directory behind."""
+    for folder in sorted((p for p in Path(out).rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+        try:
+            folder.rmdir()  # refuses, harmlessly, a folder that holds anything
+        except OSError:
+            pass
+    try:
+        Path(out).rmdir()
+    except OSError:
+        pass

@@ -23,7 +23,7 @@ from engine.state.checkpoint_store import CheckpointError
 from engine.state.errors import StorageError
 from engine.state.resume import (check_compatible, check_loadable, check_steps_beyond, checkpoint_store,
                                  choose_checkpoint, choose_for_all, run_id)
-from engine.job.run_dir import claim_run_dir
+from engine.job.run_dir import claim_run_dir, remove_if_empty
 from engine.config import ApogeeConfig, ConfigError, config_from_dict, save_config
 from engine.config_validation import check_run_name, validate
 from engine.state.init_from import check_init_source, initialize_from
@@ -110,6 +110,7 @@ def run_job(cfg: ApogeeConfig, stage: Stage, run_dir: Optional[str] = None, npro
     cfg.parallel.validate(world)
     prepare_rank_environment(cfg, out)
     lock, claim_error = None, None
+    created = not out.exists()  # a run refused after the claim (e.g. by its stage) leaves no directory
     if info.rank == 0:  # the owner: the launcher itself, or rank 0 of an outside launcher
         try:
             lock = claim_run_dir(out, cfg, overwrite)
@@ -128,6 +129,8 @@ def run_job(cfg: ApogeeConfig, stage: Stage, run_dir: Optional[str] = None, npro
     finally:
         if lock is not None:
             lock.release()
+            if created:
+                remove_if_empty(out)
 
 
 def _run_here(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str, world: int) -> int:
