@@ -261,10 +261,12 @@ class Checkpointer:
         if trainer.cfg.parallel.zero == 0:
             views = model_views(trainer.named_parameters(), tied)
             views.update(optimizer_views(trainer.optimizer))
-            return views
-        views = zero_views(trainer.grads, trainer.optimizer, tied)
-        if hasattr(trainer.grads, "all_gather_params"):  # stages 1-2 hold every weight whole
-            views.update(model_views(trainer.named_parameters(), tied))
+        else:
+            views = zero_views(trainer.grads, trainer.optimizer, tied)
+            if hasattr(trainer.grads, "all_gather_params"):  # stages 1-2 hold every weight whole
+                views.update(model_views(trainer.named_parameters(), tied))
+        # Replicated state keyed by layer (fp8 recipe state): one copy saved, every rank loads it in place.
+        views.update(getattr(trainer, "checkpoint_tensors", dict)())
         return views
 
     def save(self, trainer, step: int, metadata: dict, blocking: bool = False) -> float:
@@ -350,6 +352,10 @@ class Checkpointer:
         # loaded weights. Anything else missing means the checkpoint does not hold this model.
         masters_missing = [k for k in views if k.endswith("/master") and k not in saved]
         for key in masters_missing:
+            del views[key]
+        # fp8 recipe state is absent from a checkpoint of another precision, recipe or fp8 path:
+        # the recipe then starts afresh (scales 1, empty history), as a new fp8 run would.
+        for key in [k for k in views if k.startswith("fp8/") and k not in saved]:
             del views[key]
         missing = [k for k in views if k not in saved]
         if missing:
