@@ -144,3 +144,15 @@ def test_grad_buffer_keeps_a_gradient_the_layer_wrote_into_main_grad_itself():
     torch.testing.assert_close(fused.main_grad, expected)
     torch.testing.assert_close(plain.main_grad, expected)
     assert fused.grad is None and fused.grad_added_to_main_grad is False
+
+
+def test_the_gpu_checks_skip_cleanly_without_cuda(tmp_path):
+    """bench/gpu_checks_fp8.py runs here too: every check reports a skip (and why) and writes its report."""
+    import json
+
+    from bench.gpu_checks_fp8 import CHECKS
+
+    for check in CHECKS:
+        result = check(tmp_path)
+        assert result["status"] == "skip" and result["reason"] == "no CUDA device"
+        assert json.loads((tmp_path / f"{result['check']}.json").read_text()) == result

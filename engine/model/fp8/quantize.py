@@ -59,7 +59,7 @@ def scale_from_amax(amax: Tensor, fp8_max: float, power_2: bool = False, epsilon
 
 def e8m0_exponent(amax: Tensor, fp8_max: float) -> Tensor:
     """The biased E8M0 exponent (int32, 0..255) of an MX block: float_to_e8m0(amax * (1 / fp8_max)), rounded up."""
-    value = amax.float() * torch.tensor(1.0 / fp8_max, dtype=torch.float32, device=amax.device)
+    value = amax.float() * (1.0 / fp8_max)  # the scalar enters the fp32 kernel as fp32: TE's max_norm_rcp
     bits = value.view(torch.int32)
     exponent = (bits >> 23) & 0xFF
     mantissa = bits & 0x7FFFFF
