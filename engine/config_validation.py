@@ -73,6 +73,12 @@ def _check_fp8_hardware(cfg: ApogeeConfig) -> None:
     require(cfg.model.recompute == "none", "model.recompute", cfg.model.recompute,
             "Transformer Engine's fp8 layers are not recomputed by Apogee's activation checkpointing yet; set "
             "model.recompute=none or precision.fp8_backend=emulation")
+    if pr.fp8_recipe == "delayed":
+        # TE moves delayed scales at every autocast exit, so a re-run of a step sees other scales.
+        require(cfg.resilience.audit_interval == 0, "resilience.audit_interval", cfg.resilience.audit_interval,
+                "a replay audit must recompute a step bit for bit, which Transformer Engine's delayed scaling "
+                "(scales updated per microbatch) does not; use precision.fp8_recipe=tensorwise, blockwise or "
+                "mxfp8, or precision.fp8_backend=emulation")
 
 
 def resolve_dp(cfg: ApogeeConfig, world_size: int) -> int:

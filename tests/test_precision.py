@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.model.fp8.emulation import Fp8Linear, convert_to_emulation, fp8_layer_names, fp8_linear
-from engine.model.fp8.quantize import (E4M3, E5M2, FP8_MAX, e8m0_exponent, e8m0_scales, quantize, quantize_blocks,
-                                       quantize_mx, scale_from_amax)
+from engine.model.fp8.quantize import (E4M3, E5M2, FP8_MAX, decode, e8m0_exponent, e8m0_scales, quantize,
+                                       quantize_blocks, quantize_mx, scale_from_amax)
 from engine.model.fp8.recipes import RECIPES, DelayedScalingState, Fp8Recipe, RecipeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +29,13 @@ def test_quantize_saturates_and_rounds_to_nearest_even():
     assert q.float()[5] == 0.28125  # representable: 1.125 * 2^-2
     assert quantize(torch.tensor([0.265625]), torch.tensor(1.0), E4M3).float().item() == 0.25  # tie -> even
     assert quantize(torch.tensor([1e5]), torch.tensor(1.0), E5M2).float().item() == FP8_MAX[E5M2]
+
+
+@pytest.mark.parametrize("fp8", [E4M3, E5M2])
+def test_decoding_by_lookup_is_bitwise_torch_s_conversion(fp8):
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8).reshape(16, 16).t()  # non-contiguous
+    for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+        assert torch.equal(decode(codes, dtype).view(bits), codes.to(dtype).view(bits))  # nan payloads too
 
 
 def test_scale_from_amax_follows_te_by_hand():
