@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "parallel", "data_pipeline", "engine", "engine.model", "engine.train", "engine.state",
-        "engine.resilience", "engine.perf", "engine.job", "stages", "stages.grpo", "slurm", "cli",
+        "engine.model.fp8", "engine.resilience", "engine.perf", "engine.job", "stages", "stages.grpo", "slurm", "cli",
     ],
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
@@ -39,7 +39,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7", "megatron-core>=0.16", "transformers>=4.45", "datasets>=2.14"],  # datasets: test fixtures
-        "gpu": ["transformer-engine", "nvidia-dali-cuda120"],
+        "gpu": ["transformer_engine[pytorch]", "nvidia-dali-cuda120"],  # fp8 through TE on CUDA (engine/model/fp8/te.py)
         "mpi": ["mpi4py>=3.1"],
     },
     entry_points={"console_scripts": ["apogee = cli.main:main"]},

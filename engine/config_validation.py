@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from engine.config import ApogeeConfig, ConfigError
+from engine.model.fp8.backend import BACKENDS, alignment_problem, choose_backend, hardware_problem
+from engine.model.fp8.recipes import RECIPES
 from engine.model.lora import TARGETS as LORA_TARGETS
 from engine.resilience.determinism import MODES
 from engine.resilience.faults import parse_faults
@@ -32,6 +34,61 @@ def check_run_name(name: str) -> None:
         and "\0" not in name
     require(plain, "name", name, "a run name is one folder name under runs/ (no '/', not '.' or '..'); "
             "to write the run elsewhere, give --run-dir")
+
+
+def _validate_fp8(cfg: ApogeeConfig) -> None:
+    """precision.fp8_*: known values always; with dtype=fp8, the recipe's knobs, shapes and hardware."""
+    pr, m, p = cfg.precision, cfg.model, cfg.parallel
+    _one_of("precision.fp8_recipe", pr.fp8_recipe, RECIPES)
+    if pr.fp8_format is not None:
+        _one_of("precision.fp8_format", pr.fp8_format, ("hybrid", "e4m3"))
+    _one_of("precision.fp8_amax_compute_algo", pr.fp8_amax_compute_algo, ("max", "most_recent"))
+    _one_of("precision.fp8_backend", pr.fp8_backend, BACKENDS)
+    require(pr.fp8_amax_history_len >= 1, "precision.fp8_amax_history_len", pr.fp8_amax_history_len, "must be >= 1")
+    for key in ("fp8_first_layers_bf16", "fp8_last_layers_bf16"):
+        require(getattr(pr, key) >= 0, f"precision.{key}", getattr(pr, key), "must be >= 0")
+    if pr.dtype != "fp8":
+        return
+    recipe = f"precision.fp8_recipe={pr.fp8_recipe}"
+    if pr.fp8_recipe != "delayed":  # knobs of TE's DelayedScaling only: refused rather than ignored
+        for key, default in (("fp8_margin", 0), ("fp8_amax_history_len", 1024), ("fp8_amax_compute_algo", "max")):
+            require(getattr(pr, key) == default, f"precision.{key}", getattr(pr, key),
+                    f"used by precision.fp8_recipe=delayed only ({recipe}); leave it at {default!r}")
+    else:
+        require(not pr.fp8_power_2_scales, "precision.fp8_power_2_scales", True,
+                "tensorwise and blockwise only (delayed scaling's scales are not rounded; mxfp8's always are)")
+    bf16_layers = pr.fp8_first_layers_bf16 + pr.fp8_last_layers_bf16
+    require(bf16_layers <= m.num_layers, "precision.fp8_first_layers_bf16", pr.fp8_first_layers_bf16,
+            f"first + last bf16 layers ({bf16_layers}) exceed model.num_layers={m.num_layers}")
+    require(not cfg.train.compile, "train.compile", cfg.train.compile,
+            "precision.dtype=fp8 runs eagerly (its emulated GEMMs keep amax state between calls); set train.compile=false")
+    tokens = cfg.train.micro_batch_size * m.seq_length // p.cp
+    problem = alignment_problem(pr.fp8_recipe, m, p.tp, tokens)
+    require(problem is None, "precision.fp8_recipe", pr.fp8_recipe, problem or "")
+    _check_fp8_hardware(cfg)
+
+
+def _check_fp8_hardware(cfg: ApogeeConfig) -> None:
+    """Where this process sees a GPU and Transformer Engine would run: the recipe must run on it."""
+    import torch
+
+    pr = cfg.precision
+    if not torch.cuda.is_available():
+        return  # CPU: the emulation runs every recipe
+    backend, _ = choose_backend(pr.fp8_backend, torch.device("cuda"))
+    if backend != "te":
+        return
+    problem = hardware_problem(pr.fp8_recipe, torch.cuda.get_device_capability(), torch.version.cuda)
+    require(problem is None, "precision.fp8_recipe", pr.fp8_recipe, problem or "")
+    require(cfg.model.recompute == "none", "model.recompute", cfg.model.recompute,
+            "Transformer Engine's fp8 layers are not recomputed by Apogee's activation checkpointing yet; set "
+            "model.recompute=none or precision.fp8_backend=emulation")
+    if pr.fp8_recipe == "delayed":
+        # TE moves delayed scales at every autocast exit, so a re-run of a step sees other scales.
+        require(cfg.resilience.audit_interval == 0, "resilience.audit_interval", cfg.resilience.audit_interval,
+                "a replay audit must recompute a step bit for bit, which Transformer Engine's delayed scaling "
+                "(scales updated per microbatch) does not; use precision.fp8_recipe=tensorwise, blockwise or "
+                "mxfp8, or precision.fp8_backend=emulation")
 
 
 def resolve_dp(cfg: ApogeeConfig, world_size: int) -> int:
@@ -138,10 +195,7 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
                 f"a non-empty list of {', '.join(LORA_TARGETS)}")
         require(cfg.precision.dtype != "fp8", "precision.dtype", "fp8", "LoRA adapters run in bf16 or fp32 for now")
         require(p.zero == 0, "parallel.zero", p.zero, "LoRA trains a few adapters: ZeRO has nothing to shard; use zero=0")
-    if cfg.precision.dtype == "fp8":
-        require(not t.compile, "train.compile", t.compile,
-                 "precision.dtype=fp8 runs eagerly (its emulated GEMMs record amaxes in Python state); "
-                 "set train.compile=false")
+    _validate_fp8(cfg)
     require(cfg.checkpoint.interval >= 0, "checkpoint.interval", cfg.checkpoint.interval, "must be >= 0")
     require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
     if cfg.data.weights is not None:

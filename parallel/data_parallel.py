@@ -97,7 +97,13 @@ class GradBuffer:
             # parameter in the last microbatch (retain_graph, a second loss) is a caller bug.
             raise RuntimeError("GradBuffer: a gradient arrived after its bucket's reduction was launched; "
                                "run one backward per microbatch and set is_last_microbatch only for the last")
-        if id(param) in self._unwritten:
+        if getattr(param, "grad_added_to_main_grad", False):
+            # A layer that accumulates into main_grad itself (Transformer Engine's
+            # fuse_wgrad_accumulation: overwrite on a step's first microbatch, add after) already
+            # wrote this gradient; param.grad is its placeholder.
+            param.grad_added_to_main_grad = False
+            self._unwritten.discard(id(param))
+        elif id(param) in self._unwritten:
             # First gradient since start_step: one converting copy instead of a zeroed buffer
             # plus a mixed-dtype add (which reads the fp32 buffer and casts into a temporary):
             # measured 3x cheaper per parameter, and start_step no longer writes the whole buffer.

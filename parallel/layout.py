@@ -29,9 +29,10 @@ JSON_GROUP_KINDS = ("tp", "cp", "ep", "dp", "pp", "dp-cp", "tp-pp")
 EXPERT_KINDS = {"ep": "ep", "expert-tp": "tp", "expert-dp": "dp", "expert-tp-ep": "tp-ep"}
 """Group kinds that live on the expert grid, mapped to the axes they span there."""
 
-CONTEXT_KINDS = ("tp", "cp", "dp", "pp", "dp-cp", "tp-pp", "ep", "expert-tp", "expert-dp",
+CONTEXT_KINDS = ("tp", "cp", "dp", "pp", "dp-cp", "tp-pp", "tp-cp-dp", "ep", "expert-tp", "expert-dp",
                  "expert-tp-ep", "embedding")
-"""Kinds for which `ParallelContext` builds a process group (plus 'world')."""
+"""Kinds for which `ParallelContext` builds a process group (plus 'world'). 'tp-cp-dp' holds the ranks
+of one pipeline stage: the amax reduction group of fp8 delayed scaling (Megatron's amax group)."""
 
 EMBEDDING_KIND = "embedding"
 """Megatron's embedding group: the first and last stage of each PP group, which hold the two copies

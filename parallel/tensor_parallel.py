@@ -99,7 +99,7 @@ class ColumnParallelLinear(nn.Module):
         local = _shard_size(out_features, group, "out_features")
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device))
         self.weight.tp_shard = (0, group.rank, group.size)
-        # The local GEMM (x, W) -> x W^T; engine.model.precision swaps in its fp8 GEMM.
+        # The local GEMM (x, W) -> x W^T; engine.model.fp8 swaps in its fp8 GEMM.
         self.linear_fn = F.linear
 
     def forward(self, x: Tensor) -> Tensor:

@@ -40,3 +40,10 @@ def test_data_bench_prints_every_corpus_format_side_by_side():
     rows = {line.split()[0] for line in out.splitlines() if line.strip()}
     assert {"jsonl", "jsonl.gz", "jsonl.zst", "parquet", "save_to_disk"} <= rows
     assert "MB/s" in out and "docs/s" in out and "byte-identical: checked" in out
+
+
+def test_fp8_bench_prints_every_recipe_against_bf16_with_the_seed_spread():
+    out = _run("bench_fp8.py", "--quick")
+    rows = {line.split()[0] for line in out.splitlines() if line.strip()}
+    assert {"bf16", "delayed", "tensorwise", "blockwise", "mxfp8"} <= rows
+    assert "vs bf16" in out and "seed spread" in out

@@ -277,6 +277,10 @@ class Checkpointer:
         masters_missing = [k for k in views if k.endswith("/master") and k not in saved]
         for key in masters_missing:
             del views[key]
+        # fp8 recipe state is absent from a checkpoint of another precision, recipe or fp8 path:
+        # the recipe then starts afresh (scales 1, empty history), as a new fp8 run would.
+        for key in [k for k in views if k.startswith("fp8/") and k not in saved]:
+            del views[key]
         missing = [k for k in views if k not in saved]
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors this layout needs, e.g. "

@@ -217,13 +217,15 @@ def load_optimizer_step(optimizer, step_tensor: torch.Tensor) -> None:
 
 
 def state_views(trainer) -> dict[str, Any]:
-    """Everything a checkpoint holds of `trainer`'s tensors (weights, optimizer), as views."""
+    """Everything a checkpoint holds of `trainer`'s tensors (weights, optimizer, fp8 recipe state), as views."""
     tied = trainer.cfg.model.tie_embeddings
     if trainer.cfg.parallel.zero == 0:
         views = model_views(trainer.named_parameters(), tied)
         views.update(optimizer_views(trainer.optimizer))
-        return views
-    views = zero_views(trainer.grads, trainer.optimizer, tied)
-    if hasattr(trainer.grads, "all_gather_params"):  # stages 1-2 hold every weight whole
-        views.update(model_views(trainer.named_parameters(), tied))
+    else:
+        views = zero_views(trainer.grads, trainer.optimizer, tied)
+        if hasattr(trainer.grads, "all_gather_params"):  # stages 1-2 hold every weight whole
+            views.update(model_views(trainer.named_parameters(), tied))
+    # Replicated state keyed by layer (fp8 recipe state): one copy saved, every rank loads it in place.
+    views.update(getattr(trainer, "checkpoint_tensors", dict)())
     return views

@@ -11,6 +11,7 @@ AdamW with the scheduled learning rate -> log.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from engine.model.moe import set_aux_loss_scale, take_aux_loss
 from engine.model.parallelize import (all_reduce_tied_embedding_grads, counts_in_norm, expert_gradient_group,
                                       finish_sequence_parallel_grads, grad_norm_sq_reduce, gradient_reduction_group,
                                       loss_function, parallelize_model)
-from engine.model.precision import Fp8Recipe
+from engine.model.fp8.training import Fp8Training
 from engine.resilience.hooks import ResilienceHooks
 from engine.resilience.spikes import SpikeDetector
 from engine.state.init_from import initialize_chunks
@@ -81,9 +82,13 @@ class Trainer:
         # Gradients and the loss sum are reduced over dp x cp; data is sharded over dp only.
         self.grad_group = gradient_reduction_group(ctx, self.ledger)
         self.dtype = DTYPES[cfg.precision.dtype]
-        # fp8: the decoder GEMMs run through TE's delayed-scaling recipe (engine/model/precision.py).
-        self.fp8 = Fp8Recipe() if cfg.precision.dtype == "fp8" else None
+        # fp8: the decoder GEMMs run in fp8, through Transformer Engine or its emulation (engine/model/fp8/).
+        self.fp8 = Fp8Training(cfg, ctx, self.ledger) if cfg.precision.dtype == "fp8" else None
         self.chunks = self.build_model_chunks()
+        if self.fp8 is not None:
+            self.fp8.convert(self.chunks)
+            if ctx.rank == 0:
+                print(f"apogee: {self.fp8.log_line}", flush=True)
         self.loss_fn = loss_function(cfg, ctx, self.ledger)
         # parallel.zero selects plain DP (GradBuffer + MasterWeightOptimizer) or a ZeRO stage.
         # Expert weights reduce over expert-dp, the ranks that hold the same experts (ep > 1).
@@ -124,8 +129,6 @@ class Trainer:
             apply_lora(model, lora.rank, lora.alpha, tuple(lora.targets))
         init_parameters(model, self.cfg.seed)
         model = model.to(device=self.ctx.device, dtype=self.dtype)
-        if self.fp8 is not None:
-            self.fp8.convert(model)
         if self.cfg.train.compile:  # opt-in: compiles each decoder layer in place (names unchanged)
             from engine.model.compile import compile_layers
             compile_layers(model)
@@ -205,7 +208,8 @@ class Trainer:
         for j, microbatch in enumerate(microbatches):
             inputs, targets, positions, loss_mask = self.prepare_microbatch(microbatch)
             self.grads.is_last_microbatch = j == len(microbatches) - 1
-            logits = self.model(inputs, positions=positions)
+            with self.fp8_forward(j):
+                logits = self.model(inputs, positions=positions)
             loss_sum, _ = self.loss_fn(logits, targets, loss_mask)
             # Dividing by the global token count makes the DP sum of gradients the global mean.
             (loss_sum / self.step_tokens).backward()
@@ -225,7 +229,8 @@ class Trainer:
         def forward_step(chunk: int, j: int, stage_input: Optional[torch.Tensor]) -> torch.Tensor:
             inputs, targets, positions, loss_mask = self.prepare_microbatch(microbatches[j])
             model = self.chunks[chunk]
-            output = model(inputs if model.pre_process else stage_input, positions=positions)
+            with self.fp8_forward(j):
+                output = model(inputs if model.pre_process else stage_input, positions=positions)
             if not model.post_process:
                 return output
             loss_sum, _ = self.loss_fn(output, targets, loss_mask)
@@ -292,16 +297,12 @@ class Trainer:
         lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
         grad_norm = self.optimizer.step(lr, self.grad_norm_sq_reduce)
         if self.fp8 is not None:
-            self.fp8.update(self.amax_reduce)
+            self.fp8.step_done()  # delayed scaling: the step's amaxes set the next step's scales
         return lr, grad_norm
 
-    def amax_reduce(self, amaxes: torch.Tensor) -> torch.Tensor:
-        """Max of fp8 amaxes over the ranks that see other parts of the same tensors: TP (weight and
-        activation shards) and data/context parallel (other tokens), as TE's amax reduction group."""
-        amaxes = amaxes.to(self.ctx.device)
-        for group in (self.tp, self.grad_group):
-            all_reduce(amaxes, group, op=torch.distributed.ReduceOp.MAX, purpose="fp8_amax")
-        return amaxes.cpu()
+    def fp8_forward(self, microbatch: int):
+        """The context of microbatch `microbatch`'s forward: fp8's (TE's autocast), or none."""
+        return self.fp8.forward(microbatch) if self.fp8 is not None else contextlib.nullcontext()
 
     def record(self, result: StepResult) -> dict:
         """The metrics.jsonl record of a step."""
@@ -323,22 +324,26 @@ class Trainer:
     def checkpoint_extra_state(self) -> dict:
         """Non-tensor state a checkpoint carries besides weights and optimizer (see engine.state.checkpoint)."""
         return {"skip_steps": list(self.cfg.data.skip_steps), "seed": self.cfg.seed,
-                "resilience": self.guard.state_dict() if self.guard is not None else {},
-                "fp8": self.fp8.state_dict() if self.fp8 is not None else {}}
+                "resilience": self.guard.state_dict() if self.guard is not None else {}}
+
+    def checkpoint_tensors(self) -> dict:
+        """Tensors a checkpoint carries besides weights and optimizer, loaded in place: the fp8
+        recipe's state (delayed scaling's amax histories and scales), by layer name."""
+        return self.fp8.state_tensors() if self.fp8 is not None else {}
 
     def load_extra_state(self, extra: dict) -> None:
-        """Restore what `checkpoint_extra_state` saved (skip list, the guard's history, fp8 scales)."""
+        """Restore what `checkpoint_extra_state` saved (skip list, the guard's history)."""
         self.cfg.data.skip_steps = list(extra.get("skip_steps", []))
         if self.guard is not None:
             self.guard.load_state_dict(extra.get("resilience", {}))
-        if self.fp8 is not None:
-            self.fp8.load_state_dict(extra.get("fp8", {}))
 
     def checkpoint_metadata(self) -> dict:
         """What a checkpoint's manifest records about the run (checked when resuming)."""
         meta = {"model": dataclasses.asdict(self.cfg.model), "seed": self.cfg.seed,
                 "parallel": dataclasses.asdict(self.cfg.parallel), "precision": self.cfg.precision.dtype,
                 "tokenizer": tokenizer_source(self.cfg.data.tokenizer)}  # what `apogee export` ships with the weights
+        if self.fp8 is not None:
+            meta["fp8"] = self.fp8.metadata()
         if self.cfg.lora.rank:  # an export folds the adapters into the weights
             meta["lora"] = {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha,
                             "targets": list(self.cfg.lora.targets)}

@@ -1,0 +1,92 @@
+"""fp8 recipes against bf16 on the tiny model: final loss over seeds, with the seed-to-seed spread beside it.
+
+    python bench/bench_fp8.py            # 200 steps x 3 seeds x {bf16, delayed, tensorwise, blockwise, mxfp8}
+    python bench/bench_fp8.py --quick    # a few steps of a smaller model, one seed (smoke run)
+
+Every run is `apogee pretrain`'s step on one rank (the Trainer, TrainingData over the default
+'stdlib' corpus) of configs/tiny.yaml with widths that tile 128-blocks (num_kv_heads=4,
+ffn_hidden_size=384; the stock tiny model's k/v projections are 64 wide and its ffn 352, which
+blockwise refuses). The seed changes both the initial weights and the data order. A run's
+final loss is the mean of its last 20 steps; a recipe's is that mean averaged over the seeds,
+printed as a difference from bf16's (the target: within 1%), beside the spread of the seeds'
+final losses (max - min, relative to their mean), the noise any difference must be read
+against. Runs of one seed go side by side, recipe after recipe, so load drift on the shared
+machine touches them alike; the wall time per step is printed, never compared.
+
+Result, 2026-12-02, 2-core CPU box shared with other engineers, torch 2.13 (the emulation; see
+the README's Precision section for what has run on a GPU):
+
+    (filled in from the run below)
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from engine.config import load_config  # noqa: E402
+from engine.config_validation import validate  # noqa: E402
+from engine.job.runner import build_training_data, prepare_data  # noqa: E402
+from engine.train.trainer import Trainer  # noqa: E402
+from parallel.topology import ParallelContext  # noqa: E402
+from stages.registry import builtin_stages  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ALIGNED = ["model.num_kv_heads=4", "model.ffn_hidden_size=384", "logging.tensorboard=false"]
+QUICK = ["model.hidden_size=128", "model.num_layers=1", "model.seq_length=64", "train.micro_batch_size=2",
+         "train.global_batch_size=4"]
+PRECISIONS = {"bf16": ["precision.dtype=bf16"],
+              **{recipe: ["precision.dtype=fp8", f"precision.fp8_recipe={recipe}"]
+                 for recipe in ("delayed", "tensorwise", "blockwise", "mxfp8")}}
+SEEDS = (3, 4, 5)
+
+
+def run(overrides: list[str], steps: int) -> tuple[list[float], float]:
+    """(losses, seconds per step) of one single-rank pretraining run."""
+    stage = builtin_stages().get("pretrain")
+    cfg = validate(load_config(ROOT / "configs" / "tiny.yaml", [*overrides, f"train.steps={steps}"]), 1)
+    data = build_training_data(cfg, stage, prepare_data(cfg, stage))
+    trainer = Trainer(cfg, ParallelContext.single(), data)
+    start = time.perf_counter()
+    losses = [trainer.train_step(step).loss for step in range(steps)]
+    return losses, (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller model, 6 steps, one seed (smoke run)")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--tail", type=int, default=20, help="steps averaged into a run's final loss")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    steps, seeds, tail = (6, [3], 3) if args.quick else (args.steps, args.seeds, args.tail)
+    base = ALIGNED + (QUICK if args.quick else [])
+    finals = {name: [] for name in PRECISIONS}
+    per_step = {name: [] for name in PRECISIONS}
+    for seed in seeds:
+        for name, overrides in PRECISIONS.items():
+            losses, seconds = run([*base, *overrides, f"seed={seed}"], steps)
+            finals[name].append(statistics.fmean(losses[-tail:]))
+            per_step[name].append(seconds)
+            print(f"seed {seed} {name:<10} final {finals[name][-1]:.4f}  ({seconds * 1e3:.0f} ms/step)", flush=True)
+    reference = statistics.fmean(finals["bf16"])
+    print(f"\n{steps} steps, final loss = mean of the last {tail}, averaged over seeds {seeds}")
+    print(f"{'precision':<11}{'final loss':>11}{'vs bf16':>9}{'seed spread':>13}   per seed (vs the same seed's bf16)"
+          f"{'ms/step':>12}")
+    for name, values in finals.items():
+        mean = statistics.fmean(values)
+        spread = (max(values) - min(values)) / mean
+        same_seed = "  ".join(f"{v:.4f} ({(v / b - 1) * 100:+.2f}%)" for v, b in zip(values, finals["bf16"]))
+        print(f"{name:<11}{mean:>11.4f}{(mean / reference - 1) * 100:>+8.2f}%{spread * 100:>12.2f}%   {same_seed}"
+              f"{statistics.fmean(per_step[name]) * 1e3:>10.0f}")
+
+
+if __name__ == "__main__":
+    main()
