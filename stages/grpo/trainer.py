@@ -135,6 +135,23 @@ class GRPOTrainer(Trainer):
         advantages = group_advantages(rewards.view(-1, g.group_size), g.scale_rewards).view(-1)
         return RolloutBatch(tokens, loss_mask, advantages, rewards, ends - starts)
 
+    def validation_sums(self, microbatches: list) -> torch.Tensor:
+        """[reward sum, completions with reward 1, completions]: one greedy completion per held-out prompt."""
+        g, sampler = self.cfg.grpo, self.policy_generator()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for prompts in microbatches:
+            for prompt in prompts:
+                completion = sampler.generate(prompt.tokens, [None], g.max_new_tokens, temperature=0.0)[0]
+                ids = completion.ids[:-1] if completion.finish == "eod" else completion.ids
+                reward = float(self.reward(self.tokenizer.decode(ids), prompt.answer))
+                sums += torch.tensor([reward, float(reward == 1), 1.0], dtype=torch.float64)
+        return sums
+
+    def validation_metrics(self, sums: torch.Tensor) -> dict:
+        """val_reward_mean and val_accuracy (the share of completions with reward 1) of greedy decoding."""
+        count = max(1.0, float(sums[2]))
+        return {"val_reward_mean": float(sums[0]) / count, "val_accuracy": float(sums[1]) / count}
+
     def loss_divisor(self, microbatches: list[RolloutBatch]) -> int:
         """The step's global number of completion tokens."""
         return super().loss_divisor([Microbatch(batch.tokens, batch.loss_mask) for batch in microbatches])
