@@ -20,6 +20,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-key", default="text", help="text field of JSONL --data inputs (default text)")
     parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
                         help="evaluate the first N tokens of each --data input (default: all)")
+    parser.add_argument("--seq-length", type=int, default=None, metavar="S",
+                        help="context of the --data windows (default: each model's seq_length; set it to compare "
+                             "models trained with different ones)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B",
                         help="windows of seq_length + 1 tokens per forward pass over --data (default 8)")
     parser.add_argument("--tasks", nargs="+", default=[], metavar="FILE.jsonl",
@@ -56,6 +59,8 @@ def eval_request(args: argparse.Namespace):
             raise ValueError(f"--pass-k {k}: must be in 1..--num-samples={args.num_samples}")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens {args.max_tokens}: must be >= 2")
+    if args.seq_length is not None and args.seq_length < 1:
+        raise ValueError(f"--seq-length {args.seq_length}: must be >= 1")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
     try:
@@ -63,7 +68,7 @@ def eval_request(args: argparse.Namespace):
     except ValueError as error:
         raise ValueError(f"--reward {args.reward!r}: {error}") from None
     return EvalRequest(data=list(args.data), tasks=list(args.tasks), json_key=args.json_key, max_tokens=args.max_tokens,
-                       batch_size=args.batch_size, reward=args.reward, pass_k=pass_k if args.tasks else [],
+                       batch_size=args.batch_size, seq_length=args.seq_length, reward=args.reward, pass_k=pass_k if args.tasks else [],
                        chat=args.chat, sampling=sampling)
 
 

@@ -51,6 +51,8 @@ class EvalRequest:
     """Tokens of --data evaluated per input (None: all)."""
     batch_size: int = 8
     """Windows per forward pass."""
+    seq_length: Optional[int] = None
+    """Context of the data windows (None: the model's seq_length; at most it)."""
     reward: str = "exact_match"
     """The reward scoring a completion against its answer."""
     pass_k: list = field(default_factory=list)
@@ -152,7 +154,8 @@ def evaluate_checkpoint(source: ModelSource, tokenizer, request: EvalRequest, ta
     if prefixes:
         byte_vocab = 256 if getattr(tokenizer, "name", None) == "byte" else None
         tokens = np.concatenate([token_stream(prefix, request.max_tokens) for prefix in prefixes])
-        row.update(stream_loss(model, tokens, source.model.seq_length, request.batch_size, byte_vocab))
+        seq = min(request.seq_length or source.model.seq_length, source.model.seq_length)
+        row.update(stream_loss(model, tokens, seq, request.batch_size, byte_vocab))
     if task_items:
         row.update(task_scores(model, tokenizer, task_items, request))
     return row
