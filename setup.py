@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "parallel", "data_pipeline", "engine", "engine.model", "engine.train", "engine.state",
-        "engine.resilience", "engine.perf", "engine.job", "stages", "stages.grpo", "slurm", "cli",
+        "engine.resilience", "engine.perf", "engine.job", "engine.eval", "stages", "stages.grpo", "slurm", "cli",
     ],
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
@@ -37,7 +37,10 @@ setup(
         "zstandard>=0.18",  # and .jsonl.zst
     ],
     extras_require={
-        "dev": ["pytest>=7", "megatron-core>=0.16", "transformers>=4.45", "datasets>=2.14"],  # datasets: test fixtures
+        # datasets: test fixtures; lm_eval: the lm-evaluation-harness test; matplotlib: apogee eval --plot
+        "dev": ["pytest>=7", "megatron-core>=0.16", "transformers>=4.45", "datasets>=2.14", "lm_eval[hf]>=0.4",
+                "matplotlib>=3.5"],
+        "plot": ["matplotlib>=3.5"],
         "gpu": ["transformer-engine", "nvidia-dali-cuda120"],
         "mpi": ["mpi4py>=3.1"],
     },
