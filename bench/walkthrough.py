@@ -2,7 +2,7 @@
 WSD cooldown (midtrain), SFT it on the arithmetic task, DPO and GRPO on the same task, then
 `apogee eval` the five checkpoints side by side.
 
-    python bench/walkthrough.py                 # the full version (the README's numbers), ~an hour on 2 cores
+    python bench/walkthrough.py                 # the full version (the README's numbers)
     python bench/walkthrough.py --quick         # a few steps per stage (the test suite runs this)
 
 Every command is printed before it runs, with its wall time after it; the last output is the
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FULL = dict(pretrain=200, branch=150, sft=300, dpo=40, grpo=60, interval=50, eval_iters=4, group=8, corpus=None)
+FULL = dict(pretrain=60, branch=40, sft=150, dpo=20, grpo=30, interval=20, eval_iters=2, group=8, corpus=None)
 QUICK = dict(pretrain=4, branch=2, sft=2, dpo=2, grpo=2, interval=2, eval_iters=1, group=2, corpus="corpus.jsonl")
 """Steps per stage; the quick version pre-trains on a small pseudo-English corpus instead of the stdlib's source."""
 
