@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "parallel", "data_pipeline", "engine", "engine.model", "engine.train", "engine.state",
-        "engine.model.fp8", "engine.resilience", "engine.perf", "engine.job", "stages", "stages.grpo", "slurm", "cli",
+        "engine.model.fp8", "engine.resilience", "engine.perf", "engine.job", "engine.eval", "stages", "stages.grpo", "slurm", "cli",
     ],
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
@@ -38,7 +38,10 @@ setup(
         "jinja2>=3.1.6",  # chat templates, rendered in its immutable sandbox (older releases have escapes)
     ],
     extras_require={
-        "dev": ["pytest>=7", "megatron-core>=0.16", "transformers>=4.45", "datasets>=2.14"],  # datasets: test fixtures
+        # datasets: test fixtures; lm_eval: the lm-evaluation-harness test; matplotlib: apogee eval --plot
+        "dev": ["pytest>=7", "megatron-core>=0.16", "transformers>=4.45", "datasets>=2.14", "lm_eval[hf]>=0.4",
+                "matplotlib>=3.5"],
+        "plot": ["matplotlib>=3.5"],
         "gpu": ["transformer_engine[pytorch]", "nvidia-dali-cuda120"],  # fp8 through TE on CUDA (engine/model/fp8/te.py)
         "mpi": ["mpi4py>=3.1"],
     },

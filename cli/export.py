@@ -46,3 +46,4 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"apogee: exported {args.checkpoint} -> {args.out} (Hugging Face {kind}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0
+

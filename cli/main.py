@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Optional
 
-from cli import bench, export, plan, preprocess, submit, topology
+from cli import bench, eval as evaluate, export, generate, plan, preprocess, submit, topology
 from cli.run import add_stage_commands, run_stage_command
 
 
@@ -26,6 +26,10 @@ def build_parser(registry) -> argparse.ArgumentParser:
         "submit", help="validate a run for a Slurm allocation and sbatch it (requeues and resumes)"), registry.names())
     export.add_cli_arguments(sub.add_parser(
         "export", help="write a checkpoint in another format (Hugging Face Llama)"))
+    generate.add_cli_arguments(sub.add_parser(
+        "generate", help="sample completions from a checkpoint (KV cache; greedy, temperature, top-p; TP ranks)"))
+    evaluate.add_cli_arguments(sub.add_parser(
+        "eval", help="checkpoints side by side: loss/ppl/bits per byte on held-out data, task accuracy and pass@k"))
     plan.add_cli_arguments(sub.add_parser("plan", help="rank parallel layouts for a GPU cluster by predicted step time"))
     return parser
 
@@ -37,7 +41,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     registry = builtin_stages()
     args = build_parser(registry).parse_args(argv)
     commands = {"preprocess": preprocess.run_cli, "topology": topology.run_cli, "export": export.run_cli,
-                "plan": plan.run_cli}
+                "plan": plan.run_cli, "generate": generate.run_cli, "eval": evaluate.run_cli}
     if args.command in commands:
         return commands[args.command](args) or 0
     if args.command == "bench":

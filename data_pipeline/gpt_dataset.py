@@ -28,17 +28,39 @@ INDEX_FORMAT_VERSION = 1  # bump when the index construction changes, to invalid
 LAST_EPOCH_THRESHOLD = 0.80  # Megatron's rule for shuffling a short final epoch separately
 
 
-def train_documents(split: str, num_sequences: int) -> np.ndarray:
-    """Sequence ids of the train part of a Megatron split string such as '969,30,1'."""
-    parts = [float(x) for x in re.findall(r"[.0-9]+", split)]
+SPLITS = ("train", "valid", "test")
+"""The parts of a Megatron split string, in order."""
+
+
+def split_fractions(split: str) -> list[float]:
+    """The normalised train, valid, test weights of a Megatron split string such as '969,30,1'."""
+    parts = [float(x) for x in re.findall(r"[.0-9]+", str(split))]
     if not parts or len(parts) > 3 or sum(parts) <= 0:
-        raise DataError(f"split {split!r}: expected up to three non-negative numbers with a positive sum, "
+        raise DataError(f"data.split={split!r}: expected up to three non-negative numbers with a positive sum, "
                         f"e.g. '1,0,0' or '969,30,1'")
     parts += [0.0] * (3 - len(parts))
     weights = np.array(parts, dtype=np.float64)
-    train_fraction = (weights / weights.sum()).tolist()[0]
-    end = int(round(train_fraction * float(num_sequences)))
-    return np.arange(0, end, dtype=np.int32)
+    return (weights / weights.sum()).tolist()
+
+
+def split_documents(split: str, num_sequences: int, part: int = 0) -> np.ndarray:
+    """Sequence ids of part `part` (0 train, 1 valid, 2 test) of a split, as megatron-core's
+    BlendedMegatronDatasetBuilder cuts them: [round(lo * n), round(hi * n)) with lo, hi the
+    running sums of the normalised weights (empty when the part's weight is 0)."""
+    fractions = split_fractions(split)
+    if fractions[part] == 0:
+        return np.arange(0, dtype=np.int32)
+    low = 0.0
+    for fraction in fractions[:part]:
+        low = low + fraction  # the same float additions as Megatron's functools.reduce
+    high = low + fractions[part]
+    begin, end = int(round(low * float(num_sequences))), int(round(high * float(num_sequences)))
+    return np.arange(begin, end, dtype=np.int32)
+
+
+def train_documents(split: str, num_sequences: int) -> np.ndarray:
+    """Sequence ids of the train part of a Megatron split string such as '969,30,1'."""
+    return split_documents(split, num_sequences, 0)
 
 
 def _num_epochs(tokens_per_epoch: int, num_samples: int | None, seq_length: int) -> int:
@@ -117,19 +139,24 @@ class GPTDataset:
 
     num_samples: samples wanted (None: one epoch); whole epochs are built, so len(self) can be
     larger. cache_dir: where the indices are cached (None: build in memory every time).
+    part: which part of `split` (0 train, 1 valid, 2 test); each is shuffled with the same seed,
+    as megatron-core does.
     """
 
     def __init__(self, prefix: str, seq_length: int, num_samples: int | None, seed: int,
-                 cache_dir: str | None = None, split: str = "1,0,0"):
+                 cache_dir: str | None = None, split: str = "1,0,0", part: int = 0):
         if seq_length < 2:
             raise DataError(f"seq_length {seq_length}: must be >= 2")
         self.prefix, self.seq_length, self.seed = prefix, seq_length, seed
         self.reader = IndexedDatasetReader(prefix)
-        documents = train_documents(split, len(self.reader))
+        documents = split_documents(split, len(self.reader), part)
         if len(documents) == 0:
-            raise DataError(f"dataset {prefix!r}: split {split!r} leaves no training documents")
+            raise DataError(f"dataset {prefix!r}: data.split={split!r} leaves no {SPLITS[part]} documents "
+                            f"(of {len(self.reader)})")
         key = {"version": INDEX_FORMAT_VERSION, "data": _file_fingerprint(prefix), "split": split,
                "documents": len(documents), "seq_length": seq_length, "num_samples": num_samples, "seed": seed}
+        if part:  # the train part keeps the key (and cache files) it always had
+            key["part"], key["first_document"] = part, int(documents[0])
         self.description = json.dumps(key, sort_keys=True)
         self.document_index, self.sample_index, self.shuffle_index = self._load_or_build(key, documents, cache_dir)
 

@@ -70,13 +70,14 @@ class TrainingData:
     steps: optimizer steps of the run; datasets are sized for steps * global_batch_size
     samples as megatron-core sizes them, and the blended stream runs `reserve_steps` batches
     further (default max(16, steps // 100)) to make room for batches skipped by rewinds.
-    data_parallel_size: only used by the `num_microbatches` property.
+    data_parallel_size: only used by the `num_microbatches` property. split, part: Megatron's
+    split string and the part read (0 train, 1 valid, 2 test; data_pipeline/gpt_dataset.py).
     """
 
     def __init__(self, prefixes, seq_length: int, seed: int, global_batch_size: int, micro_batch_size: int,
                  steps: int, cache_dir: str | None = None, weights=None, phases=None,
                  data_parallel_size: int = 1, reserve_steps: int | None = None, prefetch: int = 2,
-                 split: str = "1,0,0"):
+                 split: str = "1,0,0", part: int = 0):
         if isinstance(prefixes, str) or not prefixes:
             raise DataError(f"data.inputs={prefixes!r}: expected a non-empty list of dataset prefixes")
         self.prefixes = list(prefixes)
@@ -98,7 +99,7 @@ class TrainingData:
         run_positions = self.steps * self.global_batch_size
         drawn = np.bincount(np.asarray(self.dataset_index[:run_positions]), minlength=len(self.prefixes))
         sizes = samples_per_dataset(self.schedule, drawn, run_positions)
-        self.datasets = [GPTDataset(prefix, self.seq_length, size, self.seed, cache_dir, split) if size else None
+        self.datasets = [GPTDataset(prefix, self.seq_length, size, self.seed, cache_dir, split, part) if size else None
                          for prefix, size in zip(self.prefixes, sizes)]
 
     def _check_divisible(self, dp_size: int) -> None:

@@ -93,6 +93,11 @@ class DataConfig:
     """Batches prepared ahead by the loader's background worker."""
     skip_steps: list = field(default_factory=list)
     """Data batches never trained on (filled by loss-spike rewinds)."""
+    split: str = "1,0,0"
+    """Megatron's train,valid,test split of each input's documents, e.g. '969,30,1' (the same documents
+    and order as megatron-core's builder); training reads the first part, validation the second."""
+    valid_inputs: list = field(default_factory=list)
+    """Validation datasets (prefixes or raw inputs, like `inputs`, equal weights) instead of a split."""
 
 
 @dataclass
@@ -147,6 +152,10 @@ class TrainConfig:
     initialisation; a run resuming its own checkpoint ignores it."""
     log_interval: int = 1
     """Steps between console log lines."""
+    eval_interval: int = 0
+    """Steps between validation passes (and one after the last step); 0 never validates."""
+    eval_iters: int = 10
+    """Global batches per validation pass (the same batches every time, so passes compare)."""
     compile: bool = False
     """torch.compile each decoder layer (engine/model/compile.py): fuses the element-wise work around the
     matmuls; costs a one-off compile at start (about a minute on CPU)."""

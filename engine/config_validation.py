@@ -171,6 +171,14 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
         require(microbatches % p.pp == 0, "train.global_batch_size", t.global_batch_size,
                  f"interleaved 1F1B needs the microbatch count ({microbatches}) divisible by pp={p.pp}")
     require(t.log_interval >= 1, "train.log_interval", t.log_interval, "must be >= 1")
+    require(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0 (0: no validation)")
+    require(t.eval_iters >= 1, "train.eval_iters", t.eval_iters, "must be >= 1")
+    from data_pipeline import DataError
+    from data_pipeline.gpt_dataset import split_fractions
+    try:
+        split_fractions(cfg.data.split)
+    except DataError as error:
+        raise ConfigError(str(error)) from None
 
     _one_of("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
     _one_of("optim.wsd_decay_style", o.wsd_decay_style, ("linear", "cosine", "sqrt"))

@@ -94,6 +94,14 @@ class Stage:
         data_pipeline.loader.TrainingData), or None to train on the pre-training blend."""
         return None
 
+    def build_validation_data(self, cfg: ApogeeConfig):
+        """Held-out data for train.eval_interval's validation passes, addressed like `build_data`'s.
+        The default: the pre-training blend's (data.split's validation part, or data.valid_inputs);
+        a stage with its own data holds out its own (ConfigError when a pass has no data)."""
+        from engine.eval.validation import blend_validation_data
+
+        return blend_validation_data(cfg)
+
     def trainer_class(self, cfg: ApogeeConfig) -> type:
         """The Trainer (sub)class that runs this stage's steps."""
         from engine.train.trainer import Trainer

@@ -41,6 +41,9 @@ class DPOConfig:
     """JSONL files of preference pairs, one per line: {prompt, chosen, rejected}."""
     beta: float = 0.1
     """Strength of the implicit KL penalty towards the reference model."""
+    valid_inputs: list = field(default_factory=list)
+    """Held-out pairs (same format) for train.eval_interval's passes: val_loss (the DPO loss) and
+    val_reward_accuracy."""
 
 
 class DPOStage(Stage):
@@ -83,6 +86,20 @@ class DPOStage(Stage):
                                       seq_length=cfg.model.seq_length, notes=notes)
         return PreferenceData(chosen, rejected, cfg.model.seq_length, cfg.seed, t.global_batch_size,
                               t.micro_batch_size, tokenizer.pad_id, notes=notes)
+
+    def build_validation_data(self, cfg: ApogeeConfig):
+        """Held-out pairs (<section>.valid_inputs), paired like the training data."""
+        from data_pipeline.preference import PreferenceData, read_pairs
+        from data_pipeline.tokenizer import get_tokenizer
+
+        inputs, key = getattr(cfg, self.section).valid_inputs, f"{self.section}.valid_inputs"
+        if not inputs:
+            raise ConfigError(f"train.eval_interval={cfg.train.eval_interval}: `apogee {self.name}` validates on "
+                              f"held-out pairs: set {key}=[valid.jsonl]")
+        tokenizer, t = get_tokenizer(cfg.data.tokenizer), cfg.train
+        chosen, rejected = read_pairs(inputs, tokenizer, key=key)
+        return PreferenceData(chosen, rejected, cfg.model.seq_length, cfg.seed, t.global_batch_size,
+                              t.micro_batch_size, tokenizer.pad_id)
 
     def trainer_class(self, cfg: ApogeeConfig) -> type:
         """The DPO objective on the engine's Trainer."""
@@ -131,6 +148,24 @@ class DPOTrainer(Trainer):
         all_reduce(correct, self.dp, purpose="metrics")
         self.last_accuracy = correct.item() / self.cfg.train.global_batch_size
         return loss_total
+
+    def validation_sums(self, microbatches: list) -> torch.Tensor:
+        """[pair-loss sum, pairs, pairs whose implicit reward prefers the chosen response] (no gradient)."""
+        sums = torch.zeros(3, dtype=torch.float64)
+        for microbatch in microbatches:
+            inputs, targets, positions, loss_mask = self.prepare_microbatch(microbatch)
+            ref = self.sequence_logps(self.reference[0], inputs, targets, positions, loss_mask)
+            policy = self.sequence_logps(self.model, inputs, targets, positions, loss_mask)
+            pairs = policy.shape[0] // 2
+            log_ratios = (policy[:pairs] - ref[:pairs]) - (policy[pairs:] - ref[pairs:])
+            sums += torch.tensor([float(self.pair_loss(log_ratios).sum()), pairs, float((log_ratios > 0).sum())],
+                                 dtype=torch.float64)
+        return sums
+
+    def validation_metrics(self, sums: torch.Tensor) -> dict:
+        """val_loss (the mean pair loss) and val_reward_accuracy."""
+        pairs = max(1.0, float(sums[1]))
+        return {"val_loss": float(sums[0]) / pairs, "val_reward_accuracy": float(sums[2]) / pairs}
 
     def pair_loss(self, log_ratios: torch.Tensor) -> torch.Tensor:
         """Each pair's loss from h = (log p_c - log ref_c) - (log p_r - log ref_r): -log sigmoid(beta h)."""

@@ -25,6 +25,8 @@ class SFTConfig:
     inputs: list = field(default_factory=list)
     """JSONL files, one example per line: {prompt, response} or {messages: [{role, content}]}
     (data_pipeline/sft.py); only responses / assistant turns are trained."""
+    valid_inputs: list = field(default_factory=list)
+    """Held-out examples (same format) for the validation passes of train.eval_interval."""
     prompt_key: str = "prompt"
     """Key of the context text in prompt/response examples."""
     response_key: str = "response"
@@ -67,6 +69,20 @@ class SFTStage(Stage):
         tokenizer, t = get_tokenizer(cfg.data.tokenizer), cfg.train
         examples = read_examples(cfg.sft.inputs, tokenizer, cfg.sft.prompt_key, cfg.sft.response_key,
                                  key=self.inputs_key)
+        return SFTData(examples, cfg.model.seq_length, cfg.seed, t.global_batch_size, t.micro_batch_size,
+                       tokenizer.pad_id)
+
+    def build_validation_data(self, cfg: ApogeeConfig):
+        """sft.valid_inputs, read like the training examples (the masked loss on their responses)."""
+        from data_pipeline.sft import SFTData, read_examples
+        from data_pipeline.tokenizer import get_tokenizer
+
+        if not cfg.sft.valid_inputs:
+            raise ConfigError(f"train.eval_interval={cfg.train.eval_interval}: `apogee sft` validates on held-out "
+                              f"examples: set sft.valid_inputs=[valid.jsonl]")
+        tokenizer, t = get_tokenizer(cfg.data.tokenizer), cfg.train
+        examples = read_examples(cfg.sft.valid_inputs, tokenizer, cfg.sft.prompt_key, cfg.sft.response_key,
+                                 key="sft.valid_inputs")
         return SFTData(examples, cfg.model.seq_length, cfg.seed, t.global_batch_size, t.micro_batch_size,
                        tokenizer.pad_id)
 

@@ -150,7 +150,7 @@ def test_rollouts_are_deterministic_and_stop_at_eod():
     assert first.loss_mask[:, start - 1:start + 5].eq(1).all() and first.loss_mask.sum() == 4 * 6
     # A policy that always says EOD: every completion stops at once and the mask follows.
     policy = trainer.chunks[0]
-    trainer.chunks[0] = lambda inputs, positions: policy(inputs, positions).index_add(
+    trainer.chunks[0] = lambda inputs, positions, **cache: policy(inputs, positions, **cache).index_add(
         -1, torch.tensor([256]), torch.full((*inputs.shape, 1), 1e4))
     short = trainer.rollout(0, prompts)
     trainer.chunks[0] = policy

@@ -54,6 +54,7 @@ def build_training_data(cfg: ApogeeConfig, stage: Stage, prefixes: list[str]):
         seq_length=cfg.model.seq_length, seed=cfg.seed, global_batch_size=t.global_batch_size,
         micro_batch_size=t.micro_batch_size, steps=max(1, t.steps), cache_dir=cfg.data.cache_dir,
         reserve_steps=max(16, t.steps // 100) + len(cfg.data.skip_steps), prefetch=cfg.data.prefetch,
+        split=cfg.data.split,
     )
 
 
@@ -69,6 +70,11 @@ def prepare_data(cfg: ApogeeConfig, stage: Stage) -> list[str]:
                           f"({tokenizer.vocab_size} ids from data.tokenizer={cfg.data.tokenizer!r})")
     if cfg.train.init_from:
         check_init_source(cfg)
+    if cfg.train.eval_interval:  # the held-out data is read (and its vocabulary checked) before ranks start too
+        from engine.eval.validation import check_validation_prefixes
+
+        check_validation_prefixes(cfg)
+        stage.build_validation_data(cfg)
     own = stage.build_data(cfg)  # reads every example once: a bad line fails here, before ranks start
     if own is not None:
         for note in getattr(own, "notes", ()):  # what reading dropped or found useless, said once
@@ -264,6 +270,8 @@ def worker_main(cfg_dict: dict, stage: Stage, run_dir: str, prefixes: list[str],
     # SIGUSR1 -> checkpoint, stop, requeue; the watchdog; rehearsed faults; the step guard.
     hooks = ResilienceHooks.for_run(cfg, ctx.rank, run_dir)
     trainer = stage.trainer_class(cfg)(cfg, ctx, data, run_dir=Path(run_dir), peak=peak, resilience=hooks)
+    if cfg.train.eval_interval:
+        trainer.validation_data = stage.build_validation_data(cfg)
     # Checkpoint writes and verifications are progress for the hang watchdog.
     checkpointer = Checkpointer(checkpoint_store(cfg, Path(run_dir)), ctx.rank, ctx.world_size,
                                 run_id(Path(run_dir)), on_event=trainer.events.record,

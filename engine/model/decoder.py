@@ -123,7 +123,9 @@ class Attention(nn.Module):
             return checkpoint(self.core, q, k, v, use_reentrant=False)
         return self.core(q, k, v)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional["KVCache"] = None) -> Tensor:
+        """x [b, s, h] -> [b, s, h]. With a `cache` (generation), the new keys and values are
+        appended to it and the s new queries attend to every cached position before them."""
         b, s, _ = x.shape
         # Local head counts come from the (possibly sharded) projection widths.
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
@@ -133,8 +135,60 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # [b, s, h, d] -> [b, h, s, d] as views: the CPU flash kernel reads this layout directly.
-        out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        if cache is None:
+            out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        else:
+            out = cache.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.core)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class KVCache:
+    """Keys and values of one attention layer during generation, [b, kv_heads, capacity, d] each.
+
+    Filled lazily on the first `attend` (the layer's local kv-head count is known then, so a
+    tensor-parallel shard caches only its heads). A step's s new queries sit at positions
+    length .. length+s-1 and attend to keys 0 .. length+s-1 (causal among themselves): the first
+    call (the prompt) runs the layer's own causal core, later ones one masked SDPA over the cache.
+    Training never passes a cache, so its path and numerics are untouched.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.keys: Optional[Tensor] = None
+        self.values: Optional[Tensor] = None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, core: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+        """Append k, v [b, hkv, s, d] at the current length and attend q [b, hq, s, d] to the cache."""
+        b, heads, s, d = k.shape
+        start, end = self.length, self.length + s
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; position {end - 1} does not fit")
+        if self.keys is None:
+            self.keys = k.new_empty(b, heads, self.capacity, d)
+            self.values = v.new_empty(b, heads, self.capacity, d)
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        self.length = end
+        if start == 0:  # the prompt: exactly the layer's causal attention over its own tokens
+            return core(q, k, v)
+        keys, values = self.keys[:, :, :end], self.values[:, :, :end]
+        mask = None
+        if s > 1:  # new query i (position start + i) sees keys up to start + i
+            mask = torch.arange(end, device=q.device) <= start + torch.arange(s, device=q.device)[:, None]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=heads != q.shape[1])
+
+
+class ModelCache(dict):
+    """The KV caches of a whole model (or a pipeline stage's layers), by layer name, each made on
+    first use for up to `capacity` positions."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def __missing__(self, layer: str) -> KVCache:
+        self[layer] = KVCache(self.capacity)
+        return self[layer]
 
 
 class MLP(nn.Module):
@@ -160,8 +214,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.num_experts else MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -199,11 +253,14 @@ class LlamaModel(nn.Module):
         """The [V, h] matrix that produces logits (the embedding when tied)."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, x: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, positions: Optional[Tensor] = None,
+                cache: Optional[ModelCache] = None) -> Tensor:
         """Token ids (or hidden states) [b, s] -> logits (or hidden states) [b, s, ...].
 
         positions: [s] or [b, s] token positions for RoPE (default arange(s)); context
-        parallelism passes the non-contiguous positions of its sequence chunks.
+        parallelism passes the non-contiguous positions of its sequence chunks. cache: the
+        generation's KV caches by layer name (`ModelCache`); the caller passes the positions of the
+        new tokens (engine/eval/generate.py).
         """
         h = self.embed_tokens(x) if self.pre_process else x
         if positions is None:
@@ -211,9 +268,11 @@ class LlamaModel(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)  # once per forward, not per layer
         full_recompute = self.cfg.recompute == "full" and torch.is_grad_enabled()
-        for layer in self.layers.values():
+        for name, layer in self.layers.items():
             if full_recompute:
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            elif cache is not None:
+                h = layer(h, cos, sin, cache[name])
             else:
                 h = layer(h, cos, sin)
         if not self.post_process:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from data_pipeline.loader import data_batch_index
+from engine.eval.validation import eval_due
 from engine.resilience.guard import ResilienceError, Rewind
 from engine.resilience.preemption import Preempted
 from engine.train.metrics import MetricsWriter
@@ -56,6 +57,10 @@ def fit(trainer, start_step: int = 0, checkpointer=None,
                     writer.attempt = attempt
                 continue
             results.append(result)
+            if eval_due(trainer, done):  # a validation pass reads and changes nothing the training does
+                result.extra.update(trainer.evaluate())
+                if trainer.heartbeat is not None:
+                    trainer.heartbeat.beat(done)
             if writer is not None:
                 samples = done * trainer.cfg.train.global_batch_size
                 console = done % trainer.cfg.train.log_interval == 0 or done == last

@@ -36,6 +36,11 @@ TENSORBOARD_NAMES = {
     "mem_allocated_bytes": "mem-allocated-bytes",
     "num_zeros": "num-zeros",
     "load_balancing_loss": "load_balancing_loss",
+    "val_loss": "lm loss validation",
+    "val_ppl": "lm loss validation ppl",
+    "val_reward_accuracy": "reward accuracy validation",
+    "val_reward_mean": "reward mean validation",
+    "val_accuracy": "accuracy validation",
 }
 
 
@@ -170,6 +175,8 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{name} vs samples", record[key], samples)
         if console:
             print(format_step_line(record, self.total_steps), flush=True)
+        if "val_time" in record:  # one line per validation pass, whatever the log interval
+            print(format_validation_line(record), flush=True)
 
     def close(self) -> None:
         """Flush and close the files."""
@@ -186,3 +193,10 @@ def format_step_line(record: dict, total_steps: int) -> str:
     return (f"step {record['step']:>6}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
             f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
             f"MFU {100 * record['mfu']:.1f}% | {record['iteration_time'] * 1000:.0f} ms")
+
+
+def format_validation_line(record: dict) -> str:
+    """One console line per validation pass: step, every val_* metric, the pass's time."""
+    values = " | ".join(f"{key[4:].replace('_', ' ')} {value:.4f}" for key, value in record.items()
+                        if key.startswith("val_") and key != "val_time" and value is not None)
+    return f"validation at step {record['step']:>6} | {values} | {record['val_time'] * 1000:.0f} ms"

@@ -63,6 +63,9 @@ class StepResult:
 class Trainer:
     """Builds this rank's model, gradient buffer and optimizer, and runs training steps."""
 
+    validation_data = None
+    """Held-out data for the validation passes (engine/eval/validation.py), set by the runner; None: none."""
+
     def __init__(self, cfg: ApogeeConfig, ctx, data, run_dir: Optional[Path] = None,
                  peak: Optional[PeakFlops] = None, resilience: Optional[ResilienceHooks] = None):
         self.cfg, self.ctx, self.data = cfg, ctx, data
@@ -348,6 +351,25 @@ class Trainer:
             meta["lora"] = {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha,
                             "targets": list(self.cfg.lora.targets)}
         return meta
+
+    def validation_sums(self, microbatches: list) -> torch.Tensor:
+        """This rank's sums over validation microbatches, reduced over dp (x cp) and pp by the
+        caller: [LM loss sum, trained tokens]; a stage with another objective overrides it."""
+        from engine.eval.validation import lm_validation_sums
+
+        return lm_validation_sums(self, microbatches)
+
+    def validation_metrics(self, sums: torch.Tensor) -> dict:
+        """metrics.jsonl keys from the reduced `validation_sums`: val_loss and val_ppl."""
+        from engine.eval.validation import lm_validation_metrics
+
+        return lm_validation_metrics(sums)
+
+    def evaluate(self) -> dict:
+        """One validation pass over `validation_data` (every rank calls it); see engine/eval/validation.py."""
+        from engine.eval.validation import run_validation
+
+        return run_validation(self, self.validation_data)
 
     def fit(self, start_step: int = 0, checkpointer=None,
             on_step: Optional[Callable[[StepResult], None]] = None) -> list[StepResult]:

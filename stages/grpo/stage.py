@@ -28,6 +28,9 @@ class GRPOConfig:
     """PPO clipping range epsilon of the probability ratio."""
     kl_coeff: float = 0.04
     """Weight of the k3 KL estimate towards the frozen reference model (0 drops it)."""
+    valid_inputs: list = field(default_factory=list)
+    """Held-out {prompt, answer} lines for train.eval_interval's passes: one greedy completion per
+    prompt, val_reward_mean and val_accuracy."""
     scale_rewards: bool = True
     """Divide each group's centred rewards by its std + 1e-4 (false: Dr. GRPO's unscaled advantages)."""
 
@@ -86,6 +89,20 @@ class GRPOStage(Stage):
             check_reward(reward_function(cfg.grpo.reward), cfg.grpo.reward, prompts[0][1])
         except ValueError as error:
             raise ConfigError(f"grpo.reward={cfg.grpo.reward!r}: {error}") from None
+        return PromptData(prompts, cfg.seed, t.global_batch_size, t.micro_batch_size)
+
+    def build_validation_data(self, cfg: ApogeeConfig):
+        """Held-out prompts (grpo.valid_inputs), addressed like the training prompts."""
+        from data_pipeline.prompts import PromptData, read_prompts
+        from data_pipeline.tokenizer import get_tokenizer
+
+        if not cfg.grpo.valid_inputs:
+            raise ConfigError(f"train.eval_interval={cfg.train.eval_interval}: `apogee grpo` validates on held-out "
+                              f"prompts: set grpo.valid_inputs=[valid.jsonl]")
+        t = cfg.train
+        prompts = read_prompts(cfg.grpo.valid_inputs, get_tokenizer(cfg.data.tokenizer),
+                               cfg.model.seq_length - cfg.grpo.max_new_tokens, key="grpo.valid_inputs",
+                               limit="model.seq_length - grpo.max_new_tokens")
         return PromptData(prompts, cfg.seed, t.global_batch_size, t.micro_batch_size)
 
     def trainer_class(self, cfg: ApogeeConfig) -> type:

@@ -18,9 +18,11 @@ rollout batch, so pi_old is pi (rho = 1, detached) and the clip only shapes the 
 Rollouts are layout-invariant: completion c of the prompt at global position p draws its random
 numbers from a generator seeded by (seed, step, p, c), and at tp > 1 the vocab-sharded logits of
 the sampled positions are all-gathered over the TP group, so every TP rank samples the same token
-and every data-parallel layout samples the same completions. Sampling reruns the full sequence
-for each new token (no KV cache; fine at this scale). Pipeline and context parallelism are
-refused (sampling needs whole logits of whole sequences on one rank).
+and every data-parallel layout samples the same completions. Sampling is engine/eval/generate.py's
+Generator (the one `apogee generate` uses): a KV cache, one prompt's group at a time (under
+sequence parallelism, whose shards cannot hold one new token, it re-runs the sequence instead).
+Pipeline and context parallelism are refused (sampling needs whole logits of whole sequences on
+one rank).
 
 Resilience: a step is still a pure function of (weights, step), so replays, audits and resumes
 reproduce it. The step guard only flags a non-finite loss or grad norm: the loss changes sign and
@@ -36,12 +38,13 @@ import torch
 from data_pipeline.microbatch import Microbatch
 from data_pipeline.prompts import Prompt
 from data_pipeline.tokenizer import get_tokenizer
+from engine.eval.generate import Generator
 from engine.model.moe import set_aux_loss_scale
 from engine.rewards import reward_function
 from engine.train.metrics import flops_per_step
 from engine.train.trainer import Trainer
 from stages.grpo.objective import PolicyGradientAnomalyDetector, clipped_policy_loss, group_advantages, k3_kl
-from parallel.collectives import all_gather_along, all_reduce
+from parallel.collectives import all_reduce
 from parallel.random import generator
 
 
@@ -60,15 +63,6 @@ class RolloutBatch(NamedTuple):
     """[rows] completion tokens (EOS included)."""
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, generators: list) -> torch.Tensor:
-    """One token per row of full-vocabulary logits [n, V], row i drawn with generators[i] from
-    softmax(logits / temperature); greedy (argmax) at temperature 0."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    return torch.cat([torch.multinomial(p, 1, generator=gen) for p, gen in zip(probs, generators)])
-
-
 class GRPOTrainer(Trainer):
     """A Trainer whose microbatches are rollouts of the current policy and whose step is GRPO's
     clipped policy gradient with a KL penalty towards the starting weights; see the module doc."""
@@ -84,6 +78,14 @@ class GRPOTrainer(Trainer):
         self.step_flops = flops_per_step(self.cfg.model, t.global_batch_size * g.group_size)
         set_aux_loss_scale(self.chunks, self.global_tokens)
         self.local_stats = torch.zeros(5, device=self.ctx.device)  # rows, reward sum, correct, length sum, kl sum of the last step
+
+    def policy_generator(self) -> Generator:
+        """The current policy's sampler: KV cache, except under sequence parallelism (see the module doc)."""
+        sp = self.cfg.parallel.sequence_parallel and self.tp.size > 1
+        # Sampling stops at the tokenizer's declared EOS (what SFT trained responses to end with).
+        return Generator(self.model, min(self.tokenizer.vocab_size, self.cfg.model.vocab_size), self.tokenizer.eos_id,
+                         self.tp, use_cache=not sp, pad_multiple=self.tp.size if sp else 1,
+                         pad_id=self.tokenizer.pad_id, device=self.ctx.device)
 
     def anomaly_detector(self, cfg) -> "PolicyGradientAnomalyDetector":
         """NaN/Inf only (see PolicyGradientAnomalyDetector): the step guard's rule for GRPO steps."""
@@ -109,31 +111,20 @@ class GRPOTrainer(Trainer):
 
     def rollout(self, step: int, prompts: list[Prompt]) -> RolloutBatch:
         """Sample group_size completions per prompt, score them and compute their advantages."""
-        # Sampling stops at the tokenizer's declared EOS (what SFT trained responses to end with).
-        g, seq, eos = self.cfg.grpo, self.cfg.model.seq_length, self.tokenizer.eos_id
-        vocab = min(self.tokenizer.vocab_size, self.cfg.model.vocab_size)
+        g, seq = self.cfg.grpo, self.cfg.model.seq_length
         rows = len(prompts) * g.group_size
         tokens = torch.full((rows, seq + 1), self.tokenizer.pad_id, dtype=torch.int64)
         starts = torch.tensor([len(p.tokens) for p in prompts for _ in range(g.group_size)])
-        generators = []
+        ends, sampler = starts.clone(), self.policy_generator()
         for i, prompt in enumerate(prompts):
-            tokens[i * g.group_size:(i + 1) * g.group_size, :len(prompt.tokens)] = torch.tensor(prompt.tokens)
-            generators += [generator(self.cfg.seed, "grpo-rollout", step, prompt.position, c)
-                           for c in range(g.group_size)]
-        ends, active = starts.clone(), torch.ones(rows, dtype=torch.bool)
-        with torch.no_grad():
-            for _ in range(g.max_new_tokens):
-                if not active.any():
-                    break
-                # Fixed shape [rows, seq]: padding after a row's end is never attended to (causal).
-                logits = self.model(tokens[:, :seq].to(self.ctx.device), positions=self.positions)
-                rows_now = active.nonzero().squeeze(1)
-                last = logits[rows_now.to(logits.device), (ends[rows_now] - 1).to(logits.device)]
-                last = all_gather_along(last, -1, self.tp, purpose="grpo_sampling")[:, :vocab]
-                chosen = sample_tokens(last, g.temperature, [generators[r] for r in rows_now.tolist()]).cpu()
-                tokens[rows_now, ends[rows_now]] = chosen
-                ends[rows_now] += 1
-                active[rows_now] = chosen != eos
+            generators = [generator(self.cfg.seed, "grpo-rollout", step, prompt.position, c)
+                          for c in range(g.group_size)]
+            completions = sampler.generate(prompt.tokens, generators, g.max_new_tokens, g.temperature)
+            for c, completion in enumerate(completions):
+                row, start = i * g.group_size + c, len(prompt.tokens)
+                tokens[row, :start] = torch.tensor(prompt.tokens)
+                tokens[row, start:start + len(completion.ids)] = torch.tensor(completion.ids)
+                ends[row] = start + len(completion.ids)
         loss_mask = torch.zeros(rows, seq)
         rewards = torch.zeros(rows)
         for row in range(rows):
@@ -144,6 +135,23 @@ class GRPOTrainer(Trainer):
             rewards[row] = float(self.reward(text, prompts[row // g.group_size].answer))
         advantages = group_advantages(rewards.view(-1, g.group_size), g.scale_rewards).view(-1)
         return RolloutBatch(tokens, loss_mask, advantages, rewards, ends - starts)
+
+    def validation_sums(self, microbatches: list) -> torch.Tensor:
+        """[reward sum, completions with reward 1, completions]: one greedy completion per held-out prompt."""
+        g, sampler = self.cfg.grpo, self.policy_generator()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for prompts in microbatches:
+            for prompt in prompts:
+                completion = sampler.generate(prompt.tokens, [None], g.max_new_tokens, temperature=0.0)[0]
+                ids = completion.ids[:-1] if completion.finish == "eod" else completion.ids
+                reward = float(self.reward(self.tokenizer.decode(ids), prompt.answer))
+                sums += torch.tensor([reward, float(reward == 1), 1.0], dtype=torch.float64)
+        return sums
+
+    def validation_metrics(self, sums: torch.Tensor) -> dict:
+        """val_reward_mean and val_accuracy (the share of completions with reward 1) of greedy decoding."""
+        count = max(1.0, float(sums[2]))
+        return {"val_reward_mean": float(sums[0]) / count, "val_accuracy": float(sums[1]) / count}
 
     def loss_divisor(self, microbatches: list[RolloutBatch]) -> int:
         """The step's global number of completion tokens."""
