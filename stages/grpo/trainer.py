@@ -131,7 +131,7 @@ class GRPOTrainer(Trainer):
             start, end = int(starts[row]), int(ends[row])
             loss_mask[row, start - 1:end - 1] = 1.0  # mask[t] trains target t + 1
             completion = tokens[row, start:end].tolist()
-            text = self.tokenizer.decode(completion[:-1] if completion and completion[-1] == eos else completion)
+            text = self.tokenizer.decode(completion[:-1] if completion and completion[-1] == self.tokenizer.eos_id else completion)
             rewards[row] = float(self.reward(text, prompts[row // g.group_size].answer))
         advantages = group_advantages(rewards.view(-1, g.group_size), g.scale_rewards).view(-1)
         return RolloutBatch(tokens, loss_mask, advantages, rewards, ends - starts)
