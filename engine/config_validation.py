@@ -132,7 +132,12 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     require(m.num_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.num_heads={m.num_heads}")
     require(m.num_kv_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.num_kv_heads={m.num_kv_heads}")
     require(m.ffn_hidden_size % p.tp == 0, "parallel.tp", p.tp, f"must divide model.ffn_hidden_size={m.ffn_hidden_size}")
-    require(m.vocab_size % p.tp == 0, "parallel.tp", p.tp, f"must divide model.vocab_size={m.vocab_size}")
+    require(m.make_vocab_size_divisible_by >= 1, "model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by,
+            "must be >= 1 (1: no padding)")
+    require(m.padded_vocab_size % p.tp == 0, "parallel.tp", p.tp,
+            f"must divide the padded vocabulary {m.padded_vocab_size} (model.vocab_size={m.vocab_size} rounded up to a "
+            f"multiple of model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by}); choose a "
+            f"make_vocab_size_divisible_by that tp divides")
     if p.sequence_parallel:
         require(m.seq_length % (p.tp * p.cp) == 0, "parallel.sequence_parallel", True,
                  f"needs model.seq_length={m.seq_length} divisible by tp*cp={p.tp * p.cp}")

@@ -228,7 +228,8 @@ class LlamaModel(nn.Module):
 
     layer_ids: global indices of the layers held here (default: all).
     pre_process: owns `embed_tokens`; the input is token ids [b, s]. Otherwise hidden states [b, s, h].
-    post_process: owns the final `norm` and `lm_head`; the output is logits [b, s, V]. Otherwise
+    post_process: owns the final `norm` and `lm_head`; the output is logits [b, s, V] (see
+    `drop_padded_vocab` for the rows past vocab_size). Otherwise
     hidden states. With tie_embeddings on a model that also pre-processes, there is no `lm_head`
     and the logits use `embed_tokens.weight`; a post-process-only stage keeps its own `lm_head`,
     initialised equal to the embedding (see `init_parameters`).
@@ -241,16 +242,16 @@ class LlamaModel(nn.Module):
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if pre_process else None
+        self.embed_tokens = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size) if pre_process else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in layer_ids})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if post_process else None
         tied_here = cfg.tie_embeddings and pre_process
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if post_process and not tied_here else None
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False) if post_process and not tied_here else None
         # A plain attribute, not a buffer: model.to(bf16) must not round the frequencies.
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
 
     def output_weight(self) -> Tensor:
-        """The [V, h] matrix that produces logits (the embedding when tied)."""
+        """The [V, h] matrix that produces logits (the embedding when tied); V is padded_vocab_size."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, x: Tensor, positions: Optional[Tensor] = None,
@@ -277,7 +278,8 @@ class LlamaModel(nn.Module):
                 h = layer(h, cos, sin)
         if not self.post_process:
             return h
-        return F.linear(self.norm(h), self.output_weight())
+        weight = self.output_weight()
+        return drop_padded_vocab(F.linear(self.norm(h), weight), self.cfg.vocab_size, shard_of(weight))
 
     def num_parameters(self, embedding: bool = True) -> int:
         """Parameters held by this module (shared tensors once); see `count_parameters`."""
@@ -289,6 +291,26 @@ class LlamaModel(nn.Module):
                 seen.add(id(p))
                 total += p.numel()
         return total
+
+
+def drop_padded_vocab(logits: Tensor, vocab_size: int, shard: Optional[tuple[int, int, int]]) -> Tensor:
+    """Logits without probability for the padding rows (ids >= vocab_size, model.make_vocab_size_divisible_by).
+
+    Unsharded: the first vocab_size columns (a view, so an unpadded model and any caller see
+    exactly the logits of the unpadded computation). A vocabulary shard (dim, rank, world) keeps
+    its width (the vocab-parallel loss and the generator's gather need equal shards); its padding
+    columns read the dtype's lowest value, so exp() makes them exactly 0 in every softmax and no
+    gradient reaches their rows. Not -inf: a KL or a difference of two masked logits stays finite.
+    """
+    local = logits.shape[-1]
+    start = shard[1] * local if shard is not None else 0
+    valid = min(max(vocab_size - start, 0), local)
+    if valid == local:
+        return logits
+    if shard is None:
+        return logits[..., :valid]
+    keep = torch.arange(local, device=logits.device) < valid
+    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
 
 
 def count_parameters(cfg: ModelConfig, embedding: bool = True) -> int:
@@ -303,7 +325,7 @@ def count_parameters(cfg: ModelConfig, embedding: bool = True) -> int:
     layer = attn + qk_norm + mlp + 2 * h
     total = cfg.num_layers * layer + h  # + final norm
     if embedding:
-        total += cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
+        total += cfg.padded_vocab_size * h * (1 if cfg.tie_embeddings else 2)
     return total
 
 
