@@ -346,7 +346,7 @@ class _LowPrecisionCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
-        rows = _ce_block_rows(logits.shape[-1])
+        rows = ce_block_rows(logits.shape[-1], logits.device.type)
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], rows):
             torch.logsumexp(logits[start:start + rows].float(), dim=-1, out=lse[start:start + rows])
@@ -356,7 +356,7 @@ class _LowPrecisionCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         logits, targets, lse = ctx.saved_tensors
-        rows = _ce_block_rows(logits.shape[-1])
+        rows = ce_block_rows(logits.shape[-1], logits.device.type)
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.shape[0], rows):
             end = min(start + rows, logits.shape[0])
@@ -366,10 +366,18 @@ class _LowPrecisionCrossEntropy(torch.autograd.Function):
         return grad_logits, None
 
 
-def _ce_block_rows(vocab: int) -> int:
-    # ~8 MB of fp32 per block: large enough to amortise per-op overhead, small enough to stay
-    # in cache between the cast, the reduction and the exp (measured best at 64 rows of 32000).
-    return max(1, 2**21 // vocab)
+CE_BLOCK_ELEMENTS = {"cpu": 2**21, "cuda": 2**27}
+"""fp32 elements per block of the blockwise loss, by device type. CPU: ~8 MB, large enough to
+amortise per-op overhead, small enough to stay in cache between the cast, the reduction and the
+exp (measured best at 64 rows of 32000). GPU: 512 MiB, a few large blocks (8 for an 8k-token
+microbatch at vocab 128256) instead of thousands of launch-bound 16-row ones; a transient of
+1/8 of the bf16 logits' size x 2 at that shape. The perf model prices the GPU value
+(engine/perf/inputs.py Assumptions.cross_entropy_block_elements)."""
+
+
+def ce_block_rows(vocab: int, device_type: str = "cpu") -> int:
+    """Rows per block of the blockwise cross-entropy at this vocabulary on this device type."""
+    return max(1, CE_BLOCK_ELEMENTS.get(device_type, CE_BLOCK_ELEMENTS["cuda"]) // vocab)
 
 
 def lm_loss(logits: Tensor, targets: Tensor, z_loss_weight: float = 0.0,
@@ -419,7 +427,8 @@ def init_parameters(model: LlamaModel, seed: int) -> None:
 
     Each full tensor is drawn in fp32 on CPU from a generator seeded with
     derive_seed(seed, "init", name) (parallel.random's init namespace):
-    normals for weights (scaled for o_proj/down_proj), ones for norms. A parameter marked as a
+    normals for weights (scaled for o_proj/down_proj), ones for norms, zeros for the vocabulary
+    padding rows (so a Hugging Face round trip, which drops them, is exact). A parameter marked as a
     tensor- or expert-parallel shard (dim, rank, world) (parallel.sharding) receives chunk `rank`
     of the full tensor, so a shard equals the slice of the single-rank weight. A separate `lm_head` of a tied model draws from the
     embedding's name, so a last pipeline stage starts equal to the first stage's embedding.
@@ -440,6 +449,8 @@ def init_parameters(model: LlamaModel, seed: int) -> None:
             key = "embed_tokens.weight" if cfg.tie_embeddings and name == "lm_head.weight" else name
             gen = generator(seed, "init", key)
             full = torch.empty(shape).normal_(0.0, _init_std(name, shape, cfg), generator=gen)
+            if name in ("embed_tokens.weight", "lm_head.weight"):
+                full[cfg.vocab_size:] = 0  # padding rows: no gradient ever reaches them, so they stay 0
         if shard is not None:
             full = full.chunk(world, dim=dim)[rank]
         param.copy_(full)
