@@ -138,6 +138,8 @@ class OptimConfig:
     """WSD: the step where the decay begins (default: 80% of train.steps)."""
     wsd_decay_style: str = "linear"
     """WSD decay shape: linear, cosine or sqrt (1 - sqrt)."""
+    grad_reduce_dtype: str = "fp32"
+    """Data-parallel gradient reduction: fp32, or bf16 (half the bytes; accumulation stays fp32)."""
 
 
 @dataclass

@@ -187,6 +187,9 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
 
     _one_of("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
     _one_of("optim.wsd_decay_style", o.wsd_decay_style, ("linear", "cosine", "sqrt"))
+    _one_of("optim.grad_reduce_dtype", o.grad_reduce_dtype, ("fp32", "bf16"))
+    require(not (o.grad_reduce_dtype == "bf16" and p.zero == 3), "optim.grad_reduce_dtype", o.grad_reduce_dtype,
+            "is fp32 only with parallel.zero=3 (its per-layer reduce-scatter has no bf16 path); use zero 0-2 or fp32")
     require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     if o.schedule in ("cosine", "wsd"):  # the schedules that decay to min_lr; constant never reads it
         require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}] "
