@@ -294,14 +294,10 @@ class LlamaModel(nn.Module):
 
 
 def drop_padded_vocab(logits: Tensor, vocab_size: int, shard: Optional[tuple[int, int, int]]) -> Tensor:
-    """Logits without probability for the padding rows (ids >= vocab_size, model.make_vocab_size_divisible_by).
-
-    Unsharded: the first vocab_size columns (a view, so an unpadded model and any caller see
-    exactly the logits of the unpadded computation). A vocabulary shard (dim, rank, world) keeps
-    its width (the vocab-parallel loss and the generator's gather need equal shards); its padding
-    columns read the dtype's lowest value, so exp() makes them exactly 0 in every softmax and no
-    gradient reaches their rows. Not -inf: a KL or a difference of two masked logits stays finite.
-    """
+    """Logits without the padding rows' columns (ids >= vocab_size): unsharded, the first vocab_size
+    columns (a view: exactly the unpadded model's logits); a vocabulary shard (dim, rank, world) keeps
+    its width (the vocab-parallel loss needs equal shards) with its padding columns at the dtype's
+    lowest value, so exp() gives exactly 0 and no gradient reaches them (not -inf: differences stay finite)."""
     local = logits.shape[-1]
     start = shard[1] * local if shard is not None else 0
     valid = min(max(vocab_size - start, 0), local)
@@ -367,12 +363,9 @@ class _LowPrecisionCrossEntropy(torch.autograd.Function):
 
 
 CE_BLOCK_ELEMENTS = {"cpu": 2**21, "cuda": 2**27}
-"""fp32 elements per block of the blockwise loss, by device type. CPU: ~8 MB, large enough to
-amortise per-op overhead, small enough to stay in cache between the cast, the reduction and the
-exp (measured best at 64 rows of 32000). GPU: 512 MiB, a few large blocks (8 for an 8k-token
-microbatch at vocab 128256) instead of thousands of launch-bound 16-row ones; a transient of
-1/8 of the bf16 logits' size x 2 at that shape. The perf model prices the GPU value
-(engine/perf/inputs.py Assumptions.cross_entropy_block_elements)."""
+"""fp32 elements per block of the blockwise loss. CPU: ~8 MB, in cache between the cast, the
+reduction and the exp (best at 64 rows of 32000). GPU: 512 MiB, a few blocks (8 per 8k tokens at
+vocab 128256), not thousands of launch-bound ones (priced in engine/perf/inputs.py)."""
 
 
 def ce_block_rows(vocab: int, device_type: str = "cpu") -> int:
