@@ -110,3 +110,15 @@ def test_grad_reduce_dtype_is_validated():
         validate(load_config(None, ["optim.grad_reduce_dtype=fp16"]), 1)
     with pytest.raises(ConfigError, match="optim.grad_reduce_dtype.*zero=3"):
         validate(load_config(None, ["optim.grad_reduce_dtype=bf16", "parallel.zero=3", "parallel.dp=2"]), 2)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_the_config_reaches_the_gradient_buffers(zero):
+    from engine.model.decoder import LlamaModel
+    from engine.train.grad_sync import build_grad_sync
+    from parallel.collectives import CommLedger, Group
+
+    cfg = validate(load_config(None, ["optim.grad_reduce_dtype=bf16", f"parallel.zero={zero}", "parallel.dp=2"]), 2)
+    model = LlamaModel(cfg.model)
+    grads, _ = build_grad_sync(cfg, [model], Group("dp", None, 2, 0, CommLedger()))  # no collective is issued
+    assert grads.reduce_dtype == torch.bfloat16
