@@ -38,7 +38,11 @@ class ModelConfig:
     ffn_hidden_size: int = 352
     """Inner width of the SwiGLU MLP."""
     vocab_size: int = 384
-    """Embedding rows; at least the tokenizer's vocabulary, divisible by parallel.tp."""
+    """Token ids the model knows; at least the tokenizer's vocabulary."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding and output rows are vocab_size rounded up to a multiple of this (Megatron's
+    make_vocab_size_divisible_by); the extra rows never receive probability. A function of the model
+    alone, never of the layout, so checkpoints stay layout-free; parallel.tp must divide the result."""
     seq_length: int = 128
     """Tokens per training sample (each sample reads seq_length + 1 tokens)."""
     rope_base: float = 10000.0
@@ -73,6 +77,12 @@ class ModelConfig:
     def head_dim(self) -> int:
         """Width of one attention head (hidden_size / num_heads)."""
         return self.hidden_size // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the output layer: vocab_size rounded up to make_vocab_size_divisible_by."""
+        step = max(1, self.make_vocab_size_divisible_by)
+        return -(-self.vocab_size // step) * step
 
 
 @dataclass
@@ -129,6 +139,8 @@ class OptimConfig:
     """WSD: the step where the decay begins (default: 80% of train.steps)."""
     wsd_decay_style: str = "linear"
     """WSD decay shape: linear, cosine or sqrt (1 - sqrt)."""
+    grad_reduce_dtype: str = "fp32"
+    """Data-parallel gradient reduction: fp32, or bf16 (half the bytes; accumulation stays fp32)."""
 
 
 @dataclass

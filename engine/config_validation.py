@@ -132,7 +132,12 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     require(m.num_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.num_heads={m.num_heads}")
     require(m.num_kv_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.num_kv_heads={m.num_kv_heads}")
     require(m.ffn_hidden_size % p.tp == 0, "parallel.tp", p.tp, f"must divide model.ffn_hidden_size={m.ffn_hidden_size}")
-    require(m.vocab_size % p.tp == 0, "parallel.tp", p.tp, f"must divide model.vocab_size={m.vocab_size}")
+    require(m.make_vocab_size_divisible_by >= 1, "model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by,
+            "must be >= 1 (1: no padding)")
+    require(m.padded_vocab_size % p.tp == 0, "parallel.tp", p.tp,
+            f"must divide the padded vocabulary {m.padded_vocab_size} (model.vocab_size={m.vocab_size} rounded up to a "
+            f"multiple of model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by}); choose a "
+            f"make_vocab_size_divisible_by that tp divides")
     if p.sequence_parallel:
         require(m.seq_length % (p.tp * p.cp) == 0, "parallel.sequence_parallel", True,
                  f"needs model.seq_length={m.seq_length} divisible by tp*cp={p.tp * p.cp}")
@@ -182,6 +187,9 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
 
     _one_of("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
     _one_of("optim.wsd_decay_style", o.wsd_decay_style, ("linear", "cosine", "sqrt"))
+    _one_of("optim.grad_reduce_dtype", o.grad_reduce_dtype, ("fp32", "bf16"))
+    require(not (o.grad_reduce_dtype == "bf16" and p.zero == 3), "optim.grad_reduce_dtype", o.grad_reduce_dtype,
+            "is fp32 only with parallel.zero=3 (its per-layer reduce-scatter has no bf16 path); use zero 0-2 or fp32")
     require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     if o.schedule in ("cosine", "wsd"):  # the schedules that decay to min_lr; constant never reads it
         require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}] "

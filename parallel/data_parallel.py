@@ -12,6 +12,11 @@ averaged: the loss is already divided by the global token count, so the sum over
 gradient of the global mean.
 
 At dp=1 the same buffer and hooks give fp32 gradient accumulation; no collective is issued.
+
+reduce_dtype=bf16 (optim.grad_reduce_dtype; Megatron's --grad-reduce-in-bf16) halves the bytes
+on the wire: a complete bucket is cast to a bf16 copy, that copy is all-reduced, and the sum is
+written back into the fp32 bucket when it lands. Accumulation over microbatches stays fp32 (the
+buffer); only the cross-rank sum is rounded to bf16 (at most 2**-8 of each element, relative).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ class _Bucket:
         self.pending = set(id(p) for p in params)
         self.launched = False
         self.handle = None  # the reduction's work handle; stays None for a group of one rank
+        self.wire: Optional[torch.Tensor] = None  # the low-precision copy being reduced (reduce_dtype)
 
 
 class GradBuffer:
@@ -41,7 +47,8 @@ class GradBuffer:
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], group: Group,
                  bucket_bytes: int = 25 * 2**20, grad_dtype: torch.dtype = torch.float32,
                  reduce_in_backward: bool = True,
-                 group_of: Optional[Callable[[torch.nn.Parameter], Group]] = None):
+                 group_of: Optional[Callable[[torch.nn.Parameter], Group]] = None,
+                 reduce_dtype: Optional[torch.dtype] = None):
         params = [p for _, p in named_params if p.requires_grad]
         # Deduplicate (tied weights appear once) while keeping the order.
         seen, unique = set(), []
@@ -51,6 +58,7 @@ class GradBuffer:
                 unique.append(p)
         self.params = list(reversed(unique))  # backward produces gradients roughly in this order
         self.group = group
+        self.reduce_dtype = reduce_dtype if reduce_dtype is not None else grad_dtype
         # Expert-parallel weights are replicated over fewer ranks (expert-dp) than the dense ones:
         # group_of names each parameter's group, and a bucket never mixes two groups.
         group_of = group_of or (lambda p: group)
@@ -119,10 +127,13 @@ class GradBuffer:
             self._launch(bucket)
 
     def _launch(self, bucket: "_Bucket") -> None:
-        if self.before_reduce is not None:
-            self.before_reduce(self.buckets.index(bucket), bucket.data)
+        reduced = bucket.data
+        if self.reduce_dtype != bucket.data.dtype and bucket.group.size > 1:
+            reduced = bucket.wire = bucket.data.to(self.reduce_dtype)
+        if self.before_reduce is not None:  # what this rank hands over: the wire copy, when there is one
+            self.before_reduce(self.buckets.index(bucket), reduced)
         bucket.launched = True
-        bucket.handle = all_reduce(bucket.data, bucket.group, async_op=True)
+        bucket.handle = all_reduce(reduced, bucket.group, async_op=True)
 
     def _rearm(self) -> None:
         for bucket in self.buckets:
@@ -155,6 +166,9 @@ class GradBuffer:
         for bucket in self.buckets:
             if bucket.handle is not None:
                 bucket.handle.wait()
+            if bucket.wire is not None:  # the bf16 sum back into the fp32 gradients
+                bucket.data.copy_(bucket.wire)
+                bucket.wire = None
         # Re-arm here too, not only in start_step: a caller that zeroes gradients another way
         # (optimizer.zero_grad) would otherwise find every bucket's pending set empty on the
         # next last microbatch and launch one reduction per parameter instead of per bucket.

@@ -24,6 +24,10 @@ bucket buffer is released. Like DeepSpeed's stage 2, this reduces every microbat
 full buffer to accumulate in), so the traffic is reduce-scatter m Psi + all-gather Psi =
 (m + 1) Psi elements per step: 2 Psi at m = 1, as in the paper.
 
+reduce_dtype=bf16 (optim.grad_reduce_dtype) reduce-scatters a bf16 copy of each bucket (half the
+bytes) and writes the summed chunk back into the fp32 gradients (stage 1) or adds it into the
+fp32 shard (stage 2), so accumulation stays fp32 as in Megatron's --grad-reduce-in-bf16.
+
 Psi counts the padded layout (padding elements travel too); `ShardLayout.padding` says how many.
 Gradients are summed over the group, not averaged (the loss is divided by the global token
 count), exactly as in parallel/data_parallel.py.
@@ -146,10 +150,11 @@ class ShardedGradBuffer:
     """
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], group: Group, stage: int,
-                 bucket_bytes: int = 25 * 2**20):
+                 bucket_bytes: int = 25 * 2**20, reduce_dtype: torch.dtype = torch.float32):
         if stage not in (1, 2):
             raise ValueError(f"parallel.zero={stage}: ShardedGradBuffer implements stages 1 and 2")
         self.stage, self.group = stage, group
+        self.reduce_dtype = reduce_dtype if group.size > 1 else torch.float32  # nothing to reduce at dp=1
         self.named_params = list(reversed(unique_trainable(named_params)))
         self.layout = ShardLayout(cut_into_buckets(self.named_params, bucket_bytes), group.size)
         self.segments = self.layout.segments(group.rank)
@@ -178,7 +183,8 @@ class ShardedGradBuffer:
         self._bucket_grads: list[Optional[Tensor]] = [None] * n  # stage 2: live only within a microbatch
         self._pending: list[set] = [set() for _ in range(n)]
         self._unwritten: list[set] = [set() for _ in range(n)]
-        self._in_flight: list[Optional[tuple]] = [None] * n  # (work handle, temporary chunk) of a launched reduce-scatter
+        # (work handle, chunk it lands in, fp32 chunk to copy that into or None) of a launched reduce-scatter
+        self._in_flight: list[Optional[tuple]] = [None] * n
         self._shard_written = [False] * n  # stage 2: this step's first reduced chunk is copied, later ones added
         self.is_last_microbatch = True
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
@@ -232,9 +238,16 @@ class ShardedGradBuffer:
                 offset = self.layout.offsets[id(p)] - self.layout.starts[b]
                 data[offset:offset + p.numel()].zero_()
         self._unwritten[b] = set()
-        out = self._chunk(data, b) if self.stage == 1 else data.new_empty(self.layout.chunk_size(b))
+        copy_to = None
+        if self.reduce_dtype != data.dtype:  # reduce a low-precision copy; the fp32 data stays as is
+            wire = data.to(self.reduce_dtype)
+            out = self._chunk(wire, b)
+            copy_to = self._chunk(data, b) if self.stage == 1 else None
+            data = wire
+        else:
+            out = self._chunk(data, b) if self.stage == 1 else data.new_empty(self.layout.chunk_size(b))
         handle = reduce_scatter(out, data, self.group, async_op=True)
-        self._in_flight[b] = (handle, out)
+        self._in_flight[b] = (handle, out, copy_to)
         if self.stage == 2:
             self._bucket_grads[b] = None  # released once the collective has finished with it
 
@@ -242,9 +255,11 @@ class ShardedGradBuffer:
         """Wait for bucket b's reduce-scatter; stage 2 accumulates the chunk into the shard."""
         if self._in_flight[b] is None:
             return
-        handle, out = self._in_flight[b]
+        handle, out, copy_to = self._in_flight[b]
         if handle is not None:
             handle.wait()
+        if copy_to is not None:
+            copy_to.copy_(out)
         if self.stage == 2:
             chunk = self._chunk_of_shard(b)
             if self._shard_written[b]:

@@ -188,3 +188,31 @@ def test_export_to_hugging_face_gives_the_same_logits(tmp_path, dataset):
     with torch.no_grad():
         diff = (ours(tokens) - theirs(tokens).logits).abs().max().item()
     assert diff < 1e-5
+
+
+def _forget_padding_field(run_dir):
+    """Make every checkpoint of `run_dir` look written before model.make_vocab_size_divisible_by existed."""
+    for manifest in (Path(run_dir) / "checkpoints").glob("step_*/manifest.json"):
+        data = json.loads(manifest.read_text())
+        del data["metadata"]["model"]["make_vocab_size_divisible_by"]
+        manifest.write_text(json.dumps(data))
+
+
+def test_a_checkpoint_written_before_vocabulary_padding_still_resumes(tmp_path, dataset):
+    """A manifest without model.make_vocab_size_divisible_by holds an unpadded model: at vocab 384
+    (3 x 128) that is today's model under the default 128, so it resumes; an unpadded vocab 300
+    (300 rows, 384 by today's default) is refused naming the key and the value that continues it."""
+    run = tmp_path / "run"
+    assert _pretrain(run, dataset, "model.make_vocab_size_divisible_by=1").returncode == 0
+    _forget_padding_field(run)
+    resumed = _pretrain(run, dataset, "train.steps=3")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    odd = tmp_path / "odd"
+    assert _pretrain(odd, dataset, "model.vocab_size=300", "model.make_vocab_size_divisible_by=1").returncode == 0
+    _forget_padding_field(odd)
+    refused = _pretrain(odd, dataset, "model.vocab_size=300", "train.steps=3")
+    assert refused.returncode == 2
+    assert "set model.make_vocab_size_divisible_by=1 to continue it" in refused.stderr, refused.stderr
+    assert _pretrain(odd, dataset, "model.vocab_size=300", "model.make_vocab_size_divisible_by=1",
+                     "train.steps=3").returncode == 0

@@ -214,3 +214,25 @@ def test_bf16_model_runs_forward_and_backward_in_bf16():
     assert all(g is not None and g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
     fp32_loss = _mean_loss(_model(seed=2, z_loss_weight=1e-4), x, y)
     assert abs(loss.item() - fp32_loss.item()) < 0.05
+
+
+def test_the_blockwise_loss_is_the_same_at_the_gpu_block_size(monkeypatch):
+    """The GPU's few large blocks (CE_BLOCK_ELEMENTS['cuda']) give the CPU's many small ones' loss
+    and gradient bit for bit (rows are independent); the perf model prices the same block size."""
+    import engine.model.decoder as decoder
+    from engine.perf.inputs import Assumptions
+
+    assert Assumptions().cross_entropy_block_elements == decoder.CE_BLOCK_ELEMENTS["cuda"]
+    vocab, rows = 4096, 1500
+    assert decoder.ce_block_rows(vocab, "cuda") == 2**27 // vocab and decoder.ce_block_rows(vocab) == 512
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(1))
+    results = []
+    for elements in (decoder.CE_BLOCK_ELEMENTS["cpu"], decoder.CE_BLOCK_ELEMENTS["cuda"]):
+        monkeypatch.setitem(decoder.CE_BLOCK_ELEMENTS, "cpu", elements)
+        x = logits.clone().requires_grad_()
+        loss, _ = decoder.lm_loss(x, targets)
+        loss.backward()
+        results.append((loss, x.grad))
+    (small, small_grad), (large, large_grad) = results
+    assert torch.equal(small, large) and torch.equal(small_grad, large_grad)

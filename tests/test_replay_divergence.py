@@ -116,3 +116,23 @@ def test_configure_switches_pytorch_to_deterministic_algorithms(mode, warn_only,
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.utils.deterministic.fill_uninitialized_memory = saved[2]
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[3], saved[4]
+
+
+def test_a_stashed_trace_reads_back_as_the_frozen_one_in_one_batch():
+    """Step traces stay on the device (`stash`) until a check step reads them all at once
+    (`read_pending`): the same values, kinds and labels as reading each at its own step."""
+    from engine.resilience.divergence import PendingTrace, StepTrace, read_pending
+
+    traces, frozen = [], []
+    for step in range(3):
+        trace = StepTrace(active=True)
+        trace.add_local("local loss", torch.tensor([1.5 + step]))
+        trace.add_local_value("parameters", torch.tensor(7 * step, dtype=torch.int64))
+        trace.add_local_value("expert parameters", 11)
+        traces.append(trace.stash())
+        frozen.append(trace.freeze())
+    assert all(isinstance(t, PendingTrace) for t in traces)
+    read = read_pending([traces[0], frozen[1], traces[2]])
+    for got, want in zip(read, frozen):
+        assert list(got.values) == list(want.values) and got.kinds == want.kinds and got.labels == want.labels
+    assert read[1] is frozen[1]

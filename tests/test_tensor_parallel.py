@@ -20,7 +20,7 @@ from parallel.tensor_parallel import (PARTIAL_GRAD_ATTR, ColumnParallelLinear, R
                                       VocabParallelEmbedding, apply_tensor_parallel, vocab_parallel_cross_entropy)
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
-                   vocab_size=64, seq_length=16)
+                   vocab_size=64, seq_length=16, make_vocab_size_divisible_by=1)
 
 
 def _fake_tp_group(rank=0, size=2):
@@ -203,7 +203,7 @@ def _check_cross_entropy(rank, tp):
     torch.testing.assert_close(shard.grad, full.grad.chunk(2, dim=-1)[rank])
 
 
-def _check_llama(rank, ctx, sequence_parallel):
+def _check_llama(rank, ctx, sequence_parallel, vocab=64, divisor=1, tie=True):
     from engine.config import load_config
     from engine.config_validation import validate
     from engine.model.parallelize import (counts_in_norm, finish_sequence_parallel_grads, gather_full_state_dict,
@@ -211,10 +211,11 @@ def _check_llama(rank, ctx, sequence_parallel):
 
     cfg = validate(load_config(None, [
         "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-        "model.ffn_hidden_size=48", "model.vocab_size=64", "model.seq_length=16", "model.qk_norm=true",
-        "model.tie_embeddings=true", "model.z_loss_weight=1e-3", "train.micro_batch_size=2",
+        "model.ffn_hidden_size=48", f"model.vocab_size={vocab}", f"model.make_vocab_size_divisible_by={divisor}",
+        "model.seq_length=16", "model.qk_norm=true", f"model.tie_embeddings={str(tie).lower()}",
+        "model.z_loss_weight=1e-3", "train.micro_batch_size=2",
         "train.global_batch_size=2", "parallel.tp=2", f"parallel.sequence_parallel={sequence_parallel}"]), 2)
-    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(11))
+    tokens = torch.randint(0, vocab, (2, 17), generator=torch.Generator().manual_seed(11))
     positions = torch.arange(16)
     reference = LlamaModel(cfg.model)
     init_parameters(reference, 3)
@@ -234,6 +235,10 @@ def _check_llama(rank, ctx, sequence_parallel):
     grads = gather_full_state_dict(model, ctx)
     for name, p in reference.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    padded = [n for n in ("embed_tokens.weight", "lm_head.weight") if n in grads]
+    for name in padded:  # the padding rows (ids >= vocab_size) never get probability, so no gradient
+        assert grads[name].shape[0] == cfg.model.padded_vocab_size
+        assert grads[name][vocab:].abs().max() == 0 if cfg.model.padded_vocab_size > vocab else True, name
     # The global grad norm: sharded grads counted on every rank, replicated ones once.
     keep = counts_in_norm(ctx)
     local = sum(p.grad.square().sum() for n, p in model.named_parameters() if keep(n, p))
@@ -256,6 +261,10 @@ def _two_rank_checks(rank, world_size):
         "cross_entropy": lambda tp: _check_cross_entropy(rank, tp),
         "llama": lambda tp: _check_llama(rank, ctx, False),
         "llama_sp": lambda tp: _check_llama(rank, ctx, True),
+        # vocab 100 padded to 128: the second shard holds ids 64..99 and 28 padding rows
+        "llama_padded": lambda tp: _check_llama(rank, ctx, True, vocab=100, divisor=128, tie=False),
+        # vocab 64 padded to 128, tied: the second shard is padding only
+        "llama_padded_tied": lambda tp: _check_llama(rank, ctx, False, vocab=64, divisor=128, tie=True),
     }
     failures = {}
     for name, check in checks.items():
@@ -283,6 +292,8 @@ def two_rank_failures():
     "cross_entropy",  # vocab-parallel CE (z-loss, mask) equals lm_loss without gathering logits
     "llama",          # LLAMA_TP_PLAN: loss, every gathered gradient, grad norm (QK-norm, tied embeddings)
     "llama_sp",
+    "llama_padded",       # model.make_vocab_size_divisible_by: tp2 equals tp1, padding rows get no gradient
+    "llama_padded_tied",
 ])
 def test_two_rank_tensor_parallel_matches_single_rank(check, two_rank_failures):
     assert check not in two_rank_failures, two_rank_failures[check]

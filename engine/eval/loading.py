@@ -20,7 +20,7 @@ import yaml
 
 from engine.config import ApogeeConfig, ModelConfig
 from engine.model.decoder import LlamaModel
-from engine.state.checkpoint_store import CheckpointError, read_manifest, resolve_checkpoint
+from engine.state.checkpoint_store import CheckpointError, read_manifest, recorded_model, resolve_checkpoint
 from parallel.layout import ParallelLayout
 from parallel.sharding import shard_of
 
@@ -73,7 +73,7 @@ def resolve_model_source(path: str, key: str = "--checkpoint", tokenizer: Option
         if run_dir is not None and "tokenizer" not in manifest["metadata"]:
             run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
             tokenizer = (run_config.get("data") or {}).get("tokenizer", "byte")
-    return ModelSource("apogee", checkpoint, ModelConfig(**manifest["metadata"]["model"]), tokenizer, run_dir,
+    return ModelSource("apogee", checkpoint, ModelConfig(**recorded_model(manifest["metadata"]["model"])), tokenizer, run_dir,
                        int(manifest["step"]))
 
 

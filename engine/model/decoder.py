@@ -228,7 +228,8 @@ class LlamaModel(nn.Module):
 
     layer_ids: global indices of the layers held here (default: all).
     pre_process: owns `embed_tokens`; the input is token ids [b, s]. Otherwise hidden states [b, s, h].
-    post_process: owns the final `norm` and `lm_head`; the output is logits [b, s, V]. Otherwise
+    post_process: owns the final `norm` and `lm_head`; the output is logits [b, s, V] (see
+    `drop_padded_vocab` for the rows past vocab_size). Otherwise
     hidden states. With tie_embeddings on a model that also pre-processes, there is no `lm_head`
     and the logits use `embed_tokens.weight`; a post-process-only stage keeps its own `lm_head`,
     initialised equal to the embedding (see `init_parameters`).
@@ -241,16 +242,16 @@ class LlamaModel(nn.Module):
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if pre_process else None
+        self.embed_tokens = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size) if pre_process else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in layer_ids})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if post_process else None
         tied_here = cfg.tie_embeddings and pre_process
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if post_process and not tied_here else None
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False) if post_process and not tied_here else None
         # A plain attribute, not a buffer: model.to(bf16) must not round the frequencies.
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
 
     def output_weight(self) -> Tensor:
-        """The [V, h] matrix that produces logits (the embedding when tied)."""
+        """The [V, h] matrix that produces logits (the embedding when tied); V is padded_vocab_size."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, x: Tensor, positions: Optional[Tensor] = None,
@@ -277,7 +278,8 @@ class LlamaModel(nn.Module):
                 h = layer(h, cos, sin)
         if not self.post_process:
             return h
-        return F.linear(self.norm(h), self.output_weight())
+        weight = self.output_weight()
+        return drop_padded_vocab(F.linear(self.norm(h), weight), self.cfg.vocab_size, shard_of(weight))
 
     def num_parameters(self, embedding: bool = True) -> int:
         """Parameters held by this module (shared tensors once); see `count_parameters`."""
@@ -289,6 +291,22 @@ class LlamaModel(nn.Module):
                 seen.add(id(p))
                 total += p.numel()
         return total
+
+
+def drop_padded_vocab(logits: Tensor, vocab_size: int, shard: Optional[tuple[int, int, int]]) -> Tensor:
+    """Logits without the padding rows' columns (ids >= vocab_size): unsharded, the first vocab_size
+    columns (a view: exactly the unpadded model's logits); a vocabulary shard (dim, rank, world) keeps
+    its width (the vocab-parallel loss needs equal shards) with its padding columns at the dtype's
+    lowest value, so exp() gives exactly 0 and no gradient reaches them (not -inf: differences stay finite)."""
+    local = logits.shape[-1]
+    start = shard[1] * local if shard is not None else 0
+    valid = min(max(vocab_size - start, 0), local)
+    if valid == local:
+        return logits
+    if shard is None:
+        return logits[..., :valid]
+    keep = torch.arange(local, device=logits.device) < valid
+    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
 
 
 def count_parameters(cfg: ModelConfig, embedding: bool = True) -> int:
@@ -303,7 +321,7 @@ def count_parameters(cfg: ModelConfig, embedding: bool = True) -> int:
     layer = attn + qk_norm + mlp + 2 * h
     total = cfg.num_layers * layer + h  # + final norm
     if embedding:
-        total += cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
+        total += cfg.padded_vocab_size * h * (1 if cfg.tie_embeddings else 2)
     return total
 
 
@@ -324,7 +342,7 @@ class _LowPrecisionCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
-        rows = _ce_block_rows(logits.shape[-1])
+        rows = ce_block_rows(logits.shape[-1], logits.device.type)
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], rows):
             torch.logsumexp(logits[start:start + rows].float(), dim=-1, out=lse[start:start + rows])
@@ -334,7 +352,7 @@ class _LowPrecisionCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         logits, targets, lse = ctx.saved_tensors
-        rows = _ce_block_rows(logits.shape[-1])
+        rows = ce_block_rows(logits.shape[-1], logits.device.type)
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.shape[0], rows):
             end = min(start + rows, logits.shape[0])
@@ -344,10 +362,15 @@ class _LowPrecisionCrossEntropy(torch.autograd.Function):
         return grad_logits, None
 
 
-def _ce_block_rows(vocab: int) -> int:
-    # ~8 MB of fp32 per block: large enough to amortise per-op overhead, small enough to stay
-    # in cache between the cast, the reduction and the exp (measured best at 64 rows of 32000).
-    return max(1, 2**21 // vocab)
+CE_BLOCK_ELEMENTS = {"cpu": 2**21, "cuda": 2**27}
+"""fp32 elements per block of the blockwise loss. CPU: ~8 MB, in cache between the cast, the
+reduction and the exp (best at 64 rows of 32000). GPU: 512 MiB, a few blocks (8 per 8k tokens at
+vocab 128256), not thousands of launch-bound ones (priced in engine/perf/inputs.py)."""
+
+
+def ce_block_rows(vocab: int, device_type: str = "cpu") -> int:
+    """Rows per block of the blockwise cross-entropy at this vocabulary on this device type."""
+    return max(1, CE_BLOCK_ELEMENTS.get(device_type, CE_BLOCK_ELEMENTS["cuda"]) // vocab)
 
 
 def lm_loss(logits: Tensor, targets: Tensor, z_loss_weight: float = 0.0,
@@ -397,7 +420,8 @@ def init_parameters(model: LlamaModel, seed: int) -> None:
 
     Each full tensor is drawn in fp32 on CPU from a generator seeded with
     derive_seed(seed, "init", name) (parallel.random's init namespace):
-    normals for weights (scaled for o_proj/down_proj), ones for norms. A parameter marked as a
+    normals for weights (scaled for o_proj/down_proj), ones for norms, zeros for the vocabulary
+    padding rows (so a Hugging Face round trip, which drops them, is exact). A parameter marked as a
     tensor- or expert-parallel shard (dim, rank, world) (parallel.sharding) receives chunk `rank`
     of the full tensor, so a shard equals the slice of the single-rank weight. A separate `lm_head` of a tied model draws from the
     embedding's name, so a last pipeline stage starts equal to the first stage's embedding.
@@ -418,6 +442,8 @@ def init_parameters(model: LlamaModel, seed: int) -> None:
             key = "embed_tokens.weight" if cfg.tie_embeddings and name == "lm_head.weight" else name
             gen = generator(seed, "init", key)
             full = torch.empty(shape).normal_(0.0, _init_std(name, shape, cfg), generator=gen)
+            if name in ("embed_tokens.weight", "lm_head.weight"):
+                full[cfg.vocab_size:] = 0  # padding rows: no gradient ever reaches them, so they stay 0
         if shard is not None:
             full = full.chunk(world, dim=dim)[rank]
         param.copy_(full)

@@ -34,16 +34,28 @@ _HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+
 _MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 _OUR_NAMES = {v: k for k, v in _MIXTRAL_NAMES.items()}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+"""Our tensors with one row per token id: padded to padded_vocab_size here, vocab_size in HF files."""
+
+
+def fit_vocab_rows(tensor: Tensor, rows: int) -> Tensor:
+    """`tensor` [V, h] with `rows` rows: the first rows, or zero rows appended (the padding rows,
+    which never get probability: engine/model/decoder.py drop_padded_vocab)."""
+    if tensor.shape[0] >= rows:
+        return tensor[:rows]
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
 def to_hf_state_dict(state_dict: dict, cfg: ModelConfig) -> dict:
     """Our names -> HF names (`model.embed_tokens.weight`, `model.layers.{i}...`, `lm_head.weight`;
-    a MoE layer's experts one matrix each, Mixtral's names)."""
+    a MoE layer's experts one matrix each, Mixtral's names); the vocabulary padding rows are left out."""
     check_exportable(cfg)
     out = {}
     for name, tensor in state_dict.items():
         if cfg.tie_embeddings and name == "lm_head.weight":
             continue  # a pipeline stage's copy of the tied embedding
+        if name in VOCAB_TENSORS and tensor.shape[0] != cfg.vocab_size:
+            tensor = tensor[:cfg.vocab_size].clone()  # a copy: safetensors writes whole storages
         if name == "lm_head.weight":
             out[name] = tensor
             continue
@@ -89,7 +101,8 @@ def _stack_experts(hf_sd: dict, cfg: ModelConfig) -> dict:
 
 
 def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
-    """HF names -> our names; drops HF's tied `lm_head.weight` and stale rotary buffers."""
+    """HF names -> our names; drops HF's tied `lm_head.weight` and stale rotary buffers, and pads the
+    vocabulary tensors to cfg.padded_vocab_size rows (zeros)."""
     check_exportable(cfg)
     if cfg.num_experts:
         hf_sd = _stack_experts(hf_sd, cfg)
@@ -107,6 +120,9 @@ def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
     expected = "embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
     if expected not in out:
         raise ValueError(f"HF checkpoint lacks the tensor for {expected!r} (tie_embeddings={cfg.tie_embeddings})")
+    for name in VOCAB_TENSORS:
+        if name in out:
+            out[name] = fit_vocab_rows(out[name], cfg.padded_vocab_size)
     return out
 
 

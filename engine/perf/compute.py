@@ -17,8 +17,8 @@ recomputation can replay the forward).
 - element-wise: bytes per token each op reads and writes, eager (the engine) or fused, at the
   HBM's achievable bandwidth (counts in _ELEMENTWISE).
 - loss: the logits GEMM, and at tp = 1 the engine's blockwise bf16 cross-entropy (blocks of
-  2**21 / vocab rows, ~8 eager kernels each: at vocab 128256 that is 16 rows and ~4,000 kernels per
-  8k-token microbatch, bound by kernel launches), at tp > 1 the vocab-parallel fp32 passes.
+  cross_entropy_block_elements / vocab rows on a GPU, ~8 eager kernels each: at vocab 128256 that
+  is 1046 rows and 8 blocks per 8k-token microbatch), at tp > 1 the vocab-parallel fp32 passes.
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def head_compute(x: ActivationShape, gpu: GPUSpec, assume: Assumptions) -> Pass:
     if x.tp > 1:  # vocab-parallel fp32: cast, max, subtract, exp, sum, divide; clone, scatter, scale, cast
         loss = Pass(38 * elements / bandwidth, 22 * elements / bandwidth)
     elif assume.blockwise_cross_entropy:
-        blocks = -(-x.tokens // max(1, 2**21 // x.vocab))
+        blocks = -(-x.tokens // max(1, assume.cross_entropy_block_elements // x.vocab))
         loss = Pass(max(10 * elements / bandwidth, 2 * blocks * assume.kernel_launch_s),
                     max(38 * elements / bandwidth, 6 * blocks * assume.kernel_launch_s))
     else:

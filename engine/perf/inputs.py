@@ -87,13 +87,18 @@ class Assumptions:
     """ZeRO-1/2's parameter all-gather hidden behind the next forward (Megatron's
     --overlap-param-gather); False: the engine gathers after the step and waits (parallel/zero.py)."""
     grad_reduce_bytes: int = 4
-    """Bytes per gradient element on the wire (the engine reduces its fp32 main grads; 2: bf16)."""
-    grad_fingerprint_sync: bool = True
-    """Each gradient bucket is fingerprinted with a host sync before its reduction (the engine's
-    step guard, engine/resilience/guard.py), which drains the GPU's queue once per bucket."""
+    """Bytes per gradient element on the wire: 4 with optim.grad_reduce_dtype=fp32 (the default),
+    2 with bf16 (parallel/data_parallel.py, parallel/zero.py reduce a bf16 copy of each bucket)."""
+    grad_fingerprint_sync: bool = False
+    """Each gradient bucket is fingerprinted with a host sync before its reduction. The engine's
+    step guard no longer syncs there: its fingerprints stay on the device and are read once at a
+    replica-check step (engine/resilience/guard.py); True models the old engine."""
     blockwise_cross_entropy: bool = True
-    """At tp=1 the engine's bf16 loss walks the logits in blocks of 2**21 / vocab rows, ~10 eager
-    kernels per block (engine/model/decoder.py); False: a few fused passes."""
+    """At tp=1 the engine's bf16 loss walks the logits in blocks of cross_entropy_block_elements /
+    vocab rows, ~10 eager kernels per block (engine/model/decoder.py); False: a few fused passes."""
+    cross_entropy_block_elements: int = 2**27
+    """fp32 elements per block of the engine's blockwise loss on a GPU (engine/model/decoder.py
+    CE_BLOCK_ELEMENTS['cuda']): a few large blocks, so the loss is bandwidth-bound, not launch-bound."""
     kernel_launch_s: float = 8e-6
     """Host time per eager kernel launch: the floor of a tiny kernel, paid by the blockwise loss."""
     overlap_slowdown: float = 0.15

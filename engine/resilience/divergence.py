@@ -18,8 +18,9 @@ more than one rank changed its own result independently (the rehearsal `replay_n
 rank's very first local result differ), no single fault explains it: the kernels are not
 deterministic, and nobody is accused (`judge`).
 
-Entries are 0-dim int64 tensors on the device while the step runs and are read once, at its end
-(`freeze`): one host sync per step, the one the loss already costs.
+Entries are 0-dim int64 tensors on the device while the step runs. A step's trace stays on the
+device after it (`stash`: one stack, no sync) and is read when it is needed: every pending step at
+once at a replica-check step (or a save), a single one when a replay is diagnosed (`freeze`).
 """
 from __future__ import annotations
 
@@ -163,9 +164,16 @@ class StepTrace:
             perturb(tensor)
         self._add(LOCAL, label, fingerprint_tensor(tensor))
 
-    def add_local_value(self, label: str, value: int) -> None:
-        """Record a local result already read as an int (parameter fingerprints)."""
-        self._add(LOCAL, label, int(value))
+    def add_local_value(self, label: str, value) -> None:
+        """Record a local result that is already a fingerprint: an int, or a 0-dim int64 tensor
+        still on the device (the parameter fingerprints of a check step)."""
+        self._add(LOCAL, label, value if isinstance(value, torch.Tensor) else int(value))
+
+    def stash(self) -> "PendingTrace":
+        """The trace so far, left on the device (no host sync): `read_pending` reads it later."""
+        tensors = [v for v in self._values if isinstance(v, torch.Tensor)]
+        stacked = torch.stack(tensors) if tensors else None
+        return PendingTrace(list(self._values), stacked, bytes(self._kinds), tuple(self._labels))
 
     def freeze(self) -> FrozenTrace:
         """The trace so far, read to the host at once (it keeps recording)."""
@@ -176,3 +184,32 @@ class StepTrace:
             for (i, _), value in zip(tensors, read):
                 values[i] = value
         return FrozenTrace(array("q", values), bytes(self._kinds), tuple(self._labels))
+
+
+@dataclass(frozen=True)
+class PendingTrace:
+    """A step's trace whose fingerprints are still on the device (`StepTrace.stash`)."""
+
+    values: list
+    """Ints, and 0-dim tensors standing for the entries of `stacked` in order."""
+    stacked: Optional[torch.Tensor]
+    kinds: bytes
+    labels: tuple
+
+
+def read_pending(traces: list) -> list:
+    """FrozenTraces of `traces` (PendingTrace or FrozenTrace), the pending ones read in one host sync."""
+    pending = [t for t in traces if isinstance(t, PendingTrace) and t.stacked is not None]
+    read = torch.cat([t.stacked for t in pending]).tolist() if pending else []
+    out, at = [], 0
+    for trace in traces:
+        if not isinstance(trace, PendingTrace):
+            out.append(trace)
+            continue
+        values = []
+        for v in trace.values:
+            if isinstance(v, torch.Tensor):
+                v, at = read[at], at + 1
+            values.append(v)
+        out.append(FrozenTrace(array("q", values), trace.kinds, trace.labels))
+    return out

@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 from data_pipeline.microbatch import Microbatch
 from engine.config import ResilienceConfig
-from engine.resilience.divergence import SAME, FrozenTrace, StepTrace, first_divergence, judge
-from engine.resilience.sdc import odd_ones_out, parameter_fingerprint
+from engine.resilience.divergence import SAME, FrozenTrace, StepTrace, first_divergence, judge, read_pending
+from engine.resilience.sdc import fingerprint_all_tensor, odd_ones_out
 from parallel.collectives import Group, all_gather_values, all_reduce_values
 from parallel.sharding import is_expert_shard
 
@@ -71,6 +71,9 @@ class StepGuard:
     # Steps of traces kept (8 bytes per collective input and output of the step; labels shared
     # between steps): more than any rewind reaches back.
     HISTORY = 4096
+    # Steps whose traces may wait on the device for a check step (without checks, e.g. ZeRO-3,
+    # they are read this often): a few hundred small int64 tensors.
+    READ_EVERY = 256
 
     def __init__(self, cfg: ResilienceConfig, trainer, world: Group, injector=None, events=None):
         self.cfg, self.trainer, self.world, self.injector, self.events = cfg, trainer, world, injector, events
@@ -81,7 +84,9 @@ class StepGuard:
         self.params: tuple = ()  # parameter fingerprints (dense, expert) of the last compared step
         self.suspect: Optional[_Suspect] = None
         self.rewind_steps: deque = deque()
-        self.history: dict[int, FrozenTrace] = {}  # this rank's trace of each recent step
+        # This rank's trace of each recent step: PendingTraces (on the device) until the next check
+        # step reads them all in one host sync, FrozenTraces after.
+        self.history: dict = {}
         self._in_step: Optional[int] = None  # the step computing now (a second begin_step: an audit)
         self.garbage_batches: set[int] = set()
         if hasattr(trainer.grads, "before_reduce"):
@@ -183,13 +188,21 @@ class StepGuard:
         replaying = self.suspect is not None and step <= self.suspect.step
         compare = self.checks_replicas(step, saving)
         self.trace.add_local("local loss", local_loss)
-        if compare or (replaying and self.suspect.kind == "replicas"):
+        fingerprints = compare or (replaying and self.suspect.kind == "replicas")
+        if fingerprints:  # on the device, read below with the rest of the pending traces
             named = list(self.trainer.named_parameters())
-            self.params = (parameter_fingerprint((n, p) for n, p in named if not is_expert_shard(p)),
-                           parameter_fingerprint((n, p) for n, p in named if is_expert_shard(p)))
-            self.trace.add_local_value("parameters", self.params[0])
-            self.trace.add_local_value("expert parameters", self.params[1])
-        record = self._keep(self.trace.freeze())
+            device = self.trainer.ctx.device
+            self.trace.add_local_value("parameters", fingerprint_all_tensor(
+                (p for n, p in named if not is_expert_shard(p)), device))
+            self.trace.add_local_value("expert parameters", fingerprint_all_tensor(
+                (p for n, p in named if is_expert_shard(p)), device))
+        if replaying or fingerprints or saving or (step + 1) % self.READ_EVERY == 0:
+            record = self._keep(self.trace.freeze(), self.history.get(step - 1))
+            self._read_history()
+        else:
+            record = self.trace.stash()  # no host sync at a step that checks nothing
+        if fingerprints:
+            self.params = (record.values[-2], record.values[-1])
         if replaying:
             self._diagnose(step, record)
         self.history[step] = record
@@ -215,12 +228,20 @@ class StepGuard:
         self._record_once("sdc_suspect", step=step + 1, reason=reason)
         self._rewind(step, f"step {step + 1}: {reason}; rewinding to replay it")
 
-    def _keep(self, record: FrozenTrace) -> FrozenTrace:
+    @staticmethod
+    def _keep(record: FrozenTrace, last) -> FrozenTrace:
         """`record`, sharing the previous step's kinds and labels when equal (a step repeats them)."""
-        last = self.history.get(self.step - 1)
         if last is not None and last.kinds == record.kinds and last.labels == record.labels:
             return FrozenTrace(record.values, last.kinds, last.labels)
         return record
+
+    def _read_history(self) -> None:
+        """Read every pending step trace to the host in one sync (a check step, a replay, a save)."""
+        steps = sorted(self.history)
+        if not any(not isinstance(self.history[s], FrozenTrace) for s in steps):
+            return
+        for step, record in zip(steps, read_pending([self.history[s] for s in steps])):
+            self.history[step] = self._keep(record, self.history.get(step - 1))  # step - 1 is read by now
 
     def _compare_replicas(self, step: int) -> None:
         # (fingerprint, the group holding its replicas): dense weights, then expert weights (if any).
@@ -253,6 +274,7 @@ class StepGuard:
         the faulty one (a fault that struck once and reached the others only through collectives);
         several such ranks mean the kernels are not deterministic.
         """
+        self._read_history()
         record = self.history.get(step)
         if record is None or self.suspect.nondeterministic:
             return

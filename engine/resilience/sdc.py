@@ -81,6 +81,15 @@ def parameter_fingerprint(named_params: Iterable) -> int:
     return fingerprint_all(p for _, p in named_params)
 
 
+def fingerprint_all_tensor(tensors: Iterable[torch.Tensor], device=None) -> torch.Tensor:
+    """`fingerprint_all` as a 0-dim int64 tensor on the device, with no host sync (int64 sums wrap
+    the same way; `int()` of it equals `fingerprint_all`)."""
+    parts = [fingerprint_tensor(t) for t in tensors]
+    if not parts:
+        return torch.zeros((), dtype=torch.int64, device=device)
+    return torch.stack(parts).sum()
+
+
 def replicas_disagree(local: list[int], group: Group) -> tuple[list[int], list[list[int]]]:
     """Compare `local` across the replicas of `group`; returns (global ranks that differ, all values)."""
     values = all_gather_values(local, group)

@@ -220,6 +220,17 @@ def read_manifest(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
 
 
+LEGACY_MODEL_FIELDS = {"make_vocab_size_divisible_by": 1}
+"""Model fields added after checkpoints were first written, with the value that describes how a
+checkpoint recorded without them was built (no vocabulary padding before the field existed): an
+older checkpoint is read as the model it holds, never as another one."""
+
+
+def recorded_model(record: dict) -> dict:
+    """A checkpoint manifest's model record with the fields it predates filled (LEGACY_MODEL_FIELDS)."""
+    return {**LEGACY_MODEL_FIELDS, **record}
+
+
 def resolve_checkpoint(source: str | Path, key: str, hashes: bool = True) -> Path:
     """The checkpoint that a command's `key` (train.init_from, midtrain.branch_from, --resume,
     --checkpoint) names: a step_* directory itself, or a run's checkpoints/ folder or run

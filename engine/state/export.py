@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from engine.state.checkpoint_store import CheckpointError, read_manifest, resolve_checkpoint
+from engine.state.checkpoint_store import CheckpointError, read_manifest, recorded_model, resolve_checkpoint
 from engine.state.safe_load import safe_load
 from engine.state.views import model_views
 from engine.config import ModelConfig
@@ -41,7 +41,7 @@ def load_model(checkpoint: str | Path) -> LlamaModel:
     path = resolve_checkpoint(checkpoint, "--checkpoint")
     metadata = read_manifest(path)["metadata"]
     try:
-        cfg = ModelConfig(**metadata["model"])
+        cfg = ModelConfig(**recorded_model(metadata["model"]))
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"--checkpoint {checkpoint}: manifest.json holds no usable model config ({err})") from None
     model = LlamaModel(cfg)

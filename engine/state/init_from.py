@@ -17,13 +17,12 @@ then load it without unpickling anything else.
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
-from engine.state.checkpoint_store import CheckpointError, read_manifest, resolve_checkpoint
+from engine.state.checkpoint_store import CheckpointError, read_manifest, recorded_model, resolve_checkpoint
 from engine.state.safe_load import read_metadata, safe_load
 from engine.state.views import model_views, sync_masters
 from engine.config import ApogeeConfig, ConfigError, ModelConfig
@@ -31,9 +30,10 @@ from engine.model.hf_config import architecture
 from parallel.sharding import shard_of
 
 SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
-                "qk_norm", "tie_embeddings", "num_experts", "moe_ffn_hidden_size")
+                "padded_vocab_size", "qk_norm", "tie_embeddings", "num_experts", "moe_ffn_hidden_size")
 """Model fields that must agree between an Apogee checkpoint and the run (not seq_length, RoPE or
-the loss settings, which a later stage may change)."""
+the loss settings, which a later stage may change). The padded vocabulary (the rows the checkpoint
+holds) counts, not model.make_vocab_size_divisible_by itself: 384 rows are 384 rows at 1 or 128."""
 
 CHANGEABLE = {
     "rope_scaling": "long-context extension (Llama 3's frequency scaling)",
@@ -69,7 +69,7 @@ def _hf_model(path: Path, source: str) -> ModelConfig:
 def _source_model(kind: str, path: Path, source: str) -> ModelConfig:
     if kind == "hf":
         return _hf_model(path, source)
-    return ModelConfig(**read_manifest(path)["metadata"]["model"])
+    return ModelConfig(**recorded_model(read_manifest(path)["metadata"]["model"]))
 
 
 def _explicit(cfg: ApogeeConfig, field: str) -> bool:
@@ -144,8 +144,7 @@ def check_init_source(cfg: ApogeeConfig) -> None:
     if kind == "hf":
         source, mine = architecture(source_model), architecture(cfg.model)
     else:
-        source, mine = dataclasses.asdict(source_model), dataclasses.asdict(cfg.model)
-        source, mine = ({k: d[k] for k in SHAPE_FIELDS} for d in (source, mine))
+        source, mine = ({k: getattr(m, k) for k in SHAPE_FIELDS} for m in (source_model, cfg.model))
     differ = [f"{k}: {source[k]} there, {mine.get(k)} here" for k in source if source[k] != mine.get(k)]
     if differ:
         raise ConfigError(f"train.init_from={cfg.train.init_from!r} holds another model ({'; '.join(differ)})")
@@ -160,7 +159,7 @@ def initialize_chunks(chunks: list, source: str, tie_embeddings: bool, world_siz
         # every rank reads its own shards; the optimizer state is left out
         safe_load(model_views(named, tie_embeddings), path, no_dist=world_size == 1)
     else:
-        from engine.model.hf_interop import load_hf
+        from engine.model.hf_interop import VOCAB_TENSORS, fit_vocab_rows, load_hf
 
         _, full = load_hf(path)
         for name, param in named:
@@ -168,6 +167,8 @@ def initialize_chunks(chunks: list, source: str, tie_embeddings: bool, world_siz
                 continue  # adapters keep their initial values (B = 0)
             value = full["embed_tokens.weight" if tie_embeddings and name == "lm_head.weight" else name]
             shard = shard_of(param)
+            if name in VOCAB_TENSORS:  # this run's padding rows (model.make_vocab_size_divisible_by)
+                value = fit_vocab_rows(value, param.shape[0] * (shard[2] if shard is not None and shard[0] == 0 else 1))
             if shard is not None:  # this rank's tensor- or expert-parallel slice
                 dim, rank, world = shard
                 value = value.chunk(world, dim=dim)[rank]

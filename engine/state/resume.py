@@ -21,9 +21,9 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
-from engine.config import ApogeeConfig, ConfigError
+from engine.config import ApogeeConfig, ConfigError, ModelConfig
 from engine.state.checkpoint_store import (CheckpointError, CheckpointInfo, CheckpointStore, quick_check,
-                                           read_manifest, resolve_checkpoint, verify)
+                                           read_manifest, recorded_model, resolve_checkpoint, verify)
 from engine.state.manifest import ManifestError, load_manifest, no_progress, verification_share, verify_files
 from engine.state.safe_load import read_metadata
 from parallel.collectives import Group, all_gather_objects, broadcast_objects
@@ -98,9 +98,19 @@ def check_loadable(path: Path) -> None:
 def check_compatible(info: CheckpointInfo, cfg: ApogeeConfig, this_run: str) -> None:
     """Refuse a checkpoint of a different model, or of another run unless allowed."""
     saved = read_manifest(info.path)["metadata"]
-    model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+    model = recorded_model(saved["model"]) if isinstance(saved.get("model"), dict) else {}
     current = dataclasses.asdict(cfg.model)
-    differing = [f"model.{k}: checkpoint {model.get(k)!r}, config {v!r}" for k, v in current.items() if model.get(k) != v]
+    # The padding divisor counts by what it builds (the rows held): an older checkpoint (no
+    # padding recorded) of a vocabulary already divisible is the same model.
+    padding = "make_vocab_size_divisible_by"
+    differing = [f"model.{k}: checkpoint {model.get(k)!r}, config {v!r}" for k, v in current.items()
+                 if k != padding and model.get(k) != v]
+    if not differing and model:
+        rows = ModelConfig(**model).padded_vocab_size
+        if rows != cfg.model.padded_vocab_size:
+            differing.append(f"model.{padding}: checkpoint {model[padding]!r} ({rows} embedding rows), config "
+                             f"{cfg.model.make_vocab_size_divisible_by!r} ({cfg.model.padded_vocab_size} rows); "
+                             f"set model.{padding}={model[padding]} to continue it")
     if differing:
         raise CheckpointError(f"checkpoint {info.path} holds a different model: " + "; ".join(differing))
     if saved.get("run_id") != this_run and not cfg.checkpoint.allow_other_run:

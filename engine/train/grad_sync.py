@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from engine.config import ApogeeConfig
@@ -26,6 +27,10 @@ from parallel.sharding import is_expert_shard
 from parallel.zero import ShardedGradBuffer, unique_trainable
 from parallel.zero3 import ShardedParameters
 from parallel.zero_optimizer import ADAM_STATE_KEYS, FlatShard, ShardedOptimizer
+
+
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""optim.grad_reduce_dtype -> the dtype gradient buckets travel in (ZeRO-3 reduces in fp32)."""
 
 
 def _named_parameters(chunks: list[nn.Module]):
@@ -43,14 +48,17 @@ def build_grad_sync(cfg: ApogeeConfig, chunks: list[nn.Module], group: Group,
     """
     stage = cfg.parallel.zero
     bucket_bytes = int(cfg.parallel.grad_bucket_mb * 2**20)
+    reduce_dtype = REDUCE_DTYPES[cfg.optim.grad_reduce_dtype]
     if stage == 0:
         group_of = None
         if expert_group is not None:
             group_of = lambda p: expert_group if is_expert_shard(p) else group  # noqa: E731
-        grads = GradBuffer(_named_parameters(chunks), group, bucket_bytes=bucket_bytes, group_of=group_of)
+        grads = GradBuffer(_named_parameters(chunks), group, bucket_bytes=bucket_bytes, group_of=group_of,
+                           reduce_dtype=reduce_dtype)
         return grads, MasterWeightOptimizer(_named_parameters(chunks), cfg.optim, counts_in_norm, group.device)
     if stage in (1, 2):
-        grads = ShardedGradBuffer(_named_parameters(chunks), group, stage, bucket_bytes=bucket_bytes)
+        grads = ShardedGradBuffer(_named_parameters(chunks), group, stage, bucket_bytes=bucket_bytes,
+                                  reduce_dtype=reduce_dtype)
         pieces = [(s, grads.param_shard(s), grads.grad_shard(s)) for s in grads.segments]
         return grads, ShardedOptimizer(pieces, cfg.optim, group, counts_in_norm, tp_group,
                                        after_step=grads.all_gather_params, memory=grads.memory_bytes)
