@@ -16,6 +16,7 @@ import yaml
 
 from parallel.layout import ParallelLayout
 from engine.config_precision import PrecisionConfig  # noqa: F401 (a section of ApogeeConfig, imported from here)
+from engine.config_resilience import ResilienceConfig  # noqa: F401 (likewise)
 from engine.run_files import write_run_file
 
 
@@ -210,41 +211,6 @@ class LoggingConfig:
 
     tensorboard: bool = True
     """Write TensorBoard scalars under RUN_DIR/tensorboard."""
-
-
-@dataclass
-class ResilienceConfig:
-    """Fault detection and recovery."""
-
-    inject: list = field(default_factory=list)
-    """Faults to rehearse, one string each: 'kill:rank=1:step=7', 'raise:rank=0:step=4',
-    'hang:rank=0:step=5', 'bitflip:target=grad:rank=1:step=9:bit=30', 'garbage_batch:step=12',
-    'replay_noise:step=12'."""
-    max_restarts: int = 3
-    """Times the launcher restarts all ranks after a failure before giving up."""
-    hang_timeout_s: float = 300.0
-    """Seconds without progress after which the watchdog dumps stacks and exits (0 disables it)."""
-    collective_timeout_s: float = 600.0
-    """Seconds a rank waits in the rendezvous or in any collective (the training groups and the
-    checkpoint group) before failing; above the time the slowest checkpoint publish takes."""
-    check_interval: int = 10
-    """Steps between cross-replica fingerprint checks of gradients and parameters (0 disables)."""
-    audit_interval: int = 0
-    """Steps between deterministic-replay audits of a whole step (0 disables)."""
-    spike_factor: float = 1.5
-    """A loss above spike_factor x the median of the last spike_window losses is a spike."""
-    grad_spike_factor: float = 20.0
-    """A grad norm above grad_spike_factor x the median of the last spike_window norms is a spike."""
-    spike_window: int = 20
-    """Losses (and grad norms) the spike statistics are taken over; no spike check before that many."""
-    max_rewinds: int = 3
-    """Rewinds tolerated within rewind_window steps before the run stops with an error."""
-    rewind_window: int = 100
-    """Window (steps) over which rewinds are counted."""
-    deterministic: str = "strict"
-    """Kernels on CUDA, so that replays repeat bit for bit: 'strict' (torch.use_deterministic_algorithms,
-    fixed cuBLAS workspace, NCCL algorithm and protocol pinned; an op without a deterministic kernel
-    raises), 'warn' (such an op, and attention's fused backward, run as they are), 'off'. CPU: no effect."""
 
 
 @dataclass
