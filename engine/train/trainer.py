@@ -76,6 +76,8 @@ class Trainer:
         self.fault_injector, self.heartbeat, self.stop_request = hooks.fault_injector, hooks.heartbeat, hooks.stop_request
         self.last_local_loss = torch.zeros(())  # this rank's loss sum of the last step, before reduction
         self.ledger = CommLedger()
+        if hasattr(self.heartbeat, "watch"):  # a hang is attributed with this ledger's collective counters
+            self.heartbeat.watch(self.ledger, ctx.world_size)
         self.dp = ctx.comm_group("dp", self.ledger)
         self.world = ctx.comm_group("world", self.ledger)
         self.tp = ctx.comm_group("tp", self.ledger)
