@@ -257,6 +257,9 @@ class ResilienceConfig:
     """A grad norm above grad_spike_factor x the median of the last spike_window norms is a spike."""
     spike_window: int = 20
     """Losses (and grad norms) the spike statistics are taken over; no spike check before that many."""
+    straggler_factor: float = 1.5
+    """A rank whose compute time on each of the last 5 steps is above straggler_factor x its peers'
+    median is named in a 'straggler' event (0 disables the per-step comparison)."""
     max_rewinds: int = 3
     """Rewinds tolerated within rewind_window steps before the run stops with an error."""
     rewind_window: int = 100

@@ -18,6 +18,7 @@ run the same lines as parallel ones.
 from __future__ import annotations
 
 import pickle
+import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Sequence
@@ -41,6 +42,11 @@ class CommLedger:
     purpose)], plus 'p2p' messages posted per (group, send|recv, peer): what the hang watchdog
     compares across ranks to name the rank behind (engine/resilience/hang_report.py)."""
 
+    wait_s: float = 0.0
+    """Host seconds this rank spent blocked in collectives (a blocking call's whole time, an async
+    one's `wait()`) since `reset()`: the step's wait time, the rest being compute (stragglers)."""
+    _entered_at: float = 0.0
+
     RECENT = 32  # collectives remembered per group: how far ahead of a stuck peer a rank may run
 
     def entered(self, group: "Group", call: str, purpose: str) -> None:
@@ -50,6 +56,11 @@ class CommLedger:
             entry = self.progress[group.name] = [_members(group), 0, deque(maxlen=self.RECENT)]
         entry[1] += 1
         entry[2].append((entry[1], call, purpose))
+        self._entered_at = time.perf_counter()
+
+    def waited(self, since: Optional[float] = None) -> None:
+        """Book the time from `since` (default: entering the last collective) to now as waiting."""
+        self.wait_s += time.perf_counter() - (self._entered_at if since is None else since)
 
     def posted(self, group: "Group", kind: str, peer: int) -> None:
         """This rank posts a p2p `kind` (send|recv) to/from group member `peer`."""
@@ -58,6 +69,7 @@ class CommLedger:
         if entry is None:
             entry = self.progress[key] = [_members(group), defaultdict(int)]
         entry[1][(kind, entry[0][peer])] += 1
+        self._entered_at = time.perf_counter()
 
     def progress_snapshot(self) -> dict:
         """The counters as JSON-ready data (read from the watchdog thread: copies, each one atomic)."""
@@ -87,6 +99,7 @@ class CommLedger:
         """Start a new accounting period (the trainer resets once per step)."""
         self.bytes.clear()
         self.calls.clear()
+        self.wait_s = 0.0
 
 
 @dataclass
@@ -147,28 +160,34 @@ def _enter(call: str, group: Group, purpose: str, local: torch.Tensor, *others: 
 
 
 def _received(group: Group, purpose: str, work, *outputs: torch.Tensor):
-    """`work` (None for a blocking call); the observer sees `outputs` once they have arrived."""
-    observer = group.ledger.observer
-    if observer is None:
-        return work
-    def show() -> None:
-        for output in outputs:
-            observer.received(group, purpose, output)
+    """`work` (None for a blocking call, which is booked as waited); the observer sees `outputs`
+    once they have arrived."""
+    ledger, observer = group.ledger, group.ledger.observer
+    show = None
+    if observer is not None:
+        def show() -> None:
+            for output in outputs:
+                observer.received(group, purpose, output)
     if work is None:
-        show()
+        ledger.waited()
+        if show is not None:
+            show()
         return None
-    return _ObservedWork(work, show)
+    return _ObservedWork(work, ledger, show)
 
 
 class _ObservedWork:
-    """A work handle whose `wait()` then shows the observer what arrived (async collectives, p2p)."""
+    """A work handle whose `wait()` is booked as waiting and then shows the observer (if any) what
+    arrived (async collectives, p2p)."""
 
-    def __init__(self, work, on_arrival):
-        self._work, self._on_arrival = work, on_arrival
+    def __init__(self, work, ledger: CommLedger, on_arrival):
+        self._work, self._ledger, self._on_arrival = work, ledger, on_arrival
 
     def wait(self, *args, **kwargs):
         """Wait for the collective, then show its outputs to the observer (once)."""
+        started = time.perf_counter()
         result = self._work.wait(*args, **kwargs)
+        self._ledger.waited(started)
         if self._on_arrival is not None:
             self._on_arrival, show = None, self._on_arrival
             show()
@@ -286,7 +305,7 @@ def batch_isend_irecv(ops: Sequence[P2P], group: Group) -> list:
     works = dist.batch_isend_irecv([
         dist.P2POp(dist.isend if op.kind == SEND else dist.irecv, op.tensor, group=group.process_group,
                    group_peer=op.peer) for op in ops])
-    return [_received(group, op.purpose, work, op.tensor) if op.kind == RECV else work
+    return [_received(group, op.purpose, work, op.tensor) if op.kind == RECV else _ObservedWork(work, group.ledger, None)
             for op, work in zip(ops, works)]
 
 
@@ -329,6 +348,7 @@ def all_gather_values(values: list[int], group: Group, purpose: str = "resilienc
     group.ledger.entered(group, "all_gather", purpose)
     group.ledger.record(group.name, purpose, local.numel() * local.element_size() * group.size)
     dist.all_gather(out, local, group=group.process_group)
+    group.ledger.waited()
     return [t.tolist() for t in out]
 
 
@@ -350,6 +370,7 @@ def barrier(group: Group) -> None:
     if group.size > 1:
         group.ledger.entered(group, "barrier", "barrier")
         dist.barrier(group=group.process_group)
+        group.ledger.waited()
 
 
 def world_group(ledger: CommLedger, device: Optional[torch.device] = None) -> Group:

@@ -12,14 +12,17 @@ one logged as `step: k` in metrics.jsonl (the trainer's 0-based index k-1):
     replay_noise:step=K                    on every replay of step K (never its first run), every
                                            rank's first local result is off by one ulp: what
                                            nondeterministic kernels do to a replay
+    slow:rank=R:step=K:factor=F            from step K on, rank R computes F times slower (it sleeps
+                                           F-1 times its step's compute time): a straggler
 
 kill, raise and hang fire in `FaultInjector.before_step`; bitflip and garbage_batch are fired by
 the code that owns those tensors, through `pending()` and `mark_fired()`; the step guard asks
-`every()` for replay_noise.
+`every()` for replay_noise; the trainer calls `slow_down` after each step's forward and backward.
 
 A fault fires once per run directory: it is recorded durably ('fault_injected' in events.jsonl,
-fsynced) before it fires, and a restarted run that passes step K again skips it. replay_noise is
-the exception: it stands for the kernels, so it acts on every replay (recorded the first time).
+fsynced) before it fires, and a restarted run that passes step K again skips it. replay_noise and
+slow are the exceptions: they stand for the kernels and for a slow node, so they act on every
+replay, on every step from K (recorded the first time).
 """
 from __future__ import annotations
 
@@ -43,12 +46,14 @@ KINDS = {
     "bitflip": (("target", "rank", "step", "bit"), ("element",)),
     "garbage_batch": (("step",), ("rank",)),
     "replay_noise": (("step",), ()),
+    "slow": (("rank", "step", "factor"), ()),
 }
+FLOATS = ("factor",)  # fields that take a real number; the others are integers
 TARGETS = ("grad", "param", "activation")
 MAX_BIT = 31  # fp32, the widest element the engine trains with; narrower dtypes are checked where they flip
 FORMS = ("kill:rank=R:step=K, raise:rank=R:step=K, hang:rank=R:step=K, "
          "bitflip:target=grad|param|activation:rank=R:step=K:bit=B[:element=E], garbage_batch:step=K[:rank=R], "
-         "replay_noise:step=K")
+         "replay_noise:step=K, slow:rank=R:step=K:factor=F")
 STEP_FAULTS = ("kill", "raise", "hang")  # the kinds before_step fires
 
 
@@ -68,6 +73,7 @@ class Fault:
     target: Optional[str] = None
     bit: Optional[int] = None
     element: int = 0
+    factor: Optional[float] = None
 
     @property
     def key(self) -> tuple[int, str]:
@@ -110,6 +116,12 @@ def parse_fault(text: str, index: int, world_size: Optional[int] = None) -> Faul
                 raise bad(f"target={value!r}: expected one of {', '.join(TARGETS)}")
             values[name] = value
             continue
+        if name in FLOATS:
+            try:
+                values[name] = float(value)
+            except ValueError:
+                raise bad(f"{name}={value!r}: expected a number") from None
+            continue
         try:
             values[name] = int(value)
         except ValueError:
@@ -122,6 +134,8 @@ def parse_fault(text: str, index: int, world_size: Optional[int] = None) -> Faul
         raise bad(f"rank={values['rank']}: expected 0..{world_size - 1} ({world_size} ranks)")
     if "bit" in values and not 0 <= values["bit"] <= MAX_BIT:
         raise bad(f"bit={values['bit']}: expected 0..{MAX_BIT}")
+    if "factor" in values and not 1.0 < values["factor"] <= 100.0:
+        raise bad(f"factor={values['factor']:g}: expected a slowdown above 1 and at most 100")
     if values.get("element", 0) < 0:
         raise bad(f"element={values['element']}: expected >= 0")
     return Fault(index=index, spec=text.strip(), kind=kind, **values)
@@ -182,6 +196,16 @@ class FaultInjector:
             return event
         # fsynced: the restarted run must see it even if the whole node goes down with this rank
         return record_durably(self.events, "fault_injected", **event)
+
+    def slow_down(self, step: int, compute_s: float) -> None:
+        """A `slow` fault active at trainer step index `step`: sleep (factor - 1) x `compute_s`, the
+        step's own compute so far, so this rank computes factor times slower than it would."""
+        for fault in self.faults:
+            if fault.kind == "slow" and fault.step <= step + 1:
+                if not self.fired(fault):
+                    self.mark_fired(fault)
+                    print(f"apogee: rank {self.rank}: injecting fault {fault.spec!r}", file=sys.stderr, flush=True)
+                time.sleep((fault.factor - 1.0) * max(compute_s, 0.0))
 
     def before_step(self, step: int) -> None:
         """Fire this rank's kill/raise/hang faults due at trainer step index `step` (0-based)."""
