@@ -141,6 +141,34 @@ def parse_fault(text: str, index: int, world_size: Optional[int] = None) -> Faul
     return Fault(index=index, spec=text.strip(), kind=kind, **values)
 
 
+def judged_from(fault: Fault, cfg) -> Optional[int]:
+    """The first step at which a detector can see `fault`, when that is after the step it fires at
+    (None: it is judged where it fires). The loss-spike rule is armed after resilience.spike_window
+    accepted steps; before that only NaN/Inf is caught. A garbage batch or a flipped activation
+    is seen by the loss alone, and so is a flipped gradient or parameter when no replica holds the
+    same values to compare fingerprints with (dp=1, ZeRO-3, or resilience.check_interval=0)."""
+    r, p = cfg.resilience, cfg.parallel
+    replicas = (p.dp or 1) > 1 and p.zero < 3 and r.check_interval > 0
+    loss_only = fault.kind == "garbage_batch" or (fault.kind == "bitflip" and (fault.target == "activation"
+                                                                               or not replicas))
+    if loss_only and fault.step <= r.spike_window:
+        return r.spike_window + 1
+    return None
+
+
+def early_fault_warnings(cfg) -> list[str]:
+    """One line per rehearsed fault that fires before a detector can judge it (printed at start)."""
+    lines = []
+    for fault in parse_faults(cfg.resilience.inject):
+        first = judged_from(fault, cfg)
+        if first is not None:
+            lines.append(f"resilience.inject[{fault.index}]={fault.spec!r} fires at step {fault.step}, before the "
+                         f"loss-spike rule is armed: it needs resilience.spike_window={cfg.resilience.spike_window} "
+                         f"accepted steps, so a spike is judged from step {first} on (before that only NaN/Inf "
+                         f"is caught); inject it at step >= {first}, or lower resilience.spike_window")
+    return lines
+
+
 def parse_faults(entries, world_size: Optional[int] = None) -> list[Fault]:
     """Every fault of resilience.inject (a list of strings), validated for `world_size` ranks."""
     if not isinstance(entries, (list, tuple)):
