@@ -260,6 +260,9 @@ class ResilienceConfig:
     straggler_factor: float = 1.5
     """A rank whose compute time on each of the last 5 steps is above straggler_factor x its peers'
     median is named in a 'straggler' event (0 disables the per-step comparison)."""
+    abft_interval: int = 0
+    """Steps between ABFT checksum checks of every linear layer's forward GEMM (0 disables; 1: every
+    step, which a one-off GEMM error needs): a failed checksum names the rank and the layer."""
     max_rewinds: int = 3
     """Rewinds tolerated within rewind_window steps before the run stops with an error."""
     rewind_window: int = 100

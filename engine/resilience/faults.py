@@ -12,6 +12,10 @@ one logged as `step: k` in metrics.jsonl (the trainer's 0-based index k-1):
     replay_noise:step=K                    on every replay of step K (never its first run), every
                                            rank's first local result is off by one ulp: what
                                            nondeterministic kernels do to a replay
+    gemm_error:rank=R:step=K:rel=E         one element of one forward GEMM's output on rank R at step K
+                                           moved by E x the output's largest magnitude; optional
+                                           layer=L (index of the checked GEMMs, default 0), element=E,
+                                           persistent=1 (every step from K): engine/resilience/abft.py
     slow:rank=R:step=K:factor=F            from step K on, rank R computes F times slower (it sleeps
                                            F-1 times its step's compute time): a straggler
 
@@ -47,13 +51,15 @@ KINDS = {
     "garbage_batch": (("step",), ("rank",)),
     "replay_noise": (("step",), ()),
     "slow": (("rank", "step", "factor"), ()),
+    "gemm_error": (("rank", "step", "rel"), ("layer", "element", "persistent")),
 }
-FLOATS = ("factor",)  # fields that take a real number; the others are integers
+FLOATS = ("factor", "rel")  # fields that take a real number; the others are integers
 TARGETS = ("grad", "param", "activation")
 MAX_BIT = 31  # fp32, the widest element the engine trains with; narrower dtypes are checked where they flip
 FORMS = ("kill:rank=R:step=K, raise:rank=R:step=K, hang:rank=R:step=K, "
          "bitflip:target=grad|param|activation:rank=R:step=K:bit=B[:element=E], garbage_batch:step=K[:rank=R], "
-         "replay_noise:step=K, slow:rank=R:step=K:factor=F")
+         "replay_noise:step=K, slow:rank=R:step=K:factor=F, "
+         "gemm_error:rank=R:step=K:rel=E[:layer=L][:element=E][:persistent=1]")
 STEP_FAULTS = ("kill", "raise", "hang")  # the kinds before_step fires
 
 
@@ -74,6 +80,9 @@ class Fault:
     bit: Optional[int] = None
     element: int = 0
     factor: Optional[float] = None
+    rel: Optional[float] = None
+    layer: Optional[int] = None
+    persistent: int = 0
 
     @property
     def key(self) -> tuple[int, str]:
@@ -136,6 +145,12 @@ def parse_fault(text: str, index: int, world_size: Optional[int] = None) -> Faul
         raise bad(f"bit={values['bit']}: expected 0..{MAX_BIT}")
     if "factor" in values and not 1.0 < values["factor"] <= 100.0:
         raise bad(f"factor={values['factor']:g}: expected a slowdown above 1 and at most 100")
+    if "rel" in values and not 0.0 < values["rel"] <= 1e3:
+        raise bad(f"rel={values['rel']:g}: expected a relative error in (0, 1000]")
+    if values.get("persistent", 0) not in (0, 1):
+        raise bad(f"persistent={values['persistent']}: expected 0 or 1")
+    if values.get("layer", 0) < 0:
+        raise bad(f"layer={values['layer']}: expected >= 0")
     if values.get("element", 0) < 0:
         raise bad(f"element={values['element']}: expected >= 0")
     return Fault(index=index, spec=text.strip(), kind=kind, **values)
@@ -150,7 +165,8 @@ def judged_from(fault: Fault, cfg) -> Optional[int]:
     r, p = cfg.resilience, cfg.parallel
     replicas = (p.dp or 1) > 1 and p.zero < 3 and r.check_interval > 0
     loss_only = fault.kind == "garbage_batch" or (fault.kind == "bitflip" and (fault.target == "activation"
-                                                                               or not replicas))
+                                                                               or not replicas)) \
+        or (fault.kind == "gemm_error" and r.abft_interval == 0)
     if loss_only and fault.step <= r.spike_window:
         return r.spike_window + 1
     return None
