@@ -239,7 +239,7 @@ class ResilienceConfig:
     inject: list = field(default_factory=list)
     """Faults to rehearse, one string each: 'kill:rank=1:step=7', 'raise:rank=0:step=4',
     'hang:rank=0:step=5', 'bitflip:target=grad:rank=1:step=9:bit=30', 'garbage_batch:step=12',
-    'replay_noise:step=12'."""
+    'replay_noise:step=12', 'slow:rank=1:step=5:factor=3', 'gemm_error:rank=1:step=12:rel=1e-3'."""
     max_restarts: int = 3
     """Times the launcher restarts all ranks after a failure before giving up."""
     hang_timeout_s: float = 300.0
