@@ -16,7 +16,7 @@ class ResilienceConfig:
     inject: list = field(default_factory=list)
     """Faults to rehearse, one string each: 'kill:rank=1:step=7', 'raise:rank=0:step=4',
     'hang:rank=0:step=5', 'bitflip:target=grad:rank=1:step=9:bit=30', 'garbage_batch:step=12',
-    'replay_noise:step=12'."""
+    'replay_noise:step=12', 'slow:rank=1:step=5:factor=3', 'gemm_error:rank=1:step=12:rel=1e-3'."""
     max_restarts: int = 3
     """Times the launcher restarts all ranks after a failure before giving up."""
     hang_timeout_s: float = 300.0
@@ -34,6 +34,12 @@ class ResilienceConfig:
     """A grad norm above grad_spike_factor x the median of the last spike_window norms is a spike."""
     spike_window: int = 20
     """Losses (and grad norms) the spike statistics are taken over; no spike check before that many."""
+    straggler_factor: float = 1.5
+    """A rank whose compute time on each of the last 5 steps is above straggler_factor x its peers'
+    median is named in a 'straggler' event (0 disables the per-step comparison)."""
+    abft_interval: int = 0
+    """Steps between ABFT checksum checks of every linear layer's forward GEMM (0 disables; 1: every
+    step, which a one-off GEMM error needs): a failed checksum names the rank and the layer."""
     max_rewinds: int = 3
     """Rewinds tolerated within rewind_window steps before the run stops with an error."""
     rewind_window: int = 100

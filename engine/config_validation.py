@@ -224,6 +224,9 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     require(r.max_restarts >= 0, "resilience.max_restarts", r.max_restarts, "must be >= 0")
     require(r.hang_timeout_s >= 0, "resilience.hang_timeout_s", r.hang_timeout_s, "must be >= 0 (0 disables the watchdog)")
     require(r.deterministic in MODES, "resilience.deterministic", r.deterministic, f"expected one of {', '.join(MODES)}")
+    require(r.straggler_factor == 0 or r.straggler_factor > 1, "resilience.straggler_factor", r.straggler_factor,
+            "must be > 1 (a slowdown ratio), or 0 to disable straggler detection")
+    require(r.abft_interval >= 0, "resilience.abft_interval", r.abft_interval, "must be >= 0 (0 disables ABFT checks)")
     require(r.collective_timeout_s > 0, "resilience.collective_timeout_s", r.collective_timeout_s, "must be > 0 (seconds)")
     parse_faults(r.inject, world_size)
     cfg.parallel.dp = dp

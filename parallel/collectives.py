@@ -18,7 +18,8 @@ run the same lines as parallel ones.
 from __future__ import annotations
 
 import pickle
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -35,6 +36,51 @@ class CommLedger:
     observer: Optional[Any] = None
     """Shown what every collective of these groups is handed and gives back (`local(group, op,
     tensor)`, `received(group, op, tensor)`): the step guard's trace (engine/resilience/divergence.py)."""
+
+    progress: dict = field(default_factory=dict)
+    """Per group name, never reset: [global member ranks, collectives entered, recent (seq, call,
+    purpose)], plus 'p2p' messages posted per (group, send|recv, peer): what the hang watchdog
+    compares across ranks to name the rank behind (engine/resilience/hang_report.py)."""
+
+    wait_s: float = 0.0
+    """Host seconds this rank spent blocked in collectives (a blocking call's whole time, an async
+    one's `wait()`) since `reset()`: the step's wait time, the rest being compute (stragglers)."""
+    _entered_at: float = 0.0
+
+    RECENT = 32  # collectives remembered per group: how far ahead of a stuck peer a rank may run
+
+    def entered(self, group: "Group", call: str, purpose: str) -> None:
+        """This rank enters collective `call` of `group` (a counter and a short ring; no host sync)."""
+        entry = self.progress.get(group.name)
+        if entry is None:
+            entry = self.progress[group.name] = [_members(group), 0, deque(maxlen=self.RECENT)]
+        entry[1] += 1
+        entry[2].append((entry[1], call, purpose))
+        self._entered_at = time.perf_counter()
+
+    def waited(self, since: Optional[float] = None) -> None:
+        """Book the time from `since` (default: entering the last collective) to now as waiting."""
+        self.wait_s += time.perf_counter() - (self._entered_at if since is None else since)
+
+    def posted(self, group: "Group", kind: str, peer: int) -> None:
+        """This rank posts a p2p `kind` (send|recv) to/from group member `peer`."""
+        key = ("p2p", group.name)
+        entry = self.progress.get(key)
+        if entry is None:
+            entry = self.progress[key] = [_members(group), defaultdict(int)]
+        entry[1][(kind, entry[0][peer])] += 1
+        self._entered_at = time.perf_counter()
+
+    def progress_snapshot(self) -> dict:
+        """The counters as JSON-ready data (read from the watchdog thread: copies, each one atomic)."""
+        groups, p2p = {}, {}
+        for key, entry in list(self.progress.items()):
+            if isinstance(key, tuple):
+                p2p[key[1]] = {"members": list(entry[0]),
+                               "posted": [[kind, peer, n] for (kind, peer), n in dict(entry[1]).items()]}
+            else:
+                groups[key] = {"members": list(entry[0]), "seq": entry[1], "recent": [list(r) for r in list(entry[2])]}
+        return {"groups": groups, "p2p": p2p}
 
     def record(self, group: str, op: str, nbytes: int) -> None:
         """Add one collective's payload."""
@@ -53,6 +99,7 @@ class CommLedger:
         """Start a new accounting period (the trainer resets once per step)."""
         self.bytes.clear()
         self.calls.clear()
+        self.wait_s = 0.0
 
 
 @dataclass
@@ -94,38 +141,53 @@ def check_devices(call: str, group: Group, *tensors: torch.Tensor) -> None:
                              f"live on {want}; create it with device=ctx.device (or .to(ctx.device))")
 
 
+def _members(group: Group) -> list[int]:
+    """The global ranks of `group`, in group order (once per group name and ledger)."""
+    if group.process_group is None or not dist.is_initialized():
+        return list(range(group.size))
+    return list(dist.get_process_group_ranks(group.process_group))
+
+
 def _enter(call: str, group: Group, purpose: str, local: torch.Tensor, *others: torch.Tensor) -> None:
-    # Every collective starts here: devices checked, then the observer (if any) sees this rank's own
-    # result before the collective mixes other ranks' values into it.
+    # Every collective starts here: devices checked, counted (hang attribution), then the observer
+    # (if any) sees this rank's own result before the collective mixes other ranks' values into it.
     check_devices(call, group, local, *others)
+    if group.size > 1:
+        group.ledger.entered(group, call, purpose)
     observer = group.ledger.observer
     if observer is not None:
         observer.local(group, purpose, local)
 
 
 def _received(group: Group, purpose: str, work, *outputs: torch.Tensor):
-    """`work` (None for a blocking call); the observer sees `outputs` once they have arrived."""
-    observer = group.ledger.observer
-    if observer is None:
-        return work
-    def show() -> None:
-        for output in outputs:
-            observer.received(group, purpose, output)
+    """`work` (None for a blocking call, which is booked as waited); the observer sees `outputs`
+    once they have arrived."""
+    ledger, observer = group.ledger, group.ledger.observer
+    show = None
+    if observer is not None:
+        def show() -> None:
+            for output in outputs:
+                observer.received(group, purpose, output)
     if work is None:
-        show()
+        ledger.waited()
+        if show is not None:
+            show()
         return None
-    return _ObservedWork(work, show)
+    return _ObservedWork(work, ledger, show)
 
 
 class _ObservedWork:
-    """A work handle whose `wait()` then shows the observer what arrived (async collectives, p2p)."""
+    """A work handle whose `wait()` is booked as waiting and then shows the observer (if any) what
+    arrived (async collectives, p2p)."""
 
-    def __init__(self, work, on_arrival):
-        self._work, self._on_arrival = work, on_arrival
+    def __init__(self, work, ledger: CommLedger, on_arrival):
+        self._work, self._ledger, self._on_arrival = work, ledger, on_arrival
 
     def wait(self, *args, **kwargs):
         """Wait for the collective, then show its outputs to the observer (once)."""
+        started = time.perf_counter()
         result = self._work.wait(*args, **kwargs)
+        self._ledger.waited(started)
         if self._on_arrival is not None:
             self._on_arrival, show = None, self._on_arrival
             show()
@@ -183,6 +245,8 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group: Group, async_op
 def broadcast(tensor: torch.Tensor, src_index: int, group: Group, global_src: int):
     """Copy `tensor` from the group member at `src_index` (global rank `global_src`) to all."""
     check_devices("broadcast", group, tensor)
+    if group.size > 1:
+        group.ledger.entered(group, "broadcast", "broadcast")
     observer = group.ledger.observer
     if observer is not None and group.rank == src_index:  # elsewhere it holds nothing of this rank's yet
         observer.local(group, "broadcast", tensor)
@@ -233,6 +297,7 @@ def batch_isend_irecv(ops: Sequence[P2P], group: Group) -> list:
                              f"{group.rank}): expected another member")
     observer = group.ledger.observer
     for op in ops:
+        group.ledger.posted(group, op.kind, op.peer)
         if op.kind == SEND:
             group._record(op.purpose, op.tensor)
             if observer is not None:
@@ -240,7 +305,7 @@ def batch_isend_irecv(ops: Sequence[P2P], group: Group) -> list:
     works = dist.batch_isend_irecv([
         dist.P2POp(dist.isend if op.kind == SEND else dist.irecv, op.tensor, group=group.process_group,
                    group_peer=op.peer) for op in ops])
-    return [_received(group, op.purpose, work, op.tensor) if op.kind == RECV else work
+    return [_received(group, op.purpose, work, op.tensor) if op.kind == RECV else _ObservedWork(work, group.ledger, None)
             for op, work in zip(ops, works)]
 
 
@@ -251,6 +316,7 @@ def all_gather_objects(obj, group: Group, purpose: str = "all_gather_object") ->
     """
     if group.size == 1:
         return [obj]
+    group.ledger.entered(group, "all_gather_object", purpose)
     gathered = [None] * group.size
     dist.all_gather_object(gathered, obj, group=group.process_group)
     group.ledger.record(group.name, purpose, len(pickle.dumps(gathered)))
@@ -264,6 +330,7 @@ def broadcast_objects(objects: list, group: Group, src_index: int = 0, purpose: 
     ranks; nothing read from a file is unpickled here)."""
     if group.size == 1:
         return objects
+    group.ledger.entered(group, "broadcast_object", purpose)
     if group.rank == src_index:
         group.ledger.record(group.name, purpose, len(pickle.dumps(objects)))
     src = src_index if group.process_group is None else dist.get_global_rank(group.process_group, src_index)
@@ -278,8 +345,10 @@ def all_gather_values(values: list[int], group: Group, purpose: str = "resilienc
         return [list(values)]
     local = torch.tensor(values, dtype=torch.int64, device=group.device)
     out = [torch.empty_like(local) for _ in range(group.size)]
+    group.ledger.entered(group, "all_gather", purpose)
     group.ledger.record(group.name, purpose, local.numel() * local.element_size() * group.size)
     dist.all_gather(out, local, group=group.process_group)
+    group.ledger.waited()
     return [t.tolist() for t in out]
 
 
@@ -299,7 +368,9 @@ def all_reduce_values(values: list[int], group: Group, op=dist.ReduceOp.MAX, pur
 def barrier(group: Group) -> None:
     """Wait until every member of `group` has arrived (not booked: it moves no payload)."""
     if group.size > 1:
+        group.ledger.entered(group, "barrier", "barrier")
         dist.barrier(group=group.process_group)
+        group.ledger.waited()
 
 
 def world_group(ledger: CommLedger, device: Optional[torch.device] = None) -> Group:

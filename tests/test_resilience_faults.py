@@ -121,3 +121,38 @@ def test_the_watchdog_ends_a_stuck_rank_with_status_18_its_stacks_and_a_hang_eve
 
 def test_job_scripts_requeue_only_what_a_restart_can_fix():
     assert [s for s in (0, 1, 2, 16, 17, 18, 137, 143) if restart_helps(s)] == [1, 16, 18, 137, 143]
+
+
+@pytest.mark.parametrize("settings, warned", [
+    (["resilience.inject=[garbage_batch:step=20]"], [0]),  # the default window: 20 accepted steps first
+    (["resilience.inject=[garbage_batch:step=21, bitflip:target=activation:rank=0:step=21:bit=30]"], []),
+    (["resilience.spike_window=5", "resilience.inject=[bitflip:target=activation:rank=0:step=5:bit=30]"], [0]),
+    # a flipped gradient with a replica to compare fingerprints with is judged where it fires...
+    (["parallel.dp=2", "resilience.inject=[bitflip:target=grad:rank=1:step=3:bit=30]"], []),
+    # ...but not with fingerprint checks off, nor at dp=1
+    (["parallel.dp=2", "resilience.check_interval=0", "resilience.inject=[bitflip:target=grad:rank=1:step=3:bit=30]"], [0]),
+    (["parallel.dp=1", "resilience.inject=[kill:rank=0:step=2, bitflip:target=param:rank=0:step=3:bit=30]"], [1]),
+])
+def test_a_fault_fired_before_the_detectors_are_armed_is_warned_about(settings, warned):
+    from engine.resilience.faults import early_fault_warnings
+    cfg = validate(load_config(None, settings), world_size=2 if "parallel.dp=2" in settings else 1)
+    lines = early_fault_warnings(cfg)
+    assert [int(line.split("[")[1].split("]")[0]) for line in lines] == warned
+    window = cfg.resilience.spike_window
+    for line in lines:
+        assert f"resilience.spike_window={window}" in line and f"judged from step {window + 1}" in line
+
+
+def test_the_warning_is_printed_once_before_the_run_starts(tmp_path):
+    from data_pipeline.words_corpus import make_dataset
+    (tmp_path / "corpus").mkdir()
+    data = make_dataset(tmp_path / "corpus")
+    result = subprocess.run([sys.executable, "-m", "cli.main", "pretrain", "--run-dir", str(tmp_path / "run"), "--set",
+                             "train.steps=2", "model.hidden_size=64", "model.seq_length=32", "train.global_batch_size=2",
+                             "train.micro_batch_size=2", "logging.tensorboard=false", f"data.inputs=[{data}]",
+                             f"data.cache_dir={tmp_path / 'cache'}", "resilience.inject=[garbage_batch:step=2]"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("apogee: warning: resilience.inject")]
+    assert len(warnings) == 1 and "judged from step 21" in warnings[0]
+    assert "step      2/2" in result.stdout  # a warning: the rehearsal still runs

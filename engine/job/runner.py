@@ -30,6 +30,7 @@ from engine.state.init_from import check_init_source, initialize_from
 from engine.job.launch import cpu_threads_per_rank, detect_launcher, init_distributed, launch_local
 from engine.train.metrics import PeakFlops, machine_peak
 from engine.resilience.exit_records import ExitRecorder
+from engine.resilience.faults import early_fault_warnings
 from engine.resilience.preemption import Preempted
 from engine.resilience.recovery import (record_final_failure, record_restart, report_exception, report_signal,
                                         restart_resume_choice, work_lost)
@@ -129,6 +130,9 @@ def run_job(cfg: ApogeeConfig, stage: Stage, run_dir: Optional[str] = None, npro
             resume = stage.prepare(cfg, run_dir, resume)
             validate(cfg, world)  # again: what the stage's start set (a branch's schedule, say)
         stage.validate(cfg, world)
+        if info.rank == 0:  # once per job, before any rank starts: a rehearsal too early to judge is not silent
+            for line in early_fault_warnings(cfg):
+                print(f"apogee: warning: {line}", file=sys.stderr, flush=True)
         if info.launcher != "none":
             return _join_outside_launch(cfg, stage, out, resume, info, claim_error)
         return _run_here(cfg, stage, out, resume, world)

@@ -12,14 +12,21 @@ one logged as `step: k` in metrics.jsonl (the trainer's 0-based index k-1):
     replay_noise:step=K                    on every replay of step K (never its first run), every
                                            rank's first local result is off by one ulp: what
                                            nondeterministic kernels do to a replay
+    gemm_error:rank=R:step=K:rel=E         one element of one forward GEMM's output on rank R at step K
+                                           moved by E x the output's largest magnitude; optional
+                                           layer=L (index of the checked GEMMs, default 0), element=E,
+                                           persistent=1 (every step from K): engine/resilience/abft.py
+    slow:rank=R:step=K:factor=F            from step K on, rank R computes F times slower (it sleeps
+                                           F-1 times its step's compute time): a straggler
 
 kill, raise and hang fire in `FaultInjector.before_step`; bitflip and garbage_batch are fired by
 the code that owns those tensors, through `pending()` and `mark_fired()`; the step guard asks
-`every()` for replay_noise.
+`every()` for replay_noise; the trainer calls `slow_down` after each step's forward and backward.
 
 A fault fires once per run directory: it is recorded durably ('fault_injected' in events.jsonl,
-fsynced) before it fires, and a restarted run that passes step K again skips it. replay_noise is
-the exception: it stands for the kernels, so it acts on every replay (recorded the first time).
+fsynced) before it fires, and a restarted run that passes step K again skips it. replay_noise and
+slow are the exceptions: they stand for the kernels and for a slow node, so they act on every
+replay, on every step from K (recorded the first time).
 """
 from __future__ import annotations
 
@@ -43,12 +50,16 @@ KINDS = {
     "bitflip": (("target", "rank", "step", "bit"), ("element",)),
     "garbage_batch": (("step",), ("rank",)),
     "replay_noise": (("step",), ()),
+    "slow": (("rank", "step", "factor"), ()),
+    "gemm_error": (("rank", "step", "rel"), ("layer", "element", "persistent")),
 }
+FLOATS = ("factor", "rel")  # fields that take a real number; the others are integers
 TARGETS = ("grad", "param", "activation")
 MAX_BIT = 31  # fp32, the widest element the engine trains with; narrower dtypes are checked where they flip
 FORMS = ("kill:rank=R:step=K, raise:rank=R:step=K, hang:rank=R:step=K, "
          "bitflip:target=grad|param|activation:rank=R:step=K:bit=B[:element=E], garbage_batch:step=K[:rank=R], "
-         "replay_noise:step=K")
+         "replay_noise:step=K, slow:rank=R:step=K:factor=F, "
+         "gemm_error:rank=R:step=K:rel=E[:layer=L][:element=E][:persistent=1]")
 STEP_FAULTS = ("kill", "raise", "hang")  # the kinds before_step fires
 
 
@@ -68,6 +79,10 @@ class Fault:
     target: Optional[str] = None
     bit: Optional[int] = None
     element: int = 0
+    factor: Optional[float] = None
+    rel: Optional[float] = None
+    layer: Optional[int] = None
+    persistent: int = 0
 
     @property
     def key(self) -> tuple[int, str]:
@@ -110,6 +125,12 @@ def parse_fault(text: str, index: int, world_size: Optional[int] = None) -> Faul
                 raise bad(f"target={value!r}: expected one of {', '.join(TARGETS)}")
             values[name] = value
             continue
+        if name in FLOATS:
+            try:
+                values[name] = float(value)
+            except ValueError:
+                raise bad(f"{name}={value!r}: expected a number") from None
+            continue
         try:
             values[name] = int(value)
         except ValueError:
@@ -122,9 +143,46 @@ def parse_fault(text: str, index: int, world_size: Optional[int] = None) -> Faul
         raise bad(f"rank={values['rank']}: expected 0..{world_size - 1} ({world_size} ranks)")
     if "bit" in values and not 0 <= values["bit"] <= MAX_BIT:
         raise bad(f"bit={values['bit']}: expected 0..{MAX_BIT}")
+    if "factor" in values and not 1.0 < values["factor"] <= 100.0:
+        raise bad(f"factor={values['factor']:g}: expected a slowdown above 1 and at most 100")
+    if "rel" in values and not 0.0 < values["rel"] <= 1e3:
+        raise bad(f"rel={values['rel']:g}: expected a relative error in (0, 1000]")
+    if values.get("persistent", 0) not in (0, 1):
+        raise bad(f"persistent={values['persistent']}: expected 0 or 1")
+    if values.get("layer", 0) < 0:
+        raise bad(f"layer={values['layer']}: expected >= 0")
     if values.get("element", 0) < 0:
         raise bad(f"element={values['element']}: expected >= 0")
     return Fault(index=index, spec=text.strip(), kind=kind, **values)
+
+
+def judged_from(fault: Fault, cfg) -> Optional[int]:
+    """The first step at which a detector can see `fault`, when that is after the step it fires at
+    (None: it is judged where it fires). The loss-spike rule is armed after resilience.spike_window
+    accepted steps; before that only NaN/Inf is caught. A garbage batch or a flipped activation
+    is seen by the loss alone, and so is a flipped gradient or parameter when no replica holds the
+    same values to compare fingerprints with (dp=1, ZeRO-3, or resilience.check_interval=0)."""
+    r, p = cfg.resilience, cfg.parallel
+    replicas = (p.dp or 1) > 1 and p.zero < 3 and r.check_interval > 0
+    loss_only = fault.kind == "garbage_batch" or (fault.kind == "bitflip" and (fault.target == "activation"
+                                                                               or not replicas)) \
+        or (fault.kind == "gemm_error" and r.abft_interval == 0)
+    if loss_only and fault.step <= r.spike_window:
+        return r.spike_window + 1
+    return None
+
+
+def early_fault_warnings(cfg) -> list[str]:
+    """One line per rehearsed fault that fires before a detector can judge it (printed at start)."""
+    lines = []
+    for fault in parse_faults(cfg.resilience.inject):
+        first = judged_from(fault, cfg)
+        if first is not None:
+            lines.append(f"resilience.inject[{fault.index}]={fault.spec!r} fires at step {fault.step}, before the "
+                         f"loss-spike rule is armed: it needs resilience.spike_window={cfg.resilience.spike_window} "
+                         f"accepted steps, so a spike is judged from step {first} on (before that only NaN/Inf "
+                         f"is caught); inject it at step >= {first}, or lower resilience.spike_window")
+    return lines
 
 
 def parse_faults(entries, world_size: Optional[int] = None) -> list[Fault]:
@@ -182,6 +240,16 @@ class FaultInjector:
             return event
         # fsynced: the restarted run must see it even if the whole node goes down with this rank
         return record_durably(self.events, "fault_injected", **event)
+
+    def slow_down(self, step: int, compute_s: float) -> None:
+        """A `slow` fault active at trainer step index `step`: sleep (factor - 1) x `compute_s`, the
+        step's own compute so far, so this rank computes factor times slower than it would."""
+        for fault in self.faults:
+            if fault.kind == "slow" and fault.step <= step + 1:
+                if not self.fired(fault):
+                    self.mark_fired(fault)
+                    print(f"apogee: rank {self.rank}: injecting fault {fault.spec!r}", file=sys.stderr, flush=True)
+                time.sleep((fault.factor - 1.0) * max(compute_s, 0.0))
 
     def before_step(self, step: int) -> None:
         """Fire this rank's kill/raise/hang faults due at trainer step index `step` (0-based)."""

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from data_pipeline.microbatch import Microbatch
 from engine.config import ResilienceConfig
+from engine.resilience.abft import GemmChecker
 from engine.resilience.divergence import SAME, FrozenTrace, StepTrace, first_divergence, judge, read_pending
 from engine.resilience.sdc import fingerprint_all_tensor, odd_ones_out
 from parallel.collectives import Group, all_gather_values, all_reduce_values
@@ -99,6 +100,10 @@ class StepGuard:
         # Under expert parallelism the dense weights are replicated over the reduction group and the
         # experts over expert-dp: each kind is compared among its own replicas.
         self.replicas_comparable = trainer.cfg.parallel.zero < 3
+        # ABFT checksums over the forward GEMMs (and the gemm_error faults they catch); fp8 GEMMs quantize.
+        gemm_faults = injector is not None and any(f.kind == "gemm_error" for f in injector.faults)
+        self.gemms = (GemmChecker(trainer.chunks, cfg.abft_interval, injector)
+                      if (cfg.abft_interval or gemm_faults) and getattr(trainer, "fp8", None) is None and not trainer.cfg.lora.rank else None)
 
     # -- rehearsed faults ------------------------------------------------------------------------
 
@@ -157,6 +162,8 @@ class StepGuard:
         self.step, self._in_step = step, step
         self.trace = StepTrace(active=True, noise=replay and self._replay_noise(step))
         self.trainer.ledger.observer = self.trace
+        if self.gemms is not None:
+            self.gemms.begin_step(step)
 
     def _replay_noise(self, step: int) -> bool:
         """Whether `replay_noise` is rehearsed at `step`: on every replay, recorded the first time."""
@@ -208,7 +215,11 @@ class StepGuard:
         self.history[step] = record
         self.history.pop(step - self.HISTORY, None)
         anomaly = self.detector.judge(loss, grad_norm)
-        if all_reduce_values([1 if anomaly else 0], self.world)[0] and anomaly is None:
+        gemm = self.gemms.report() if self.gemms is not None else None
+        flags = all_gather_values([1 if anomaly else 0, 1 if gemm else 0], self.world)
+        if any(f[1] for f in flags):
+            self._gemm_fault(step, gemm, [r for r, f in enumerate(flags) if f[1]])
+        if any(f[0] for f in flags) and anomaly is None:
             anomaly = "an anomaly on another rank"
         if self.suspect is not None and self.suspect.step == step and self.suspect.nondeterministic:
             self._rewind(step, f"step {step + 1}: its replay was not deterministic, so it cannot tell a fault from "
@@ -221,6 +232,18 @@ class StepGuard:
         if compare:
             self._compare_replicas(step)
         self.detector.accept(loss, grad_norm)
+
+    def _gemm_fault(self, step: int, gemm, ranks: list[int]) -> None:
+        """A GEMM broke its checksum on `ranks`: each names itself and its layer; everyone rewinds."""
+        if gemm is not None:
+            layer, ratio = gemm
+            self._record("sdc_confirmed", step=step + 1, faulty_rank=self.trainer.ctx.rank, layer=layer,
+                         detector="abft", ratio=round(ratio, 2),
+                         evidence=f"column sums of {layer}'s forward GEMM differ from (1^T X) W^T by {ratio:.3g} x "
+                                  f"the tolerance")
+            print(f"apogee: rank {self.trainer.ctx.rank}: ABFT checksum of {layer} failed at step {step + 1} "
+                  f"({ratio:.3g} x the tolerance)", flush=True)
+        self._rewind(step, f"step {step + 1}: ABFT checksum failed on rank(s) {ranks}; rewinding to redo it")
 
     def _suspect(self, step: int, kind: str, reason: str) -> None:
         """Record a suspicion, then rewind: the replay of the steps up to `step` will settle it."""

@@ -20,6 +20,8 @@ class ResilienceHooks:
     make_guard: Optional[Callable] = None
     """trainer -> engine.resilience.guard.StepGuard, called once the trainer is built (the guard
     fingerprints the trainer's own gradient buffers and parameters)."""
+    make_stragglers: Optional[Callable] = None
+    """trainer -> engine.resilience.stragglers.StragglerDetector (None: no per-step comparison)."""
 
     @classmethod
     def for_run(cls, cfg, rank: int, run_dir: str | Path) -> "ResilienceHooks":
@@ -27,10 +29,14 @@ class ResilienceHooks:
         from engine.resilience.faults import FaultInjector
         from engine.resilience.guard import StepGuard
         from engine.resilience.preemption import StopRequest
+        from engine.resilience.stragglers import StragglerDetector
         from engine.resilience.watchdog import Watchdog
 
         injector = FaultInjector.from_config(cfg, rank, run_dir)
         return cls(fault_injector=injector, stop_request=StopRequest(),
                    heartbeat=Watchdog(run_dir, rank, cfg.resilience.hang_timeout_s).start(),
                    make_guard=lambda trainer: StepGuard(cfg.resilience, trainer, trainer.world, injector,
-                                                        trainer.events))
+                                                        trainer.events),
+                   make_stragglers=(lambda trainer: StragglerDetector(cfg.resilience.straggler_factor, trainer.world,
+                                                                      trainer.events, trainer.ctx.rank))
+                   if cfg.resilience.straggler_factor > 0 else None)

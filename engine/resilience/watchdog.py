@@ -17,6 +17,11 @@ inside the loop (e.g. a rewind's checkpoint load) should call `beat` to say it i
 and verifying a checkpoint is progress too: the checkpoint thread calls `alive` for every few MiB
 it writes or hashes, so a rank waiting for a large checkpoint is not taken for a hung one, while a
 write that stops moving still is.
+
+Hang attribution (engine/resilience/hang_report.py): with a comm ledger attached (`watch`), a rank
+silent for half the timeout writes its per-group collective counters to the run directory at every
+poll; the watchdog that fires reads every rank's, names the rank(s) behind, the group, the
+collective and its sequence number in the 'hang' event, and writes RUN_DIR/hang-report.txt.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from typing import Optional
 
 from engine.train.events import EventLog
 from engine.resilience.exit_codes import HANG_DETECTED
+from engine.resilience.hang_report import attribute, read_progress, report_text, write_progress
 from engine.resilience.recovery import record_durably
 from parallel import process_group
 
@@ -47,6 +53,12 @@ class Watchdog:
         self._beat_lock = threading.Lock()  # beats come from the step loop and the checkpoint thread
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._ledger = None  # parallel.collectives.CommLedger whose counters attribute a hang
+        self._world_size: Optional[int] = None
+
+    def watch(self, ledger, world_size: int) -> None:
+        """Attribute a hang with `ledger`'s collective counters, compared over `world_size` ranks."""
+        self._ledger, self._world_size = ledger, world_size
 
     def start(self) -> "Watchdog":
         """Start watching (a no-op when the timeout is 0: the watchdog is off)."""
@@ -83,8 +95,43 @@ class Watchdog:
         poll = min(1.0, max(0.05, self.timeout_s / 20))
         while not self._stop.wait(poll):
             beat = self._beat
-            if beat is not None and time.monotonic() - beat[1] > self.timeout_s:
+            if beat is None:
+                continue
+            silent = time.monotonic() - beat[1]
+            if silent > self.timeout_s:
                 self._on_hang(*beat)
+            elif silent > self.timeout_s / 2:  # suspected: let the peers' watchdogs see where this rank is
+                self._write_progress(beat[0])
+
+    def _write_progress(self, steps_completed: int) -> bool:
+        if self._ledger is None or self.run_dir is None:
+            return False
+        try:
+            write_progress(self.run_dir, self.rank, steps_completed, self._ledger.progress_snapshot())
+            return True
+        except Exception as err:  # attribution is a bonus: never let it stop the watchdog
+            print(f"apogee: rank {self.rank}: could not write hang progress ({err})", file=sys.stderr, flush=True)
+            return False
+
+    def _attribute(self, steps_completed: int, silent_s: float, dump: Optional[Path]) -> dict:
+        """Compare every rank's counters (waiting briefly for the peers' latest) and write the report."""
+        if not self._write_progress(steps_completed):
+            return {}
+        since = time.time() - silent_s  # files written while this hang lasted, not a past attempt's
+        deadline = time.monotonic() + min(5.0, max(1.0, self.timeout_s / 4))
+        ranks = read_progress(self.run_dir, since)
+        while len(ranks) < (self._world_size or 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            ranks = read_progress(self.run_dir, since)
+        result = attribute(ranks, self._world_size)
+        report = self.run_dir / "hang-report.txt"
+        tmp = report.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(report_text(result, ranks, dump))
+        os.replace(tmp, report)
+        print(f"apogee: rank {self.rank}: hang attribution: {result['attribution']}", file=sys.stderr, flush=True)
+        return {"behind": result["behind"], "group": result["group"], "group_ranks": result["group_ranks"],
+                "collective": result["collective"], "seq": result["seq"], "attribution": result["attribution"],
+                "hang_report": str(report)}
 
     def _on_hang(self, steps_completed: int, beat_time: float) -> None:
         silent_s = time.monotonic() - beat_time
@@ -100,10 +147,11 @@ class Watchdog:
                     f.flush()
                     os.fsync(f.fileno())
                 recorded = _bounded(lambda: process_group.dump_flight_recorder(self.rank), self.LAST_WORDS_S)
+                blame = _bounded(lambda: self._attribute(steps_completed, silent_s, dump), self.LAST_WORDS_S) or {}
                 record_durably(EventLog(self.run_dir, self.rank), "hang", step=steps_completed + 1,
                                steps_completed=steps_completed, silent_s=silent_s, timeout_s=self.timeout_s,
                                stack_dump=str(dump), exit_code=HANG_DETECTED,
-                               flight_recorder=str(recorded) if recorded else None)
+                               flight_recorder=str(recorded) if recorded else None, **blame)
         except Exception as err:  # e.g. a full disk: the exit below must happen regardless
             print(f"apogee: rank {self.rank}: could not record the hang ({err})", file=sys.stderr, flush=True)
         finally:

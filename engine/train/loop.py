@@ -56,6 +56,8 @@ def fit(trainer, start_step: int = 0, checkpointer=None,
                 if writer is not None:
                     writer.attempt = attempt
                 continue
+            if trainer.stragglers is not None and result.compute_time is not None:
+                result.extra.update(trainer.stragglers.after_step(step, result.compute_time, result.wait_time))
             results.append(result)
             if eval_due(trainer, done):  # a validation pass reads and changes nothing the training does
                 result.extra.update(trainer.evaluate())

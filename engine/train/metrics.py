@@ -41,6 +41,9 @@ TENSORBOARD_NAMES = {
     "val_reward_accuracy": "reward accuracy validation",
     "val_reward_mean": "reward mean validation",
     "val_accuracy": "accuracy validation",
+    "compute_s": "compute-time",
+    "wait_s": "wait-time",
+    "straggler_slowdown": "straggler-slowdown",
 }
 
 
@@ -173,6 +176,9 @@ class MetricsWriter:
                 if record.get(key) is not None:
                     self._tb.add_scalar(name, record[key], step)
                     self._tb.add_scalar(f"{name} vs samples", record[key], samples)
+            for key, name in (("compute_s_by_rank", "compute-time"), ("wait_s_by_rank", "wait-time")):
+                for rank, value in enumerate(record.get(key) or []):  # one curve per rank: who is slow
+                    self._tb.add_scalar(f"{name} rank {rank}", value, step)
         if console:
             print(format_step_line(record, self.total_steps), flush=True)
         if "val_time" in record:  # one line per validation pass, whatever the log interval

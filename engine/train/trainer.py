@@ -32,6 +32,7 @@ from engine.model.parallelize import (all_reduce_tied_embedding_grads, counts_in
 from engine.model.fp8.training import Fp8Training
 from engine.resilience.hooks import ResilienceHooks
 from engine.resilience.spikes import SpikeDetector
+from engine.resilience.stragglers import StepTimer
 from engine.state.init_from import initialize_chunks
 from engine.state.export import tokenizer_source
 from engine.train.events import EventLog
@@ -58,6 +59,10 @@ class StepResult:
     """MoE models: the balance loss per MoE layer (coeff included; coeff for a perfectly balanced router)."""
     extra: dict = dataclasses.field(default_factory=dict)
     """Objective-specific metrics of the step (e.g. DPO's reward_accuracy), logged as they are."""
+    compute_time: Optional[float] = None
+    """Seconds this rank computed (CUDA: GPU time of a recent step's forward and backward)."""
+    wait_time: Optional[float] = None
+    """Seconds of the step this rank spent blocked in collectives (iteration_time - compute_time)."""
 
 
 class Trainer:
@@ -76,6 +81,8 @@ class Trainer:
         self.fault_injector, self.heartbeat, self.stop_request = hooks.fault_injector, hooks.heartbeat, hooks.stop_request
         self.last_local_loss = torch.zeros(())  # this rank's loss sum of the last step, before reduction
         self.ledger = CommLedger()
+        if hasattr(self.heartbeat, "watch"):  # a hang is attributed with this ledger's collective counters
+            self.heartbeat.watch(self.ledger, ctx.world_size)
         self.dp = ctx.comm_group("dp", self.ledger)
         self.world = ctx.comm_group("world", self.ledger)
         self.tp = ctx.comm_group("tp", self.ledger)
@@ -109,6 +116,8 @@ class Trainer:
         set_aux_loss_scale(self.chunks, self.global_tokens)  # MoE balance loss, averaged like the LM loss
         # The step guard fingerprints this trainer's buffers and parameters: built last.
         self.guard = hooks.make_guard(self) if hooks.make_guard is not None else None
+        self.stragglers = hooks.make_stragglers(self) if hooks.make_stragglers and ctx.world_size > 1 else None
+        self.step_timer = StepTimer(ctx.device)  # compute vs wait time of each step (stragglers)
 
     def build_model_chunks(self) -> list[torch.nn.Module]:
         """This rank's model chunks (one, or several with interleaved pipeline stages), parallelised
@@ -254,6 +263,7 @@ class Trainer:
         """Run optimizer step `step` (0-based) and return its global loss, grad norm and lr."""
         start = time.perf_counter()
         self.ledger.reset()
+        self.step_timer.start()
         if microbatches is None:
             microbatches = self.microbatches(step)
         if self.guard is not None:
@@ -265,6 +275,9 @@ class Trainer:
         take_aux_loss(self.chunks)  # start the step's balance-loss sum from zero
         self.grads.start_step()
         loss_total = self.forward_backward(microbatches)
+        if self.fault_injector is not None:  # a rehearsed straggler computes slower
+            self.fault_injector.slow_down(step, time.perf_counter() - start - self.ledger.wait_s)
+        self.step_timer.computed()
         self.grads.finish()
         if self.guard is not None and self.guard.audits(step):
             # A periodic audit: the same step again, from the same state, must match bit for bit.
@@ -280,7 +293,11 @@ class Trainer:
         # Every TP rank computed the full loss of its tokens: the sum over DP x CP is the global sum.
         all_reduce(loss_total, self.grad_group, purpose="metrics")
         loss = loss_total.item() / self.step_tokens
-        return StepResult(step, loss, float(grad_norm), lr, time.perf_counter() - start, self.load_balancing_loss())
+        balance = self.load_balancing_loss()
+        elapsed = time.perf_counter() - start
+        compute = min(elapsed, self.step_timer.compute_s(elapsed - self.ledger.wait_s))
+        return StepResult(step, loss, float(grad_norm), lr, elapsed, balance, compute_time=compute,
+                          wait_time=elapsed - compute)
 
     def load_balancing_loss(self) -> Optional[float]:
         """The step's MoE balance loss per MoE layer, summed over every rank's tokens (None when dense)."""
