@@ -146,3 +146,63 @@ def test_pairs_longer_than_a_row_are_left_out_with_a_note():
     long = ([1] * 20, [0] * 5 + [1] * 15)
     data = PackedPreferenceData([long, ([1] * 4, [0, 1, 1, 1])], [long, ([2] * 4, [0, 1, 1, 1])], SEQ, 1, 1, 1, 0)
     assert data.rows.rows_per_epoch == 1 and "left out 1 of 2 pairs" in data.notes[0]
+
+
+# --- packed DPO in its layouts (DPO runs at tp and dp; pp and cp are refused for every DPO run) ---
+
+DPO_PACKED = ["dpo.inputs=[pairs]", "dpo.beta=0.5", "dpo.packing=true", "optim.lr=1e-3", "optim.eps=1e-4",
+              "train.micro_batch_size=1", "train.global_batch_size=4"]
+DPO_STEPS = 4
+
+
+def _packed_pairs(cfg):
+    """Pairs whose chosen side repeats its prompt's pattern and whose rejected side is noise."""
+    gen = torch.Generator().manual_seed(11)
+    chosen, rejected = [], []
+    for _ in range(40):
+        prompt = torch.randint(1, 16, (int(torch.randint(2, 5, (1,), generator=gen)),), generator=gen).tolist()
+        n = int(torch.randint(3, 9, (1,), generator=gen))
+        good, bad = (prompt * 9)[:n], torch.randint(16, 128, (n,), generator=gen).tolist()
+        chosen.append((prompt + good, [0] * len(prompt) + [1] * n))
+        rejected.append((prompt + bad, [0] * len(prompt) + [1] * n))
+    t = cfg.train
+    return PackedPreferenceData(chosen, rejected, cfg.model.seq_length, cfg.seed, t.global_batch_size,
+                                t.micro_batch_size, pad_id=0)
+
+
+def _train_packed_dpo(overrides, world_size, reordered=None):
+    from engine.model.parallelize import gather_full_state_dict
+    from parallel.topology import ParallelContext
+    from tests.noise_floor import Reordered
+
+    cfg = parity_config([*DPO_PACKED, *overrides], world_size, DPO_STEPS, stage="dpo")
+    ctx = ParallelContext.single() if world_size == 1 else ParallelContext.create(cfg.parallel)
+    trainer = DPOTrainer(cfg, ctx, _packed_pairs(cfg))
+    floor = Reordered(trainer, reordered) if reordered else None
+    losses = [trainer.train_step(s, floor.microbatches(s, trainer.microbatches(s)) if floor else None).loss
+              for s in range(DPO_STEPS)]
+    state = gather_full_state_dict(trainer.chunks, ctx)
+    state = floor.state(state) if floor else state
+    return losses, ({k: v.numpy() for k, v in state.items()} if ctx.rank == 0 else None)
+
+
+def _packed_dpo_worker(rank, world_size, layouts):
+    return [_train_packed_dpo(layout, world_size) for layout in layouts]
+
+
+def _as_torch(run):
+    return run[0], {k: torch.from_numpy(v) for k, v in run[1].items()}
+
+
+@pytest.mark.distributed
+def test_packed_dpo_layouts_match_the_single_rank_run():
+    from tests.distributed import run_distributed
+    from tests.noise_floor import Tolerance
+
+    reference = _as_torch(_train_packed_dpo([], 1))
+    assert reference[0][0] == pytest.approx(0.6931471805599453, rel=1e-6)  # policy == reference: log 2
+    layouts = {"dp2": ["parallel.dp=2"], "tp2": ["parallel.tp=2"]}
+    runs = run_distributed(_packed_dpo_worker, 2, list(layouts.values()), timeout=300)[0]
+    for (name, _), run, scope in zip(layouts.items(), runs, ("microbatches", "all")):
+        tolerance = Tolerance.measured(reference, _as_torch(_train_packed_dpo([], 1, reordered=scope)))
+        tolerance.check(f"packed dpo {name}", *_as_torch(run), *reference)
