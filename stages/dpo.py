@@ -105,6 +105,11 @@ class DPOStage(Stage):
         return self.data_class(cfg)(chosen, rejected, cfg.model.seq_length, cfg.seed, t.global_batch_size,
                               t.micro_batch_size, tokenizer.pad_id)
 
+    def samples_per_epoch(self, cfg: ApogeeConfig, examples: int) -> int:
+        """Packed: the rows an epoch's pairs fill (the pairs are read to know their lengths)."""
+        packing = getattr(getattr(cfg, self.section), "packing", False)
+        return self.build_data(cfg).rows.rows_per_epoch if packing else examples
+
     def data_class(self, cfg: ApogeeConfig) -> type:
         """Pairs as 2 padded rows each, or packed rows (<section>.packing)."""
         if getattr(getattr(cfg, self.section), "packing", False):

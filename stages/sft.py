@@ -78,6 +78,10 @@ class SFTStage(Stage):
         return sft_data(cfg.sft.packing)(examples, cfg.model.seq_length, cfg.seed, t.global_batch_size, t.micro_batch_size,
                        tokenizer.pad_id)
 
+    def samples_per_epoch(self, cfg: ApogeeConfig, examples: int) -> int:
+        """Packed: the rows an epoch's examples fill (the examples are read to know their lengths)."""
+        return self.build_data(cfg).rows.rows_per_epoch if cfg.sft.packing else examples
+
     def build_validation_data(self, cfg: ApogeeConfig):
         """sft.valid_inputs, read like the training examples (the masked loss on their responses)."""
         from data_pipeline.sft import read_examples

@@ -206,3 +206,24 @@ def test_packed_dpo_layouts_match_the_single_rank_run():
     for (name, _), run, scope in zip(layouts.items(), runs, ("microbatches", "all")):
         tolerance = Tolerance.measured(reference, _as_torch(_train_packed_dpo([], 1, reordered=scope)))
         tolerance.check(f"packed dpo {name}", *_as_torch(run), *reference)
+
+
+def test_packed_epochs_count_rows_and_cp_is_refused(tmp_path, capsys):
+    import json
+
+    from engine.config import ConfigError
+    from stages.registry import builtin_stages
+
+    path = tmp_path / "x.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "yes"}) + "\n" for i in range(10)))
+    registry = builtin_stages()
+    sft = registry.get("sft")
+    cfg = registry.load_config(sft, None, [f"sft.inputs=[{path}]", "sft.packing=true", "train.global_batch_size=1",
+                                           "model.seq_length=64"])
+    sft.prepare(cfg, None, "auto")
+    rows = sft.build_data(cfg).rows.rows_per_epoch
+    assert rows < 10 and cfg.train.steps == 3 * rows  # 3 epochs of packed rows, not of examples
+    assert f"over 10 examples ({rows} packed samples)" in capsys.readouterr().err
+    cfg = registry.load_config(sft, None, [f"sft.inputs=[{path}]", "sft.packing=true", "parallel.cp=2"])
+    with pytest.raises(ConfigError, match="sft.packing=true: not supported with parallel.cp=2"):
+        sft.validate(cfg, 2)
