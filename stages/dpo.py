@@ -17,6 +17,11 @@ trained; it starts equal to the policy (from train.init_from when set, else from
 resumed run rebuilds it the same way. Tensor and data parallelism work as in pre-training;
 pipeline and context parallelism are refused (the pair's log-probabilities would have to be
 gathered across stages or sequence chunks before the sigmoid).
+
+With dpo.packing a microbatch is instead rows of several pairs (data_pipeline/packing.py), each
+row's sequences chosen, rejected, chosen, ... as documents 0, 1, 2, ...; each sequence's log p is
+its document's masked targets summed, so a pair's log-ratio is what it is unpacked, and the step
+still divides by the global number of pairs (counted over the dp ranks).
 """
 from __future__ import annotations
 

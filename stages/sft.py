@@ -2,7 +2,7 @@
 
 The same parallel model, trainer, checkpoints and resilience as `apogee pretrain`; what changes
 is the data (data_pipeline/sft.py: examples whose prompts are context and whose responses are
-trained, one per sample, padded), the loss (averaged over the step's trained tokens only, which
+trained, one per sample, padded; or several per sample with sft.packing, data_pipeline/packing.py), the loss (averaged over the step's trained tokens only, which
 the engine's Trainer does for any masked microbatch), and the start: `train.init_from` loads a
 pre-trained model's weights (engine/state/init_from.py). Adapters instead of full fine-tuning:
 `lora.rank` (engine/model/lora.py), as for any stage.
