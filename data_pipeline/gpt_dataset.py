@@ -181,14 +181,15 @@ class GPTDataset:
         """Number of samples available (whole epochs)."""
         return self.sample_index.shape[0] - 1
 
-    def sample_into(self, index: int, out: np.ndarray) -> None:
-        """Write sample `index` (seq_length + 1 tokens) into the int64 array `out`."""
+    def sample_into(self, index: int, out: np.ndarray) -> list[int]:
+        """Write sample `index` (seq_length + 1 tokens) into the int64 array `out`; returns the
+        lengths of the pieces of each .idx sequence (document) it holds, in order."""
         if not 0 <= index < len(self):
             raise DataError(f"dataset {self.prefix!r}: sample {index} out of range [0, {len(self)})")
         position = int(self.shuffle_index[index])
         first_doc, first_offset = (int(v) for v in self.sample_index[position])
         last_doc, last_offset = (int(v) for v in self.sample_index[position + 1])
-        filled = 0
+        filled, pieces = 0, []
         for doc_position in range(first_doc, last_doc + 1):
             document = int(self.document_index[doc_position])
             offset = first_offset if doc_position == first_doc else 0
@@ -197,6 +198,9 @@ class GPTDataset:
             part = self.reader.get(document, offset, length)
             out[filled:filled + len(part)] = part
             filled += len(part)
+            if len(part):
+                pieces.append(len(part))
+        return pieces
 
     def __getitem__(self, index: int) -> np.ndarray:
         """Sample `index`: an int64 array of seq_length + 1 tokens."""

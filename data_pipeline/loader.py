@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from data_pipeline import DataError
+from data_pipeline.documents import document_layout
 from data_pipeline.microbatch import Microbatch
 from data_pipeline.blending import build_blend, parse_schedule, samples_per_dataset
 from data_pipeline.gpt_dataset import GPTDataset
@@ -72,12 +73,16 @@ class TrainingData:
     further (default max(16, steps // 100)) to make room for batches skipped by rewinds.
     data_parallel_size: only used by the `num_microbatches` property. split, part: Megatron's
     split string and the part read (0 train, 1 valid, 2 test; data_pipeline/gpt_dataset.py).
+    document_mask: microbatches carry each input's document (the .idx sequences a sample spans),
+    so attention stays within a document, and the target that starts a new document is not
+    trained (data_pipeline/documents.py). reset_position_ids: RoPE positions restart per document.
     """
 
     def __init__(self, prefixes, seq_length: int, seed: int, global_batch_size: int, micro_batch_size: int,
                  steps: int, cache_dir: str | None = None, weights=None, phases=None,
                  data_parallel_size: int = 1, reserve_steps: int | None = None, prefetch: int = 2,
-                 split: str = "1,0,0", part: int = 0):
+                 split: str = "1,0,0", part: int = 0, document_mask: bool = False,
+                 reset_position_ids: bool = False):
         if isinstance(prefixes, str) or not prefixes:
             raise DataError(f"data.inputs={prefixes!r}: expected a non-empty list of dataset prefixes")
         self.prefixes = list(prefixes)
@@ -88,6 +93,7 @@ class TrainingData:
         self.data_parallel_size = _positive_int(data_parallel_size, "parallel.dp")
         self.prefetch = _positive_int(prefetch, "data.prefetch")
         self.seed = int(seed)
+        self.document_mask, self.reset_position_ids = bool(document_mask), bool(reset_position_ids)
         self._check_divisible(self.data_parallel_size)
         reserve = max(16, self.steps // 100) if reserve_steps is None else int(reserve_steps)
         if reserve < 0:
@@ -114,6 +120,10 @@ class TrainingData:
 
     def sample(self, position: int) -> np.ndarray:
         """Tokens (int64, seq_length + 1) at `position` of the blended stream."""
+        return self.sample_with_documents(position)[0]
+
+    def sample_with_documents(self, position: int) -> tuple[np.ndarray, list[int]]:
+        """(tokens (int64, seq_length + 1), lengths of the documents they span) at `position`."""
         if not 0 <= position < len(self.dataset_index):
             raise DataError(f"sample position {position}: beyond the {self.total_batches} batches built "
                             f"(train.steps={self.steps} plus reserve); increase train.steps")
@@ -124,7 +134,8 @@ class TrainingData:
             size = 0 if source is None else len(source)
             raise DataError(f"data input {self.prefixes[dataset]!r}: needs sample {index} but holds {size} "
                             f"for this run; increase train.steps so more epochs are built")
-        return source[index]
+        out = np.empty(self.seq_length + 1, dtype=np.int64)
+        return out, source.sample_into(index, out)
 
     def microbatch(self, step: int, microbatch: int, dp_rank: int, dp_size: int, skip_steps=()) -> Microbatch:
         """Tokens [micro_batch_size, seq_length + 1] of this (step, microbatch, dp rank), every target trained."""
@@ -132,9 +143,18 @@ class TrainingData:
         first = sample_position(step, microbatch, dp_rank, dp_size, self.global_batch_size,
                                 self.micro_batch_size, skip_steps)
         out = np.empty((self.micro_batch_size, self.seq_length + 1), dtype=np.int64)
+        layouts, documents = [], self.document_mask or self.reset_position_ids
         for row in range(self.micro_batch_size):
-            out[row] = self.sample(first + row)
-        return Microbatch(torch.from_numpy(out))
+            out[row], pieces = self.sample_with_documents(first + row)
+            if documents:
+                layouts.append(document_layout(pieces, self.seq_length))
+        tokens = torch.from_numpy(out)
+        if not documents:
+            return Microbatch(tokens)
+        ids, positions, boundary = (torch.stack(parts) for parts in zip(*layouts))
+        if not self.document_mask:
+            return Microbatch(tokens, positions=positions)
+        return Microbatch(tokens, boundary, ids, positions if self.reset_position_ids else None)
 
     def step_microbatches(self, step: int, dp_rank: int, dp_size: int, skip_steps=()) -> list:
         """All microbatches of `step` for this rank, in order."""

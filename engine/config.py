@@ -110,6 +110,10 @@ class DataConfig:
     and order as megatron-core's builder); training reads the first part, validation the second."""
     valid_inputs: list = field(default_factory=list)
     """Validation datasets (prefixes or raw inputs, like `inputs`, equal weights) instead of a split."""
+    document_mask: bool = False
+    """Attention within each document of a sample (.idx sequences), its first target untrained (data_pipeline/documents.py)."""
+    reset_position_ids: bool = False
+    """RoPE positions restart at 0 at each document of a sample (Megatron's --reset-position-ids)."""
 
 
 @dataclass

@@ -63,6 +63,11 @@ class Stage:
         section, field = self.inputs_key.split(".")
         return list(getattr(getattr(cfg, section), field))
 
+    def samples_per_epoch(self, cfg: ApogeeConfig, examples: int) -> int:
+        """Samples one epoch over `examples` input lines makes (train.epochs counts these): one each,
+        unless the stage packs several into a sample (sft.packing, dpo.packing)."""
+        return examples
+
     def claim(self, sections: Mapping[str, object]) -> Optional[str]:
         """Why a run of another stage must not carry these (this stage's) section values, or None.
 
@@ -200,8 +205,9 @@ class StageRegistry:
 
 
 def steps_from_epochs(cfg: ApogeeConfig, stage: Stage) -> None:
-    """train.epochs -> train.steps = ceil(epochs * examples / global batch) over the stage's own
-    inputs (one example per JSONL line); train.steps set by the user (file or --set) wins."""
+    """train.epochs -> train.steps = ceil(epochs * samples / global batch) over the stage's own
+    inputs (one example per JSONL line, `Stage.samples_per_epoch` samples of them: fewer when
+    packed); train.steps set by the user (file or --set) wins."""
     import math
 
     t = cfg.train
@@ -223,8 +229,10 @@ def steps_from_epochs(cfg: ApogeeConfig, stage: Stage) -> None:
     for path in inputs:
         with open(path, encoding="utf-8", errors="replace") as lines:
             examples += sum(1 for line in lines if line.strip())
-    t.steps = max(1, math.ceil(t.epochs * examples / t.global_batch_size))
-    print(f"apogee: train.epochs={t.epochs:g} over {examples} examples at train.global_batch_size="
+    samples = stage.samples_per_epoch(cfg, examples)
+    packed = f" ({samples} packed samples)" if samples != examples else ""
+    t.steps = max(1, math.ceil(t.epochs * samples / t.global_batch_size))
+    print(f"apogee: train.epochs={t.epochs:g} over {examples} examples{packed} at train.global_batch_size="
           f"{t.global_batch_size}: train.steps={t.steps}", file=sys.stderr)
 
 

@@ -94,6 +94,22 @@ def merge_context_parallel_shards(shards: Sequence[Tensor], dim: int) -> Tensor:
     return torch.cat(chunks, dim=dim)
 
 
+def document_work_shares(document_ids: Tensor, cp_size: int) -> list[float]:
+    """Each CP rank's fraction of the unmasked query-key pairs of causal attention within documents
+    (document_ids [b, s]: a query sees the earlier keys of its document) under the zigzag split.
+    With one document per row every rank gets 1/cp; short documents move the balance, which
+    this measures (tests/test_parity_documents.py prints it)."""
+    ids = document_ids.long()
+    start = torch.ones_like(ids, dtype=torch.bool)
+    start[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    # A query's work is the keys of its document up to itself: its offset in the document + 1.
+    first = torch.cummax(torch.where(start, positions, torch.zeros_like(positions)), dim=1).values
+    work = (positions - first + 1).double()
+    total = float(work.sum())
+    return [float(split_for_context_parallel(work, 1, r, cp_size).sum()) / total for r in range(cp_size)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Which blocks see each other
 

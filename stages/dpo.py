@@ -17,6 +17,11 @@ trained; it starts equal to the policy (from train.init_from when set, else from
 resumed run rebuilds it the same way. Tensor and data parallelism work as in pre-training;
 pipeline and context parallelism are refused (the pair's log-probabilities would have to be
 gathered across stages or sequence chunks before the sigmoid).
+
+With dpo.packing a microbatch is instead rows of several pairs (data_pipeline/packing.py), each
+row's sequences chosen, rejected, chosen, ... as documents 0, 1, 2, ...; each sequence's log p is
+its document's masked targets summed, so a pair's log-ratio is what it is unpacked, and the step
+still divides by the global number of pairs (counted over the dp ranks).
 """
 from __future__ import annotations
 
@@ -44,6 +49,10 @@ class DPOConfig:
     valid_inputs: list = field(default_factory=list)
     """Held-out pairs (same format) for train.eval_interval's passes: val_loss (the DPO loss) and
     val_reward_accuracy."""
+    packing: bool = False
+    """Both sides of several pairs per sample by best-fit decreasing, each sequence attending only to
+    itself with its own positions (data_pipeline/packing.py); train.global_batch_size then counts
+    packed samples, and the loss still averages over the step's pairs."""
 
 
 class DPOStage(Stage):
@@ -77,19 +86,19 @@ class DPOStage(Stage):
 
     def build_data(self, cfg: ApogeeConfig):
         """Chosen and rejected sides of each pair, SFT-style masked (data_pipeline/preference.py)."""
-        from data_pipeline.preference import PreferenceData, read_pairs
+        from data_pipeline.preference import read_pairs
         from data_pipeline.tokenizer import get_tokenizer
 
         tokenizer, t = get_tokenizer(cfg.data.tokenizer), cfg.train
         notes: list = []
         chosen, rejected = read_pairs(getattr(cfg, self.section).inputs, tokenizer, key=self.inputs_key,
                                       seq_length=cfg.model.seq_length, notes=notes)
-        return PreferenceData(chosen, rejected, cfg.model.seq_length, cfg.seed, t.global_batch_size,
+        return self.data_class(cfg)(chosen, rejected, cfg.model.seq_length, cfg.seed, t.global_batch_size,
                               t.micro_batch_size, tokenizer.pad_id, notes=notes)
 
     def build_validation_data(self, cfg: ApogeeConfig):
         """Held-out pairs (<section>.valid_inputs), paired like the training data."""
-        from data_pipeline.preference import PreferenceData, read_pairs
+        from data_pipeline.preference import read_pairs
         from data_pipeline.tokenizer import get_tokenizer
 
         inputs, key = getattr(cfg, self.section).valid_inputs, f"{self.section}.valid_inputs"
@@ -98,8 +107,21 @@ class DPOStage(Stage):
                               f"held-out pairs: set {key}=[valid.jsonl]")
         tokenizer, t = get_tokenizer(cfg.data.tokenizer), cfg.train
         chosen, rejected = read_pairs(inputs, tokenizer, key=key)
-        return PreferenceData(chosen, rejected, cfg.model.seq_length, cfg.seed, t.global_batch_size,
+        return self.data_class(cfg)(chosen, rejected, cfg.model.seq_length, cfg.seed, t.global_batch_size,
                               t.micro_batch_size, tokenizer.pad_id)
+
+    def samples_per_epoch(self, cfg: ApogeeConfig, examples: int) -> int:
+        """Packed: the rows an epoch's pairs fill (the pairs are read to know their lengths)."""
+        packing = getattr(getattr(cfg, self.section), "packing", False)
+        return self.build_data(cfg).rows.rows_per_epoch if packing else examples
+
+    def data_class(self, cfg: ApogeeConfig) -> type:
+        """Pairs as 2 padded rows each, or packed rows (<section>.packing)."""
+        if getattr(getattr(cfg, self.section), "packing", False):
+            from data_pipeline.packing import PackedPreferenceData
+            return PackedPreferenceData
+        from data_pipeline.preference import PreferenceData
+        return PreferenceData
 
     def trainer_class(self, cfg: ApogeeConfig) -> type:
         """The DPO objective on the engine's Trainer."""
@@ -119,47 +141,58 @@ class DPOTrainer(Trainer):
         self.reference = self.frozen_reference()
         self.last_accuracy: Optional[float] = None
 
-    def sequence_logps(self, model, inputs, targets, positions, loss_mask) -> torch.Tensor:
-        """Summed log-probability of each row's masked-in targets under `model`: [rows] fp32."""
-        logits = model(inputs, positions=positions)
-        return -torch.stack([self.loss_fn(logits[i:i + 1], targets[i:i + 1], loss_mask[i:i + 1])[0]
-                             for i in range(logits.shape[0])])
+    def sequence_logps(self, model, inputs, targets, positions, loss_mask, documents=None) -> torch.Tensor:
+        """Summed log-probability of each row's masked-in targets under `model`: [rows] fp32. With
+        `documents` (packed rows), of each sequence instead: [sequences] over the rows in order."""
+        logits = model(inputs, positions=positions, documents=documents)
+        if documents is None:
+            return -torch.stack([self.loss_fn(logits[i:i + 1], targets[i:i + 1], loss_mask[i:i + 1])[0]
+                                 for i in range(logits.shape[0])])
+        # A target's sequence is its input's document (a target starting the next one is masked out).
+        return -torch.stack([self.loss_fn(logits[i:i + 1], targets[i:i + 1],
+                                          loss_mask[i:i + 1] * (documents[i:i + 1] == d))[0]
+                             for i in range(logits.shape[0]) for d in range(int(documents[i].max()) + 1)])
 
     def loss_divisor(self, microbatches: list) -> int:
-        """The global number of preference pairs in the step."""
-        return self.cfg.train.global_batch_size
+        """The global number of preference pairs in the step (packed rows: summed over the dp ranks)."""
+        if all(mb.document_ids is None for mb in microbatches):
+            return self.cfg.train.global_batch_size
+        count = torch.tensor(float(sum(_pairs_in(mb) for mb in microbatches)), device=self.ctx.device)
+        all_reduce(count, self.dp, purpose="metrics")
+        return max(1, int(count.item()))
+
+    def log_ratios(self, microbatch) -> torch.Tensor:
+        """h = (log p_c - log ref_c) - (log p_r - log ref_r) of each of this microbatch's pairs (the
+        policy's terms carry the gradient)."""
+        inputs, targets, positions, loss_mask = self.prepare_microbatch(microbatch)
+        documents = self.documents(microbatch)
+        with torch.no_grad():
+            ref = self.sequence_logps(self.reference[0], inputs, targets, positions, loss_mask, documents)
+        policy = self.sequence_logps(self.model, inputs, targets, positions, loss_mask, documents)
+        return _pair_log_ratios(policy, ref, documents is not None)
 
     def forward_backward(self, microbatches: list) -> torch.Tensor:
         """DPO forward and backward over this rank's microbatches; returns the local loss sum."""
         loss_total = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         correct = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         for j, microbatch in enumerate(microbatches):
-            inputs, targets, positions, loss_mask = self.prepare_microbatch(microbatch)
             self.grads.is_last_microbatch = j == len(microbatches) - 1
-            with torch.no_grad():
-                ref = self.sequence_logps(self.reference[0], inputs, targets, positions, loss_mask)
-            policy = self.sequence_logps(self.model, inputs, targets, positions, loss_mask)
-            pairs = policy.shape[0] // 2
-            log_ratios = (policy[:pairs] - ref[:pairs]) - (policy[pairs:] - ref[pairs:])
+            log_ratios = self.log_ratios(microbatch)
             loss_sum = self.pair_loss(log_ratios).sum()
             (loss_sum / self.step_tokens).backward()
             loss_total += loss_sum.detach()
             correct += (log_ratios.detach() > 0).float().sum()
         all_reduce(correct, self.dp, purpose="metrics")
-        self.last_accuracy = correct.item() / self.cfg.train.global_batch_size
+        self.last_accuracy = correct.item() / self.step_tokens
         return loss_total
 
     def validation_sums(self, microbatches: list) -> torch.Tensor:
         """[pair-loss sum, pairs, pairs whose implicit reward prefers the chosen response] (no gradient)."""
         sums = torch.zeros(3, dtype=torch.float64)
         for microbatch in microbatches:
-            inputs, targets, positions, loss_mask = self.prepare_microbatch(microbatch)
-            ref = self.sequence_logps(self.reference[0], inputs, targets, positions, loss_mask)
-            policy = self.sequence_logps(self.model, inputs, targets, positions, loss_mask)
-            pairs = policy.shape[0] // 2
-            log_ratios = (policy[:pairs] - ref[:pairs]) - (policy[pairs:] - ref[pairs:])
-            sums += torch.tensor([float(self.pair_loss(log_ratios).sum()), pairs, float((log_ratios > 0).sum())],
-                                 dtype=torch.float64)
+            log_ratios = self.log_ratios(microbatch)
+            sums += torch.tensor([float(self.pair_loss(log_ratios).sum()), log_ratios.numel(),
+                                  float((log_ratios > 0).sum())], dtype=torch.float64)
         return sums
 
     def validation_metrics(self, sums: torch.Tensor) -> dict:
@@ -177,3 +210,20 @@ class DPOTrainer(Trainer):
         result.extra["reward_accuracy"] = self.last_accuracy
         return result
 
+
+
+def _pairs_in(microbatch) -> int:
+    """Pairs of a packed microbatch: each row holds documents 0 .. 2k-1 (chosen, rejected per pair)."""
+    return sum((int(row.max()) + 1) // 2 for row in microbatch.document_ids)
+
+
+def _pair_log_ratios(policy: torch.Tensor, ref: torch.Tensor, packed: bool) -> torch.Tensor:
+    """Each pair's (log p_c - log ref_c) - (log p_r - log ref_r) from per-sequence log-probabilities:
+    rows [chosen..., rejected...] unpacked; sequences chosen, rejected, chosen, ... packed (a pair
+    never straddles rows, so the flat order alternates)."""
+    if packed:
+        chosen, rejected = slice(0, None, 2), slice(1, None, 2)
+    else:
+        pairs = policy.shape[0] // 2
+        chosen, rejected = slice(0, pairs), slice(pairs, None)
+    return (policy[chosen] - ref[chosen]) - (policy[rejected] - ref[rejected])

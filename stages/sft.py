@@ -2,7 +2,7 @@
 
 The same parallel model, trainer, checkpoints and resilience as `apogee pretrain`; what changes
 is the data (data_pipeline/sft.py: examples whose prompts are context and whose responses are
-trained, one per sample, padded), the loss (averaged over the step's trained tokens only, which
+trained, one per sample, padded; or several per sample with sft.packing, data_pipeline/packing.py), the loss (averaged over the step's trained tokens only, which
 the engine's Trainer does for any masked microbatch), and the start: `train.init_from` loads a
 pre-trained model's weights (engine/state/init_from.py). Adapters instead of full fine-tuning:
 `lora.rank` (engine/model/lora.py), as for any stage.
@@ -31,6 +31,9 @@ class SFTConfig:
     """Key of the context text in prompt/response examples."""
     response_key: str = "response"
     """Key of the trained text in prompt/response examples."""
+    packing: bool = False
+    """Several examples per sample by best-fit decreasing, each attending only to itself with its own
+    positions (data_pipeline/packing.py); train.global_batch_size then counts packed samples."""
     lora_rank: int = 0
     """Deprecated: use lora.rank (kept for one release; copied there with a note)."""
     lora_alpha: float = 16.0
@@ -58,23 +61,30 @@ class SFTStage(Stage):
 
     def validate(self, cfg: ApogeeConfig, world_size: int) -> None:
         """The deprecated keys are checked where they are read (lora.* is the engine's)."""
+        if cfg.sft.packing and cfg.parallel.cp > 1:
+            raise ConfigError(f"sft.packing=true: not supported with parallel.cp={cfg.parallel.cp} yet (ring attention "
+                              f"does not carry document masks across the zigzag split); use cp=1 or sft.packing=false")
         if cfg.sft.lora_rank < 0:
             raise ConfigError(f"sft.lora_rank={cfg.sft.lora_rank}: must be >= 0 (0: no adapters; deprecated, use lora.rank)")
 
     def build_data(self, cfg: ApogeeConfig):
         """One example per sample, prompt untrained, response trained (data_pipeline/sft.py)."""
-        from data_pipeline.sft import SFTData, read_examples
+        from data_pipeline.sft import read_examples
         from data_pipeline.tokenizer import get_tokenizer
 
         tokenizer, t = get_tokenizer(cfg.data.tokenizer), cfg.train
         examples = read_examples(cfg.sft.inputs, tokenizer, cfg.sft.prompt_key, cfg.sft.response_key,
                                  key=self.inputs_key)
-        return SFTData(examples, cfg.model.seq_length, cfg.seed, t.global_batch_size, t.micro_batch_size,
+        return sft_data(cfg.sft.packing)(examples, cfg.model.seq_length, cfg.seed, t.global_batch_size, t.micro_batch_size,
                        tokenizer.pad_id)
+
+    def samples_per_epoch(self, cfg: ApogeeConfig, examples: int) -> int:
+        """Packed: the rows an epoch's examples fill (the examples are read to know their lengths)."""
+        return self.build_data(cfg).rows.rows_per_epoch if cfg.sft.packing else examples
 
     def build_validation_data(self, cfg: ApogeeConfig):
         """sft.valid_inputs, read like the training examples (the masked loss on their responses)."""
-        from data_pipeline.sft import SFTData, read_examples
+        from data_pipeline.sft import read_examples
         from data_pipeline.tokenizer import get_tokenizer
 
         if not cfg.sft.valid_inputs:
@@ -83,8 +93,17 @@ class SFTStage(Stage):
         tokenizer, t = get_tokenizer(cfg.data.tokenizer), cfg.train
         examples = read_examples(cfg.sft.valid_inputs, tokenizer, cfg.sft.prompt_key, cfg.sft.response_key,
                                  key="sft.valid_inputs")
-        return SFTData(examples, cfg.model.seq_length, cfg.seed, t.global_batch_size, t.micro_batch_size,
+        return sft_data(cfg.sft.packing)(examples, cfg.model.seq_length, cfg.seed, t.global_batch_size, t.micro_batch_size,
                        tokenizer.pad_id)
+
+
+def sft_data(packing: bool) -> type:
+    """The SFT data class: one padded example per sample, or packed examples."""
+    if packing:
+        from data_pipeline.packing import PackedSFTData
+        return PackedSFTData
+    from data_pipeline.sft import SFTData
+    return SFTData
 
 
 def move_deprecated_lora_keys(cfg: ApogeeConfig) -> None:

@@ -28,7 +28,7 @@ class PairedFakeData:
         self.data = FakeData.for_config(cfg, masked=True)
 
     def microbatch(self, step, microbatch, dp_rank, dp_size, skip_steps=()):
-        tokens, mask = self.data.microbatch(step, microbatch, dp_rank, dp_size, skip_steps)
+        tokens, mask = self.data.microbatch(step, microbatch, dp_rank, dp_size, skip_steps)[:2]
         mbs = tokens.shape[0]
         first = step * self.data.global_batch_size + microbatch * mbs * dp_size + dp_rank * mbs
         # Noise per global sample position, so every layout rejects the same sequences.

@@ -61,7 +61,7 @@ def test_samples_pad_truncate_and_reshuffle_per_epoch():
     assert sorted(seen[0]) == sorted(seen[1]) == [1, 4, 7]  # every example once per epoch
     short = data.sample([p for p in range(3) if data.sample(p)[0][0] == 1][0])
     assert short[1][:2].tolist() == [1.0, 1.0]  # targets 2 and 3 are response tokens
-    tokens, mask = data.microbatch(step=1, microbatch=1, dp_rank=0, dp_size=1)
+    tokens, mask = data.microbatch(step=1, microbatch=1, dp_rank=0, dp_size=1)[:2]
     assert torch.equal(tokens[0], data.sample(1 * 4 + 2)[0])  # the pre-training loader's addressing
 
 
@@ -74,7 +74,7 @@ def test_masked_loss_is_the_mean_over_trained_tokens_only():
     microbatches = trainer.microbatches(0)
     expected_sum, count = 0.0, 0
     with torch.no_grad():
-        for tokens, mask in microbatches:
+        for tokens, mask, *_ in microbatches:
             logits = trainer.model(tokens[:, :-1])
             per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].reshape(-1),
                                                           reduction="none")

@@ -48,7 +48,8 @@ def blend_validation_data(cfg: ApogeeConfig):
         raise ConfigError(NO_VALIDATION_DATA.format(interval=t.eval_interval))
     return TrainingData(prefixes=prefixes, weights=weights, seq_length=cfg.model.seq_length, seed=cfg.seed,
                         global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
-                        steps=t.eval_iters, cache_dir=d.cache_dir, reserve_steps=0, split=split, part=part)
+                        steps=t.eval_iters, cache_dir=d.cache_dir, reserve_steps=0, split=split, part=part,
+                        document_mask=d.document_mask, reset_position_ids=d.reset_position_ids)
 
 
 def check_validation_prefixes(cfg: ApogeeConfig) -> None:
@@ -87,7 +88,8 @@ def lm_validation_sums(trainer, microbatches: list) -> torch.Tensor:
         return pipeline_validation_sums(trainer, microbatches)
     for microbatch in microbatches:
         inputs, targets, positions, loss_mask = trainer.prepare_microbatch(microbatch)
-        loss_sum, count = trainer.loss_fn(trainer.model(inputs, positions=positions), targets, loss_mask)
+        loss_sum, count = trainer.loss_fn(trainer.model(inputs, positions=positions,
+                                                         documents=trainer.documents(microbatch)), targets, loss_mask)
         sums += torch.stack([loss_sum.double().cpu(), count.double().cpu()])
     return sums
 
@@ -105,7 +107,8 @@ def pipeline_validation_sums(trainer, microbatches: list) -> torch.Tensor:
     def forward_step(chunk: int, j: int, stage_input):
         inputs, targets, positions, loss_mask = trainer.prepare_microbatch(microbatches[j])
         model = trainer.chunks[chunk]
-        output = model(inputs if model.pre_process else stage_input, positions=positions)
+        output = model(inputs if model.pre_process else stage_input, positions=positions,
+                       documents=trainer.documents(microbatches[j]))
         if model.post_process:
             loss_sum, count = trainer.loss_fn(output, targets, loss_mask)
             sums.add_(torch.stack([loss_sum.double().cpu(), count.double().cpu()]))

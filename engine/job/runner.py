@@ -55,7 +55,8 @@ def build_training_data(cfg: ApogeeConfig, stage: Stage, prefixes: list[str]):
         seq_length=cfg.model.seq_length, seed=cfg.seed, global_batch_size=t.global_batch_size,
         micro_batch_size=t.micro_batch_size, steps=max(1, t.steps), cache_dir=cfg.data.cache_dir,
         reserve_steps=max(16, t.steps // 100) + len(cfg.data.skip_steps), prefetch=cfg.data.prefetch,
-        split=cfg.data.split,
+        split=cfg.data.split, document_mask=cfg.data.document_mask,
+        reset_position_ids=cfg.data.reset_position_ids,
     )
 
 

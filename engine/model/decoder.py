@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.config import ModelConfig
 from engine.model.cpu_attention import causal_attention
+from engine.model.document_attention import DocumentSegments, document_attention
 from engine.model.moe import MoE
 from parallel.random import generator
 from parallel.sharding import shard_of
@@ -117,15 +118,26 @@ class Attention(nn.Module):
         self.core: Callable[[Tensor, Tensor, Tensor], Tensor] = causal_attention
         self.recompute_core = cfg.recompute == "selective"
 
-    def core_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Run the attention core, recomputing it in backward under selective recompute."""
+    def core_attention(self, q: Tensor, k: Tensor, v: Tensor,
+                       documents: Optional[DocumentSegments] = None) -> Tensor:
+        """Run the attention core (within each document when `documents` is given), recomputing it
+        in backward under selective recompute."""
+        if documents is not None:
+            if self.core is not causal_attention:
+                raise ValueError(f"document masks need the local attention core, not {self.core!r} "
+                                 f"(context parallelism with data.document_mask is refused at config time)")
+            core = lambda q_, k_, v_: document_attention(q_, k_, v_, documents)  # noqa: E731
+        else:
+            core = self.core
         if self.recompute_core and torch.is_grad_enabled():
-            return checkpoint(self.core, q, k, v, use_reentrant=False)
-        return self.core(q, k, v)
+            return checkpoint(core, q, k, v, use_reentrant=False)
+        return core(q, k, v)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional["KVCache"] = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional["KVCache"] = None,
+                documents: Optional[DocumentSegments] = None) -> Tensor:
         """x [b, s, h] -> [b, s, h]. With a `cache` (generation), the new keys and values are
-        appended to it and the s new queries attend to every cached position before them."""
+        appended to it and the s new queries attend to every cached position before them. With
+        `documents`, a token attends only to earlier tokens of its own document."""
         b, s, _ = x.shape
         # Local head counts come from the (possibly sharded) projection widths.
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
@@ -136,7 +148,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # [b, s, h, d] -> [b, h, s, d] as views: the CPU flash kernel reads this layout directly.
         if cache is None:
-            out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), documents)
         else:
             out = cache.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.core)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
@@ -214,8 +226,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.num_experts else MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache] = None) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache] = None,
+                documents: Optional[DocumentSegments] = None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, documents)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -255,13 +268,14 @@ class LlamaModel(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, x: Tensor, positions: Optional[Tensor] = None,
-                cache: Optional[ModelCache] = None) -> Tensor:
+                cache: Optional[ModelCache] = None, documents: Optional[Tensor] = None) -> Tensor:
         """Token ids (or hidden states) [b, s] -> logits (or hidden states) [b, s, ...].
 
         positions: [s] or [b, s] token positions for RoPE (default arange(s)); context
         parallelism passes the non-contiguous positions of its sequence chunks. cache: the
         generation's KV caches by layer name (`ModelCache`); the caller passes the positions of the
-        new tokens (engine/eval/generate.py).
+        new tokens (engine/eval/generate.py). documents: [b, s] document id of each token of the
+        full sequence (data_pipeline's Microbatch.document_ids): attention stays within documents.
         """
         h = self.embed_tokens(x) if self.pre_process else x
         if positions is None:
@@ -269,13 +283,14 @@ class LlamaModel(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)  # once per forward, not per layer
         full_recompute = self.cfg.recompute == "full" and torch.is_grad_enabled()
+        segments = None if documents is None else DocumentSegments(documents)  # once, for every layer
         for name, layer in self.layers.items():
             if full_recompute:
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, None, segments, use_reentrant=False)
             elif cache is not None:
                 h = layer(h, cos, sin, cache[name])
             else:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, None, segments)
         if not self.post_process:
             return h
         weight = self.output_weight()

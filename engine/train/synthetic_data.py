@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from data_pipeline.documents import document_layout, segments_from_eod
 from data_pipeline.microbatch import Microbatch
 from parallel.random import generator
 
@@ -15,19 +16,27 @@ class SyntheticData:
     DP rank r, so every DP layout trains on the same global batch. Each token continues an
     arithmetic progression mod vocab or is one of 8 frequent tokens, so there is something to
     learn and the loss falls within ten steps.
+
+    document_mask / reset_position_ids: a stream without an index, so documents end at each
+    EOD_TOKEN (data_pipeline/documents.py's segments_from_eod), as data.* asks of real data.
     """
 
+    EOD_TOKEN = 0
+    """The end-of-document token of the synthetic stream (one of the frequent ones: short documents)."""
+
     def __init__(self, seed: int, vocab_size: int, seq_length: int, micro_batch_size: int, global_batch_size: int,
-                 masked: bool = False):
+                 masked: bool = False, document_mask: bool = False, reset_position_ids: bool = False):
         self.seed, self.vocab_size, self.seq_length = seed, vocab_size, seq_length
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
         self.masked = masked
+        self.document_mask, self.reset_position_ids = document_mask, reset_position_ids
 
     @classmethod
     def for_config(cls, cfg, masked: bool = False) -> "SyntheticData":
-        """The data of a config's model and batch sizes (masked: SFT-style microbatches)."""
+        """The data of a config's model and batch sizes (masked: SFT-style microbatches), with the
+        document masking and positions data.* asks for."""
         return cls(cfg.seed, cfg.model.vocab_size, cfg.model.seq_length, cfg.train.micro_batch_size,
-                   cfg.train.global_batch_size, masked)
+                   cfg.train.global_batch_size, masked, cfg.data.document_mask, cfg.data.reset_position_ids)
 
     def loss_mask(self, position: int) -> torch.Tensor:
         """SFT-style mask [seq] of sample `position`: a prompt of 0..seq/2 untrained targets, then trained ones."""
@@ -54,6 +63,12 @@ class SyntheticData:
         mbs = self.micro_batch_size
         first = data_step * self.global_batch_size + microbatch * mbs * dp_size + dp_rank * mbs
         tokens = torch.stack([self.sample(first + i) for i in range(mbs)])
-        if not self.masked:
-            return Microbatch(tokens)
-        return Microbatch(tokens, torch.stack([self.loss_mask(first + i) for i in range(mbs)]))
+        mask = torch.stack([self.loss_mask(first + i) for i in range(mbs)]) if self.masked else None
+        if not (self.document_mask or self.reset_position_ids):
+            return Microbatch(tokens, mask)
+        ids, positions, boundary = (torch.stack(parts) for parts in zip(
+            *(document_layout(segments_from_eod(row.tolist(), self.EOD_TOKEN), self.seq_length) for row in tokens)))
+        if self.document_mask:
+            mask = boundary if mask is None else mask * boundary
+        return Microbatch(tokens, mask, ids if self.document_mask else None,
+                          positions if self.reset_position_ids else None)

@@ -192,6 +192,8 @@ class Trainer:
         loss_mask = microbatch.loss_mask
         tokens = microbatch.tokens.to(self.ctx.device, non_blocking=True)
         inputs, targets, positions = tokens[:, :-1], tokens[:, 1:], self.positions[:tokens.shape[1] - 1]
+        if microbatch.positions is not None:  # per-row positions restarting per document ([mbs, s])
+            positions = microbatch.positions.to(self.ctx.device, non_blocking=True)
         if loss_mask is not None:
             loss_mask = loss_mask.to(self.ctx.device, non_blocking=True)
         if self.cp.size > 1:  # this CP rank's two load-balanced chunks, with their true positions
@@ -200,6 +202,15 @@ class Trainer:
             if loss_mask is not None:
                 loss_mask = split_for_context_parallel(loss_mask, 1, self.cp.rank, self.cp.size)
         return inputs, targets, positions, loss_mask
+
+    def documents(self, microbatch: Microbatch) -> Optional[torch.Tensor]:
+        """The microbatch's document ids [mbs, s] on this rank's device (the model's `documents=`), or None.
+
+        Always the full sequence's: context parallelism with documents is refused at config time,
+        and under sequence parallelism attention sees the whole sequence."""
+        if microbatch.document_ids is None:
+            return None
+        return microbatch.document_ids.to(self.ctx.device, non_blocking=True)
 
     def loss_divisor(self, microbatches: list) -> int:
         """The step's global count of trained tokens: every token, or the masked-in ones summed over
@@ -221,7 +232,7 @@ class Trainer:
             inputs, targets, positions, loss_mask = self.prepare_microbatch(microbatch)
             self.grads.is_last_microbatch = j == len(microbatches) - 1
             with self.fp8_forward(j):
-                logits = self.model(inputs, positions=positions)
+                logits = self.model(inputs, positions=positions, documents=self.documents(microbatch))
             loss_sum, _ = self.loss_fn(logits, targets, loss_mask)
             # Dividing by the global token count makes the DP sum of gradients the global mean.
             (loss_sum / self.step_tokens).backward()
@@ -242,7 +253,8 @@ class Trainer:
             inputs, targets, positions, loss_mask = self.prepare_microbatch(microbatches[j])
             model = self.chunks[chunk]
             with self.fp8_forward(j):
-                output = model(inputs if model.pre_process else stage_input, positions=positions)
+                output = model(inputs if model.pre_process else stage_input, positions=positions,
+                               documents=self.documents(microbatches[j]))
             if not model.post_process:
                 return output
             loss_sum, _ = self.loss_fn(output, targets, loss_mask)
