@@ -23,8 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from engine.config import ModelConfig
 from engine.model.cpu_attention import causal_attention
 from engine.model.moe import MoE
-from parallel.random import generator
 from parallel.sharding import shard_of
+from parallel.tiled_random import normal_slice_, slice_bounds
 
 
 class RMSNorm(nn.Module):
@@ -393,14 +393,16 @@ def _init_std(name: str, shape: list, cfg: ModelConfig) -> float:
 
 @torch.no_grad()
 def init_parameters(model: LlamaModel, seed: int) -> None:
-    """Give every parameter the value that depends only on (seed, its name).
+    """Give every parameter the value that depends only on (seed, its name), drawing only this rank's slice.
 
-    Each full tensor is drawn in fp32 on CPU from a generator seeded with
-    derive_seed(seed, "init", name) (parallel.random's init namespace):
-    normals for weights (scaled for o_proj/down_proj), ones for norms. A parameter marked as a
-    tensor- or expert-parallel shard (dim, rank, world) (parallel.sharding) receives chunk `rank`
-    of the full tensor, so a shard equals the slice of the single-rank weight. A separate `lm_head` of a tied model draws from the
-    embedding's name, so a last pipeline stage starts equal to the first stage's embedding.
+    Normals for weights (scaled for o_proj/down_proj), ones for norms, zeros for LoRA B. A
+    normal weight is the global tensor of parallel/tiled_random.py: tiles seeded with
+    derive_seed(seed, "init", name, tile row, tile column), drawn in fp32 on the CPU. A parameter
+    marked as a tensor- or expert-parallel shard (dim, rank, world) (parallel.sharding) draws only
+    the tiles its chunk `rank` covers, so a shard equals the slice of the single-rank weight and no
+    rank ever builds the full tensor. Parameters may live on any device and dtype (the fp32 draw is
+    rounded once into it). A separate `lm_head` of a tied model draws from the embedding's name, so
+    a last pipeline stage starts equal to the first stage's embedding.
     """
     norm_params = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     cfg = model.cfg
@@ -411,13 +413,9 @@ def init_parameters(model: LlamaModel, seed: int) -> None:
             dim, rank, world = shard
             shape[dim] *= world
         if id(param) in norm_params:
-            full = torch.ones(shape)
+            param.fill_(1.0)
         elif name.endswith("lora_B"):  # adapters start at zero: the run starts at the base model
-            full = torch.zeros(shape)
+            param.zero_()
         else:
             key = "embed_tokens.weight" if cfg.tie_embeddings and name == "lm_head.weight" else name
-            gen = generator(seed, "init", key)
-            full = torch.empty(shape).normal_(0.0, _init_std(name, shape, cfg), generator=gen)
-        if shard is not None:
-            full = full.chunk(world, dim=dim)[rank]
-        param.copy_(full)
+            normal_slice_(param.data, shape, slice_bounds(shape, shard), _init_std(name, shape, cfg), seed, "init", key)
