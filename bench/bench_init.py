@@ -8,7 +8,7 @@ on the meta device, then storage for its shard only, each weight drawn tile by t
 reports its peak resident set (VmHWM of /proc/self/status, i.e. getrusage's maxrss) after
 materialising, its resident set before building (torch, gloo: what every process pays anyway),
 and the build time. The model: Llama-3-1B-like widths (hidden 2048, ffn 8192, 32 heads / 8 kv
-heads, vocab 32000, untied) with 14 layers, 1.01B parameters, in fp32 (4 GB at tp=1). --quick
+heads, vocab 32000, untied) with 14 layers, 0.98B parameters, in fp32 (3.7 GB at tp=1). --quick
 is a half-width 2-layer model (~0.1B) for the smoke test: there the processes' own ~0.2 GB
 dominate, so its ratio says little. The last line is the ratio of the largest per-rank
 peak at tp=2 to the one at tp=1. Timings are printed side by side, never asserted; the ranks of
@@ -31,7 +31,7 @@ from parallel.spawn import run_distributed  # noqa: E402
 MODEL = ["model.hidden_size=2048", "model.ffn_hidden_size=8192", "model.num_heads=32", "model.num_kv_heads=8",
          "model.vocab_size=32000", "model.tie_embeddings=false", "model.seq_length=128",
          "train.micro_batch_size=1", "train.global_batch_size=2"]
-"""~1B parameters at 14 layers (Llama 3.2 1B's widths with a 32000 vocabulary)."""
+"""0.98B parameters at 14 layers (Llama 3.2 1B's widths with a 32000 vocabulary)."""
 
 QUICK = ["model.hidden_size=1024", "model.ffn_hidden_size=4096", "model.num_heads=16"]
 """The smoke test's half-width model (with 2 layers)."""
