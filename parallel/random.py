@@ -12,7 +12,8 @@ whether two ranks draw the same numbers is decided by which coordinates go into 
   activation, where each rank owns different elements).
 
 Weight init does not come through here with coordinates: a parameter's full value depends only
-on (seed, name) — `generator(seed, "init", name)` — and each rank slices its shard from it.
+on (seed, name), drawn in tiles seeded with `derive_seed(seed, "init", name, tile row, tile column)`
+(parallel/tiled_random.py), so each rank draws only the tiles of its shard.
 """
 from __future__ import annotations
 

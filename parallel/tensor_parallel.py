@@ -35,8 +35,10 @@ Styles (a plan value is one style or a tuple of them, applied in order):
 
 Parameters marked `tp_partial_grad` must have their gradients summed over the TP group after
 backward (engine/parallelize.finish_sequence_parallel_grads). Sharded parameters carry
-`tp_shard = (dim, tp_rank, tp)`; `engine.model.decoder.init_parameters` then copies chunk tp_rank of the
-full tensor, so TP starts from exactly the single-rank weights.
+`tp_shard = (dim, tp_rank, tp)`; `engine.model.decoder.init_parameters` then draws chunk tp_rank of the
+full tensor alone (parallel/tiled_random.py), so TP starts from exactly the single-rank weights. A
+replaced module's parameters live on the original's device: a plan applied on the meta device
+allocates nothing (engine/model/meta_init.py).
 
 Sequence parallelism keeps the residual stream [b, s/t, h] between blocks: the embedding
 reduce-scatters, each norm runs on its shard and all-gathers its output into the column-parallel

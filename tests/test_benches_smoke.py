@@ -47,3 +47,12 @@ def test_fp8_bench_prints_every_recipe_against_bf16_with_the_seed_spread():
     rows = {line.split()[0] for line in out.splitlines() if line.strip()}
     assert {"bf16", "delayed", "tensorwise", "blockwise", "mxfp8"} <= rows
     assert "vs bf16" in out and "seed spread" in out
+
+
+def test_init_bench_prints_each_rank_and_the_ratio_last():
+    out = _run("bench_init.py", "--quick")
+    rows = [line.split() for line in out.splitlines() if line.startswith("tp")]
+    assert [(row[0], row[1]) for row in rows] == [("tp1", "0"), ("tp2", "0"), ("tp2", "1")]
+    # each tp=2 rank holds half the tp=1 shard
+    assert float(rows[1][3]) == pytest.approx(float(rows[0][3]) / 2, abs=0.01)
+    assert out.strip().splitlines()[-1].startswith("init peak host memory: tp2/tp1 = ")

@@ -52,7 +52,7 @@ def test_the_kv_cache_gives_the_tokens_and_logits_of_rerunning_the_sequence():
         b = rerun.generate(prompt, _rows(1, 4), 20, temperature, top_p)
         assert [c.ids for c in a] == [c.ids for c in b], (temperature, top_p)
     # The logits themselves: each cached decoding step against the full forward of the prefix.
-    from engine.model.decoder import ModelCache
+    from engine.model.kv_cache import ModelCache
 
     tokens = torch.tensor([prompt + a[0].ids])
     with torch.no_grad():

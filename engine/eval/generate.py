@@ -2,7 +2,7 @@
 tasks and GRPO's rollouts all go through `Generator`.
 
 A call generates `len(generators)` completions of one prompt in lockstep: the prompt runs once
-through the model, filling one KVCache per layer (engine/model/decoder.py), then each new token
+through the model, filling one KVCache per layer (engine/model/kv_cache.py), then each new token
 is one position through the model, attending to the cache. Rows of one prompt share its length,
 so nothing is padded and a row's tokens depend only on (weights, prompt, its generator): the
 same in every data-parallel layout and whichever prompts share a batch. At tp > 1 the
@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
-from engine.model.decoder import ModelCache
+from engine.model.kv_cache import ModelCache
 from parallel.collectives import Group, all_gather_along
 
 FINISH_REASONS = ("eod", "stop", "length")

@@ -23,9 +23,10 @@ from torch.utils.checkpoint import checkpoint
 from engine.config import ModelConfig
 from engine.model.cpu_attention import causal_attention
 from engine.model.document_attention import DocumentSegments, document_attention
+from engine.model.kv_cache import KVCache, ModelCache
 from engine.model.moe import MoE
-from parallel.random import generator
 from parallel.sharding import shard_of
+from parallel.tiled_random import normal_slice_, slice_bounds
 
 
 class RMSNorm(nn.Module):
@@ -152,55 +153,6 @@ class Attention(nn.Module):
         else:
             out = cache.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.core)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
-
-
-class KVCache:
-    """Keys and values of one attention layer during generation, [b, kv_heads, capacity, d] each.
-
-    Filled lazily on the first `attend` (the layer's local kv-head count is known then, so a
-    tensor-parallel shard caches only its heads). A step's s new queries sit at positions
-    length .. length+s-1 and attend to keys 0 .. length+s-1 (causal among themselves): the first
-    call (the prompt) runs the layer's own causal core, later ones one masked SDPA over the cache.
-    Training never passes a cache, so its path and numerics are untouched.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity, self.length = capacity, 0
-        self.keys: Optional[Tensor] = None
-        self.values: Optional[Tensor] = None
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, core: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
-        """Append k, v [b, hkv, s, d] at the current length and attend q [b, hq, s, d] to the cache."""
-        b, heads, s, d = k.shape
-        start, end = self.length, self.length + s
-        if end > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} positions; position {end - 1} does not fit")
-        if self.keys is None:
-            self.keys = k.new_empty(b, heads, self.capacity, d)
-            self.values = v.new_empty(b, heads, self.capacity, d)
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
-        self.length = end
-        if start == 0:  # the prompt: exactly the layer's causal attention over its own tokens
-            return core(q, k, v)
-        keys, values = self.keys[:, :, :end], self.values[:, :, :end]
-        mask = None
-        if s > 1:  # new query i (position start + i) sees keys up to start + i
-            mask = torch.arange(end, device=q.device) <= start + torch.arange(s, device=q.device)[:, None]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=heads != q.shape[1])
-
-
-class ModelCache(dict):
-    """The KV caches of a whole model (or a pipeline stage's layers), by layer name, each made on
-    first use for up to `capacity` positions."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-
-    def __missing__(self, layer: str) -> KVCache:
-        self[layer] = KVCache(self.capacity)
-        return self[layer]
 
 
 class MLP(nn.Module):
@@ -431,15 +383,17 @@ def _init_std(name: str, shape: list, cfg: ModelConfig) -> float:
 
 @torch.no_grad()
 def init_parameters(model: LlamaModel, seed: int) -> None:
-    """Give every parameter the value that depends only on (seed, its name).
+    """Give every parameter the value that depends only on (seed, its name), drawing only this rank's slice.
 
-    Each full tensor is drawn in fp32 on CPU from a generator seeded with
-    derive_seed(seed, "init", name) (parallel.random's init namespace):
-    normals for weights (scaled for o_proj/down_proj), ones for norms, zeros for the vocabulary
-    padding rows (so a Hugging Face round trip, which drops them, is exact). A parameter marked as a
-    tensor- or expert-parallel shard (dim, rank, world) (parallel.sharding) receives chunk `rank`
-    of the full tensor, so a shard equals the slice of the single-rank weight. A separate `lm_head` of a tied model draws from the
-    embedding's name, so a last pipeline stage starts equal to the first stage's embedding.
+    Normals for weights (scaled for o_proj/down_proj), ones for norms, zeros for LoRA B and for the
+    vocabulary padding rows (so a Hugging Face round trip, which drops them, is exact). A
+    normal weight is the global tensor of parallel/tiled_random.py: tiles seeded with
+    derive_seed(seed, "init", name, tile row, tile column), drawn in fp32 on the CPU. A parameter
+    marked as a tensor- or expert-parallel shard (dim, rank, world) (parallel.sharding) draws only
+    the tiles its chunk `rank` covers, so a shard equals the slice of the single-rank weight and no
+    rank ever builds the full tensor. Parameters may live on any device and dtype (the fp32 draw is
+    rounded once into it). A separate `lm_head` of a tied model draws from the embedding's name, so
+    a last pipeline stage starts equal to the first stage's embedding.
     """
     norm_params = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     cfg = model.cfg
@@ -450,15 +404,12 @@ def init_parameters(model: LlamaModel, seed: int) -> None:
             dim, rank, world = shard
             shape[dim] *= world
         if id(param) in norm_params:
-            full = torch.ones(shape)
+            param.fill_(1.0)
         elif name.endswith("lora_B"):  # adapters start at zero: the run starts at the base model
-            full = torch.zeros(shape)
+            param.zero_()
         else:
             key = "embed_tokens.weight" if cfg.tie_embeddings and name == "lm_head.weight" else name
-            gen = generator(seed, "init", key)
-            full = torch.empty(shape).normal_(0.0, _init_std(name, shape, cfg), generator=gen)
-            if name in ("embed_tokens.weight", "lm_head.weight"):
-                full[cfg.vocab_size:] = 0  # padding rows: no gradient ever reaches them, so they stay 0
-        if shard is not None:
-            full = full.chunk(world, dim=dim)[rank]
-        param.copy_(full)
+            normal_slice_(param.data, shape, slice_bounds(shape, shard), _init_std(name, shape, cfg), seed, "init", key)
+            if name in ("embed_tokens.weight", "lm_head.weight"):  # padding rows: no gradient reaches them, they stay 0
+                first_row = slice_bounds(shape, shard)[0][0]
+                param[max(0, cfg.vocab_size - first_row):] = 0

@@ -2,8 +2,9 @@
 
 torchtitan's `parallelize` step: the model (engine/model/decoder.py) holds no parallel code; here the
 Llama-specific tensor-parallel plan (`LLAMA_TP_PLAN`) is applied to it from outside with the
-generic styles of parallel/tensor_parallel.py, before `init_parameters`, so each rank's shards
-receive their slices of the layout-invariant initial weights. Around the model, the trainer gets
+generic styles of parallel/tensor_parallel.py, on the meta device and before `materialize`
+(engine/model/meta_init.py), so each rank allocates and draws only its slices of the
+layout-invariant initial weights. Around the model, the trainer gets
 the pieces whose behaviour depends on the layout: the loss (vocab-parallel at tp > 1), which
 gradients count in the global norm and how the norm is reduced, the TP reduction of partial
 gradients (sequence-parallel norms), and a gather of full weights for parity tests and export.

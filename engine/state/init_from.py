@@ -4,8 +4,8 @@ Face Llama / Mixtral directory (fine-tuning, and any stage that continues a pre-
 Only the weights travel: the optimizer starts fresh (its fp32 masters are re-read from the
 loaded weights; for a bf16 run those are the bf16 values), the step count, the data position and
 the RNG start at zero. An Apogee checkpoint is read through DCP into this rank's shards, so the
-source and the new run may have different layouts; a Hugging Face directory is read whole and
-each rank copies its slice (parallel/sharding.py: tensor- and expert-parallel alike).
+source and the new run may have different layouts; from a Hugging Face directory each rank reads
+only its slice of each tensor (engine/model/hf_slices.py: tensor- and expert-parallel alike).
 
 A Hugging Face directory also brings its architecture (`adopt_hf_architecture`, when the config
 is loaded): every model field config.json fixes is taken from it. A value the user set (the
@@ -159,21 +159,30 @@ def initialize_chunks(chunks: list, source: str, tie_embeddings: bool, world_siz
         # every rank reads its own shards; the optimizer state is left out
         safe_load(model_views(named, tie_embeddings), path, no_dist=world_size == 1)
     else:
-        from engine.model.hf_interop import VOCAB_TENSORS, fit_vocab_rows, load_hf
+        from engine.model.hf_interop import VOCAB_TENSORS
+        from engine.model.hf_slices import HFSliceReader
 
-        _, full = load_hf(path)
+        reader = HFSliceReader(path)  # every rank reads only its tensor- or expert-parallel slices
         for name, param in named:
-            if name not in full and name.endswith(("lora_A", "lora_B")):
+            if name.endswith(("lora_A", "lora_B")):
                 continue  # adapters keep their initial values (B = 0)
-            value = full["embed_tokens.weight" if tie_embeddings and name == "lm_head.weight" else name]
+            key = "embed_tokens.weight" if tie_embeddings and name == "lm_head.weight" else name
             shard = shard_of(param)
-            if name in VOCAB_TENSORS:  # this run's padding rows (model.make_vocab_size_divisible_by)
-                value = fit_vocab_rows(value, param.shape[0] * (shard[2] if shard is not None and shard[0] == 0 else 1))
-            if shard is not None:  # this rank's tensor- or expert-parallel slice
-                dim, rank, world = shard
-                value = value.chunk(world, dim=dim)[rank]
-            param.copy_(value)
+            if key in VOCAB_TENSORS:  # the HF rows, then this run's padding rows (model.make_vocab_size_divisible_by)
+                param.copy_(reader.read_rows(key, _global_shape(param), shard))
+                continue
+            if reader.global_shape(key) != _global_shape(param):
+                raise CheckpointError(f"train.init_from={source!r}: {key} has shape {reader.global_shape(key)} "
+                                      f"there, {_global_shape(param)} here")
+            param.copy_(reader.read(key, shard))
     return f"{kind} weights"
+
+
+def _global_shape(param) -> list[int]:
+    shape, shard = list(param.shape), shard_of(param)
+    if shard is not None:
+        shape[shard[0]] *= shard[2]
+    return shape
 
 
 def initialize_from(trainer, source: str) -> str:

@@ -23,7 +23,7 @@ import torch
 from data_pipeline.loader import data_batch_index
 from data_pipeline.microbatch import Microbatch
 from engine.config import ApogeeConfig
-from engine.model.decoder import LlamaModel, init_parameters
+from engine.model.meta_init import materialize, meta_model
 from engine.model.lora import apply_lora
 from engine.model.moe import set_aux_loss_scale, take_aux_loss
 from engine.model.parallelize import (all_reduce_tied_embedding_grads, counts_in_norm, expert_gradient_group,
@@ -121,7 +121,8 @@ class Trainer:
 
     def build_model_chunks(self) -> list[torch.nn.Module]:
         """This rank's model chunks (one, or several with interleaved pipeline stages), parallelised
-        and initialised. Tensor parallelism is applied before init so each shard gets its slice."""
+        and initialised. Tensor parallelism is applied on the meta device, before init, so each rank
+        materialises and draws only its shard (engine/model/meta_init.py)."""
         p = self.cfg.parallel
         if p.pp == 1:
             return [self._build_chunk(None, pre_process=True, post_process=True)]
@@ -134,13 +135,13 @@ class Trainer:
                 for c, ids in enumerate(layer_ids)]
 
     def _build_chunk(self, layer_ids, pre_process: bool, post_process: bool) -> torch.nn.Module:
-        model = LlamaModel(self.cfg.model, layer_ids, pre_process=pre_process, post_process=post_process)
+        # Built and parallelised on the meta device; only this rank's shard ever gets storage.
+        model = meta_model(self.cfg.model, layer_ids, pre_process=pre_process, post_process=post_process)
         model = parallelize_model(model, self.cfg, self.ctx, self.ledger)
         lora = self.cfg.lora
         if lora.rank:  # adapters on the (parallel) layers, before init gives them values
             apply_lora(model, lora.rank, lora.alpha, tuple(lora.targets))
-        init_parameters(model, self.cfg.seed)
-        model = model.to(device=self.ctx.device, dtype=self.dtype)
+        model = materialize(model, self.cfg.seed, self.ctx.device, self.dtype)
         if self.cfg.train.compile:  # opt-in: compiles each decoder layer in place (names unchanged)
             from engine.model.compile import compile_layers
             compile_layers(model)
