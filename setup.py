@@ -38,8 +38,8 @@ setup(
         "jinja2>=3.1.6",  # chat templates, rendered in its immutable sandbox (older releases have escapes)
     ],
     extras_require={
-        # datasets: test fixtures; lm_eval: the lm-evaluation-harness test; matplotlib: apogee eval --plot
-        "dev": ["pytest>=7", "megatron-core>=0.16", "transformers>=4.45", "datasets>=2.14", "lm_eval[hf]>=0.4",
+        # pytest-timeout: a hung test fails alone instead of the whole CI run; datasets: test fixtures; lm_eval: the lm-evaluation-harness test; matplotlib: apogee eval --plot
+        "dev": ["pytest>=7", "pytest-timeout>=2.1", "megatron-core>=0.16", "transformers>=4.45", "datasets>=2.14", "lm_eval[hf]>=0.4",
                 "matplotlib>=3.5"],
         "plot": ["matplotlib>=3.5"],
         "gpu": ["transformer_engine[pytorch]", "nvidia-dali-cuda120"],  # fp8 through TE on CUDA (engine/model/fp8/te.py)

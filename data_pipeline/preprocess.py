@@ -205,8 +205,12 @@ def preprocess(inputs: list, output_prefix: str, tokenizer: str = "byte", json_k
     try:
         batches = _batches(documents(files, json_key), DOCUMENTS_PER_TASK)
         if workers > 1:
-            # fork: workers inherit the imported modules, so starting the pool costs milliseconds.
-            pool = multiprocessing.get_context("fork").Pool(workers)
+            # forkserver, not fork: forking a process that runs other threads (torch's and gloo's pools,
+            # a training rank's watchdog) can copy a held lock into the child, which then hangs. The
+            # server starts clean with this module preloaded, so each worker still starts in milliseconds.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["data_pipeline.preprocess"])
+            pool = context.Pool(workers)
             results = pool.imap(encoder, batches, chunksize=1)
         else:
             results = map(encoder, batches)

@@ -41,7 +41,7 @@ def test_concurrent_ranks_get_one_dataset(tmp_path):
     (tmp_path / "raw").mkdir()
     for i in range(30):
         (tmp_path / "raw" / f"{i:02d}.txt").write_text(f"document number {i}\n" * (i + 1))
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")  # as ranks start: a fork of this threaded process can inherit a held lock
     results = context.Queue()
     ranks = [context.Process(target=_race, args=(str(tmp_path / "raw"), str(tmp_path / "cache"), results))
              for _ in range(4)]
