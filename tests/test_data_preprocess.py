@@ -158,3 +158,27 @@ def test_a_dataset_file_as_input_asks_for_the_prefix(tmp_path, suffix):
     _assert_fails_cleanly(tmp_path, rf"--input {re.escape(repr(prefix + suffix))}: one file of the already "
                                     rf"preprocessed dataset {quoted} .* did you mean {quoted}\?", [prefix + suffix],
                           workers=1)
+
+
+RANK_THAT_PREPROCESSES = """
+import sys, time
+from pathlib import Path
+from engine.resilience.exit_records import ExitRecorder
+from data_pipeline.preprocess import preprocess
+root = Path(sys.argv[1])
+ExitRecorder(0, root)  # as a training rank: SIGTERM/SIGHUP caught through a wakeup pipe
+(root / "d.jsonl").write_text("\\n".join('{"text": "document %d"}' % i for i in range(500)))
+preprocess([str(root / "d.jsonl")], str(root / "ds"), workers=2, progress=False)
+time.sleep(1.0)  # a phantom signal written into the pipe would have ended this process by now
+print("still running", flush=True)
+"""
+
+
+def test_a_rank_that_preprocesses_with_workers_is_not_stopped_by_their_shutdown(tmp_path):
+    """Pool workers are SIGTERMed when the pool closes; forked from a rank, they shared its signal
+    wakeup pipe and the rank read their SIGTERM as its own (the walkthrough's pretrain exited 143
+    after building its corpus; this script, with a fork pool, hung)."""
+    done = subprocess.run([sys.executable, "-c", RANK_THAT_PREPROCESSES, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stdout.splitlines()[-1:]) == (0, ["still running"]), done.stderr[-2000:]
+    assert IndexedDatasetReader(str(tmp_path / "ds")).num_documents == 500
