@@ -10,7 +10,7 @@ and a function returning a dict with "status" ("pass" or "fail") and what it mea
 in a child process of its own (a fresh CUDA context; the engine's CUDA environment set before CUDA
 starts, as the runner sets it for its ranks; killed at its budget). A check the machine cannot run
 (too few GPUs, a package missing, no time left) is reported "skipped" with the reason. The fp8
-(Transformer Engine) and memory issues add their checks to CHECKS.
+checks (the emulation on CUDA, Transformer Engine against it) live in bench/gpu_checks_fp8.py.
 """
 from __future__ import annotations
 
@@ -196,13 +196,35 @@ def layouts_vs_one_gpu(backend: str = "nccl") -> dict:
     return {"status": "pass" if ok else "fail", **out}
 
 
+def fp8_check(name: str) -> Callable[[], dict]:
+    """bench/gpu_checks_fp8.py's `check_<name>` in this runner's form (its "skip" is "skipped" here)."""
+    from bench import gpu_checks_fp8
+
+    check = getattr(gpu_checks_fp8, f"check_{name}")
+
+    def run() -> dict:
+        result = check()
+        return {**result, "status": "skipped" if result["status"] == "skip" else result["status"]}
+
+    run.__doc__ = check.__doc__
+    return run
+
+
 CHECKS = (
     Check("cuda_device", gpus=1, budget_s=60, run=cuda_device),
     Check("nccl_device_check", gpus=1, budget_s=90, run=nccl_device_check),
     Check("deterministic_bf16_replay", gpus=1, budget_s=150, run=deterministic_bf16_replay),
+    Check("fp8_emulation_on_cuda", gpus=1, budget_s=90, run=fp8_check("fp8_emulation_on_cuda")),
+    Check("te_gemm_matches_emulation", gpus=1, budget_s=60, run=fp8_check("te_gemm_matches_emulation"),
+          needs=("transformer_engine",)),
+    Check("te_training_matches_emulation", gpus=1, budget_s=120, run=fp8_check("te_training_matches_emulation"),
+          needs=("transformer_engine",)),
+    Check("te_step_time_8b_width", gpus=1, budget_s=150, run=fp8_check("te_step_time_8b_width"),
+          needs=("transformer_engine",)),
     Check("layouts_vs_one_gpu", gpus=2, budget_s=300, run=layouts_vs_one_gpu),
 )
-"""Every GPU check, in the order they run; other issues append theirs."""
+"""Every GPU check, in the order they run: the cheap one-GPU checks first, the fp8 ones
+(bench/gpu_checks_fp8.py) next, the two-GPU layouts last."""
 
 
 # ---------------------------------------------------------------------------------------------- runner
@@ -290,7 +312,7 @@ def main(argv=None) -> int:
             parser.error(f"unknown check {name!r}; checks: {', '.join(names)}")
     if args.list:
         for c in CHECKS:
-            print(f"  {c.name:28s} {c.gpus} GPU(s){', needs ' + ', '.join(c.needs) if c.needs else ''}: {c.about}")
+            print(f"  {c.name:30s} {c.gpus} GPU(s){', needs ' + ', '.join(c.needs) if c.needs else ''}: {c.about}")
         return 0
     if args.run:
         print(json.dumps(names[args.run].run()))

@@ -36,6 +36,16 @@ def test_a_check_this_machine_cannot_run_is_skipped_with_the_reason():
     assert counts == {"pass": 0, "fail": 0, "skipped": len(gpu_check.CHECKS)}
 
 
+def test_the_fp8_checks_are_in_the_runner_and_skip_here_in_its_form():
+    checks = {c.name: c for c in gpu_check.CHECKS}
+    te = ["te_gemm_matches_emulation", "te_training_matches_emulation", "te_step_time_8b_width"]
+    assert all(checks[name].needs == ("transformer_engine",) for name in te)
+    assert "emulated fp8 linear" in checks["fp8_emulation_on_cuda"].about
+    if not torch.cuda.is_available():
+        result = checks["fp8_emulation_on_cuda"].run()  # what `--run NAME` prints in the child
+        assert (result["status"], result["reason"]) == ("skipped", "no CUDA device")
+
+
 def test_every_check_says_what_it_shows_and_names_are_unique():
     names = [c.name for c in gpu_check.CHECKS]
     assert len(names) == len(set(names)) and all(c.about.strip(".") for c in gpu_check.CHECKS)
