@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FULL = dict(pretrain=60, branch=40, sft=150, dpo=20, grpo=30, interval=20, eval_iters=2, group=8, corpus=None)
+FULL = dict(pretrain=60, branch=40, sft=600, dpo=20, grpo=30, interval=20, eval_iters=2, group=8, corpus=None)
 QUICK = dict(pretrain=4, branch=2, sft=2, dpo=2, grpo=2, interval=2, eval_iters=1, group=2, corpus="corpus.jsonl")
 """Steps per stage; the quick version pre-trains on a small pseudo-English corpus instead of the stdlib's source."""
 

@@ -29,7 +29,11 @@ class ResilienceConfig:
     audit_interval: int = 0
     """Steps between deterministic-replay audits of a whole step (0 disables)."""
     spike_factor: float = 1.5
-    """A loss above spike_factor x the median of the last spike_window losses is a spike."""
+    """A loss above spike_factor x the median of the last spike_window losses (and above spike_sigmas
+    spreads over it) is a spike."""
+    spike_sigmas: float = 6.0
+    """A loss spike must also exceed the median by spike_sigmas x the losses' spread (1.4826 x their
+    median absolute deviation), so a small, noisy fine-tuning loss is not called a spike (0: the ratio alone)."""
     grad_spike_factor: float = 20.0
     """A grad norm above grad_spike_factor x the median of the last spike_window norms is a spike."""
     spike_window: int = 20

@@ -234,6 +234,8 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     require(r.straggler_factor == 0 or r.straggler_factor > 1, "resilience.straggler_factor", r.straggler_factor,
             "must be > 1 (a slowdown ratio), or 0 to disable straggler detection")
     require(r.abft_interval >= 0, "resilience.abft_interval", r.abft_interval, "must be >= 0 (0 disables ABFT checks)")
+    require(r.spike_sigmas >= 0, "resilience.spike_sigmas", r.spike_sigmas,
+            "must be >= 0 (0: a loss spike is the ratio to the median alone)")
     require(r.collective_timeout_s > 0, "resilience.collective_timeout_s", r.collective_timeout_s, "must be > 0 (seconds)")
     parse_faults(r.inject, world_size)
     cfg.parallel.dp = dp

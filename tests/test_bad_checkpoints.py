@@ -14,6 +14,7 @@ import pytest
 from cli.main import main
 from engine.resilience.exit_codes import restart_helps
 from tests.test_launch import launcher_env
+from tests.tmpfs import mounted_tmpfs
 
 from tests.test_bad_inputs import (ROOT, TINY, apogee, assert_one_clear_line, corpus, error_lines,  # noqa: F401
                                    no_peak_measurement, read_only_dir, train_args, write_jsonl)
@@ -193,13 +194,8 @@ def test_a_read_only_run_directory_is_refused_before_training(tmp_path, capsys, 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    with mounted_tmpfs(tmp_path / "small", "size=12m") as folder:
+        yield folder
 
 
 def test_disk_full_while_checkpointing_stops_in_one_line_keeps_the_last_good_one_and_resumes(tmp_path, capsys, corpus,

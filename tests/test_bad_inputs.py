@@ -27,6 +27,7 @@ from data_pipeline.indexed_dataset import IndexedDatasetWriter
 from data_pipeline.words_corpus import make_dataset
 from engine.train.metrics import PeakFlops
 from tests.test_launch import launcher_env
+from tests.tmpfs import mounted_tmpfs
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2",
@@ -313,13 +314,8 @@ def test_sigterm_to_rank_1_is_named_in_the_failure_event(tmp_path, corpus):
 @pytest.fixture
 def read_only_dir(tmp_path):
     """An empty read-only file system (tests run as root, where permission bits do not stop writes)."""
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    with mounted_tmpfs(tmp_path / "read-only", "ro,size=1m") as folder:
+        yield folder
 
 
 @pytest.mark.parametrize("inputs", ["dataset", "text"])

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,22 +15,16 @@ import pytest
 from engine.resilience.exit_codes import NO_RESTART, STORAGE_FAILED, restart_helps
 from engine.state.checkpoint_store import CheckpointStore, verify
 from engine.train.events import EventLog
+from tests.tmpfs import mounted_tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.seq_length=32", "train.micro_batch_size=2",
          "train.global_batch_size=4", "checkpoint.interval=2", "logging.tensorboard=false"]
 
 
-@contextmanager
 def small_disk(path: Path, size: str = "12m"):
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mount is not permitted here ({mounted.stderr.decode().strip()}); a small tmpfs is needed")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+    """A tmpfs of `size` at `path` (a context manager)."""
+    return mounted_tmpfs(path, f"size={size}")
 
 
 def _pretrain(run_dir, data, *sets, nproc=1):

@@ -87,6 +87,17 @@ def test_eval_plots_the_runs_validation_curves(run, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_curve_counts_a_replayed_step_once_with_the_value_the_run_went_on_from(tmp_path):
+    from engine.eval.report import validation_curve
+
+    logged = [(2, 3.0), (4, 2.5), (6, 2.2), (2, 3.0), (4, 2.4), (6, 2.1), (8, 2.0)]  # rewound at 7 to step 0
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0, "val_loss": v}) + "\n"
+                                                    for s, v in logged))
+    assert validation_curve(tmp_path) == ([2, 4, 6, 8], [3.0, 2.4, 2.1, 2.0], "validation loss")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 1, "loss": 4.5}\n')
+    assert validation_curve(tmp_path) == ([1, 2], [4.5, 4.0], "training loss")
+
+
 def test_bad_inputs_exit_2_naming_the_file_and_line(run, capsys, tmp_path):
     bad_tasks = tmp_path / "tasks.jsonl"
     bad_tasks.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n')

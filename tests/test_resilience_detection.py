@@ -45,7 +45,7 @@ def test_loss_bits_are_the_exact_bits_of_the_fp32_value():
 
 
 def test_spike_detector_waits_for_its_window_then_judges_against_the_median():
-    det = SpikeDetector(window=5, loss_factor=1.5, grad_factor=10.0)
+    det = SpikeDetector(window=5, loss_factor=1.5, grad_factor=10.0, sigmas=0)  # the ratio alone
     for loss in (9.0, 7.0, 5.0, 4.0, 3.5):  # the steep start never counts as a spike
         assert det.judge(loss, 1.0) is None
         det.accept(loss, 1.0)
@@ -54,6 +54,23 @@ def test_spike_detector_waits_for_its_window_then_judges_against_the_median():
     assert "grad norm" in det.judge(3.0, 11.0)
     assert det.judge(float("nan"), 1.0) == "loss is nan"
     assert det.judge(3.0, math.inf) == "grad norm is inf"
+
+
+def test_a_noisy_fine_tuning_loss_is_no_spike_but_a_jump_beyond_its_spread_is():
+    # SFT losses around 0.46, batch to batch 0.30-0.62 (the walkthrough's SFT, whose ratio-only
+    # detector called 0.77 a spike four times in 100 steps and stopped the run).
+    window = [0.46, 0.35, 0.58, 0.41, 0.52, 0.30, 0.62, 0.44, 0.49, 0.38]
+    ratio_only, default = SpikeDetector(window=10, sigmas=0), SpikeDetector(window=10)
+    for det in (ratio_only, default):
+        for loss in window:
+            det.accept(loss, 1.0)
+    assert "1.5 x median" in ratio_only.judge(0.77, 1.0)
+    assert default.judge(0.77, 1.0) is None  # median 0.45, spread 0.104: 0.77 is 3.1 spreads above
+    assert "and > median + 6 x their spread 0.1038" in default.judge(1.30, 1.0)
+    steady = SpikeDetector(window=10)  # a pre-training loss: the ratio decides, as before
+    for loss in (3.02, 3.00, 2.99, 3.01, 2.98, 3.00, 2.97, 3.01, 2.99, 2.98):
+        steady.accept(loss, 1.0)
+    assert steady.judge(4.4, 1.0) is None and "1.5 x median" in steady.judge(4.6, 1.0)
 
 
 def test_spike_detector_state_round_trips():

@@ -32,16 +32,18 @@ def format_table(rows: list[dict], names: Optional[list[str]] = None) -> str:
 
 
 def validation_curve(run_dir: Path) -> tuple[list, list, str]:
-    """(steps, values, what) from a run's metrics.jsonl: val_loss, else the training loss."""
+    """(steps, values, what) from a run's metrics.jsonl: val_loss, else the training loss. A step
+    logged twice (a rewind or a restart replays steps) counts once, with its last value, the one
+    the run went on from."""
     records = []
     path = Path(run_dir) / "metrics.jsonl"
     if path.is_file():
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    validation = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
-    if validation:
-        return [s for s, _ in validation], [v for _, v in validation], "validation loss"
-    training = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    return [s for s, _ in training], [v for _, v in training], "training loss"
+    for key, what in (("val_loss", "validation loss"), ("loss", "training loss")):
+        last = {r["step"]: r[key] for r in records if r.get(key) is not None}
+        if last or key == "loss":
+            steps = sorted(last)
+            return steps, [last[s] for s in steps], what
 
 
 def plot_curves(run_dirs: list, names: list[str], out: str, log=print) -> None:

@@ -1,9 +1,14 @@
 """Loss and gradient-norm anomalies: NaN/Inf, and spikes against a running median.
 
-A spike is a value above `factor` x the median of the last `window` accepted values (the median,
-unlike a mean, is not dragged up by the spike it is judging). No spike is called before `window`
-values are in, so the steep first steps of training never trigger it. Values of steps that were
-rewound are not added: the statistic only ever sees accepted steps.
+A loss spike is a loss above both `factor` x the median of the last `window` accepted losses and
+the median plus `sigmas` x their spread (1.4826 x the median absolute deviation, a standard
+deviation that the outliers it judges do not inflate). The ratio alone suits pre-training, where
+the loss is large and steady; a fine-tuning loss is small and noisy from batch to batch (0.77
+after a median of 0.46 is an ordinary SFT batch, and the ratio alone stopped such a run after four
+"spikes" in 100 steps), and the spread term keeps such batches from counting. A grad-norm spike is
+the ratio alone. No spike is called before `window` values are in, so the steep first steps of
+training never trigger it. Values of steps that were rewound are not added: the statistic only
+ever sees accepted steps.
 """
 from __future__ import annotations
 
@@ -15,8 +20,8 @@ from typing import Optional
 class SpikeDetector:
     """Judges each step's loss and grad norm; `accept()` adds a judged-good step to the history."""
 
-    def __init__(self, window: int = 20, loss_factor: float = 1.5, grad_factor: float = 20.0):
-        self.window, self.loss_factor, self.grad_factor = window, loss_factor, grad_factor
+    def __init__(self, window: int = 20, loss_factor: float = 1.5, grad_factor: float = 20.0, sigmas: float = 6.0):
+        self.window, self.loss_factor, self.grad_factor, self.sigmas = window, loss_factor, grad_factor, sigmas
         self.losses: deque = deque(maxlen=window)
         self.grad_norms: deque = deque(maxlen=window)
 
@@ -34,8 +39,10 @@ class SpikeDetector:
             return f"grad norm is {grad_norm}"
         if len(self.losses) >= self.window:
             median = self._median(self.losses)
-            if loss > self.loss_factor * median:
-                return f"loss {loss:.4f} > {self.loss_factor} x median {median:.4f} of the last {self.window} steps"
+            spread = 1.4826 * self._median(deque(abs(x - median) for x in self.losses))
+            if loss > self.loss_factor * median and loss > median + self.sigmas * spread:
+                return (f"loss {loss:.4f} > {self.loss_factor} x median {median:.4f} of the last {self.window} steps"
+                        + (f" and > median + {self.sigmas:g} x their spread {spread:.4f}" if self.sigmas else ""))
             g_median = self._median(self.grad_norms)
             if grad_norm > self.grad_factor * g_median:
                 return (f"grad norm {grad_norm:.4g} > {self.grad_factor} x median {g_median:.4g} "

@@ -159,7 +159,7 @@ class Trainer:
 
     def anomaly_detector(self, cfg) -> SpikeDetector:
         """The step guard's rule: loss / grad-norm spikes vs a running median (others override it)."""
-        return SpikeDetector(cfg.spike_window, cfg.spike_factor, cfg.grad_spike_factor)
+        return SpikeDetector(cfg.spike_window, cfg.spike_factor, cfg.grad_spike_factor, cfg.spike_sigmas)
 
     @property
     def model(self) -> torch.nn.Module:

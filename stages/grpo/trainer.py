@@ -89,7 +89,8 @@ class GRPOTrainer(Trainer):
 
     def anomaly_detector(self, cfg) -> "PolicyGradientAnomalyDetector":
         """NaN/Inf only (see PolicyGradientAnomalyDetector): the step guard's rule for GRPO steps."""
-        return PolicyGradientAnomalyDetector(cfg.spike_window, cfg.spike_factor, cfg.grad_spike_factor)
+        return PolicyGradientAnomalyDetector(cfg.spike_window, cfg.spike_factor, cfg.grad_spike_factor,
+                                              cfg.spike_sigmas)
 
     def token_logps(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(target) per token [b, s] from this rank's logits (vocab-sharded at tp > 1).
