@@ -58,7 +58,9 @@ def test_a_hung_rank_of_each_role_is_named_with_its_group_collective_and_sequenc
     (hang,) = hangs[:1]
     assert f"rank {rank} has not entered {hang['collective']} #{hang['seq']}" in report
     assert f"of the {role} group [0, 1]" in report and f"hang-rank{hang['rank']}.txt" in report
-    assert "hang_forever" in (run_dir / f"hang-rank{rank}.txt").read_text() or hang["rank"] != rank
+    stacks = (run_dir / f"hang-rank{hang['rank']}.txt").read_text()  # the recording rank's own stacks
+    if hang["rank"] == rank:  # the hung rank's watchdog fired first (else the launcher may stop it before)
+        assert "hang_forever" in stacks
 
 
 def _record(groups: dict, steps: int = 2) -> dict:

@@ -80,7 +80,7 @@ class ActivationShape:
         ring_matmul: CP blocks as the engine's fp32 matmuls, not a fused kernel)."""
         ring = layout.cp > 1 and not on_cpu
         return cls(layout.micro_batch_size, cfg.seq_length // layout.cp, cfg.hidden_size, cfg.num_heads,
-                   cfg.num_kv_heads, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size, layout.tp,
+                   cfg.num_kv_heads, cfg.head_dim, cfg.ffn_hidden_size, cfg.padded_vocab_size, layout.tp,
                    layout.sequence_parallel and layout.tp > 1, cfg.num_experts, cfg.moe_topk,
                    cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size, dtype_bytes, ring, ring and ring_matmul)
 
@@ -228,11 +228,11 @@ def model_state_bytes(psi: float, n_d: int, zero: int, grad_bytes: int = 4, para
 def stage_parameters(cfg: ModelConfig, layout: Layout, layers: int, first: bool, last: bool) -> tuple[float, float]:
     """(dense, expert) parameters one GPU of a stage with `layers` layers holds: dense weights over
     tp (norms too, a negligible simplification), experts over ep, the embedding on the first stage
-    and the output layer on the last (once when tied on a single stage)."""
+    and the output layer on the last (once when tied on a single stage), both of padded_vocab_size rows."""
     h, q, kv = cfg.hidden_size, cfg.head_dim * cfg.num_heads, cfg.head_dim * cfg.num_kv_heads
     dense = h * (2 * q + 2 * kv) + 2 * h + (h * cfg.num_experts if cfg.num_experts else 3 * h * cfg.ffn_hidden_size)
     expert = cfg.num_experts * 3 * h * (cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size)
-    embeddings = (first + last - (first and last and cfg.tie_embeddings)) * cfg.vocab_size * h + last * h
+    embeddings = (first + last - (first and last and cfg.tie_embeddings)) * cfg.padded_vocab_size * h + last * h
     return (layers * dense + embeddings) / layout.tp, layers * expert / layout.ep
 
 

@@ -48,8 +48,9 @@ TENSORBOARD_NAMES = {
 
 
 def flops_per_token_breakdown(cfg: ModelConfig) -> dict:
-    """Training FLOPs per token by part (forward + backward = 3 x forward), Megatron's counter."""
-    h, L, s, V = cfg.hidden_size, cfg.num_layers, cfg.seq_length, cfg.vocab_size
+    """Training FLOPs per token by part (forward + backward = 3 x forward), Megatron's counter (the
+    logits over the padded vocabulary, the rows the output GEMM computes, as Megatron counts them)."""
+    h, L, s, V = cfg.hidden_size, cfg.num_layers, cfg.seq_length, cfg.padded_vocab_size
     q = cfg.head_dim * cfg.num_heads
     kv = cfg.head_dim * cfg.num_kv_heads
     ffn = cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size
