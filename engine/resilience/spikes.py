@@ -26,7 +26,7 @@ class SpikeDetector:
         self.grad_norms: deque = deque(maxlen=window)
 
     @staticmethod
-    def _median(values: deque) -> float:
+    def _median(values) -> float:
         ordered = sorted(values)
         mid = len(ordered) // 2
         return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
@@ -39,10 +39,12 @@ class SpikeDetector:
             return f"grad norm is {grad_norm}"
         if len(self.losses) >= self.window:
             median = self._median(self.losses)
-            spread = 1.4826 * self._median(deque(abs(x - median) for x in self.losses))
-            if loss > self.loss_factor * median and loss > median + self.sigmas * spread:
-                return (f"loss {loss:.4f} > {self.loss_factor} x median {median:.4f} of the last {self.window} steps"
-                        + (f" and > median + {self.sigmas:g} x their spread {spread:.4f}" if self.sigmas else ""))
+            if loss > self.loss_factor * median:  # the spread is only needed for a loss that passes the ratio
+                spread = 1.4826 * self._median([abs(x - median) for x in self.losses])
+                if loss > median + self.sigmas * spread:
+                    return (f"loss {loss:.4f} > {self.loss_factor} x median {median:.4f} of the last {self.window} "
+                            f"steps" + (f" and > median + {self.sigmas:g} x their spread {spread:.4f}"
+                                        if self.sigmas else ""))
             g_median = self._median(self.grad_norms)
             if grad_norm > self.grad_factor * g_median:
                 return (f"grad norm {grad_norm:.4g} > {self.grad_factor} x median {g_median:.4g} "
