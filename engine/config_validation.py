@@ -147,10 +147,6 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     for key in ("document_mask", "reset_position_ids"):
         value = getattr(cfg.data, key)
         require(isinstance(value, bool), f"data.{key}", value, "must be true or false")
-    if p.cp > 1:
-        require(not cfg.data.document_mask, "data.document_mask", True,
-                f"is not supported with parallel.cp={p.cp} yet (ring attention does not carry document "
-                f"masks across the zigzag split); use cp=1 with tp/sp/pp/dp, or data.document_mask=false")
     chunks = p.pp * p.virtual_stages
     require(m.num_layers >= chunks, "parallel.pp", p.pp,
              f"pp*virtual_stages={chunks} model chunks need at least that many layers (model.num_layers={m.num_layers})")

@@ -21,10 +21,31 @@ transformer_engine imports (not built: no GPU here to test it on).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class BlockMask:
+    """Which keys of a block each query sees, beyond `causal`: document masking inside a ring block.
+
+    `bias` [b, 1, sq, sk] is 0 where a query sees a key and -inf where it does not, in the
+    attention's dtype (ATen's CPU flash kernel takes an additive mask of q's dtype); `empty`
+    [b, 1, sq] marks query rows that see no key of the block: their LSE is -inf, so merging the
+    block leaves them untouched (the kernel itself reports 0 there).
+    """
+
+    bias: Tensor
+    empty: Tensor
+
+    @classmethod
+    def from_visible(cls, visible: Tensor, dtype: torch.dtype) -> "BlockMask":
+        """From a bool [b, sq, sk] (True: the query sees the key)."""
+        bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+        return cls(bias.unsqueeze(1), ~visible.any(-1).unsqueeze(1))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,30 +71,42 @@ def _use_fused(q: Tensor, fused: Optional[bool]) -> bool:
     return fused
 
 
-def _scores(q: Tensor, k: Tensor, scale: float, causal: bool) -> Tensor:
-    """Scaled scores [b, hq, sq, sk] in the compute dtype, future keys at -inf under `causal`."""
+def _scores(q: Tensor, k: Tensor, scale: float, causal: bool, mask: Optional[BlockMask] = None) -> Tensor:
+    """Scaled scores [b, hq, sq, sk] in the compute dtype, future (and masked) keys at -inf under `causal`."""
     c = compute_dtype(q.dtype)
     scores = torch.matmul(q.to(c), k.to(c).transpose(-1, -2)).mul_(scale)
     if causal:
         future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu_(1)
         scores.masked_fill_(future, float("-inf"))
+    if mask is not None:
+        scores.add_(mask.bias.to(c))
     return scores
 
 
 def block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
-                  fused: Optional[bool] = None) -> tuple[Tensor, Tensor]:
-    """(softmax(q k^T * scale) v, logsumexp of the scores) of one block; every query row sees >= 1 key.
+                  fused: Optional[bool] = None, mask: Optional[BlockMask] = None) -> tuple[Tensor, Tensor]:
+    """(softmax(q k^T * scale) v, logsumexp of the scores) of one block.
 
-    The output is in q's dtype from the fused kernel and in the compute dtype from the math.
+    Without `mask` every query row sees >= 1 key; with it, a row that sees none gets output 0 and
+    LSE -inf (it adds nothing when merged). The output is in q's dtype from the fused kernel and
+    in the compute dtype from the math.
     """
     groups = q.shape[1] // k.shape[1]
     k, v = _expand_heads(k, groups), _expand_heads(v, groups)
     if _use_fused(q, fused):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        return out, lse
-    scores = _scores(q, k, scale, causal)
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(scores.sub_(lse.unsqueeze(-1)).exp_(), v.to(scores.dtype)), lse
+        bias = None if mask is None else mask.bias
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
+                                                                              scale=scale)
+    else:
+        scores = _scores(q, k, scale, causal, mask)
+        lse = torch.logsumexp(scores, dim=-1)
+        # A row without keys has lse -inf: subtract 0 there so its probabilities are exp(-inf) = 0.
+        out = torch.matmul(scores.sub_(lse.masked_fill(torch.isneginf(lse), 0.0).unsqueeze(-1)).exp_(),
+                           v.to(scores.dtype))
+    if mask is not None:
+        lse = lse.masked_fill(mask.empty, float("-inf"))
+        out = out.masked_fill(mask.empty.unsqueeze(-1), 0.0)
+    return out, lse
 
 
 def merge_into(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
@@ -84,20 +117,23 @@ def merge_into(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -
 
 
 def block_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-                   causal: bool, fused: Optional[bool] = None) -> tuple[Tensor, Tensor, Tensor]:
+                   causal: bool, fused: Optional[bool] = None,
+                   mask: Optional[BlockMask] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of one block, given the whole attention's final `out` (q's dtype) and `lse`.
 
     dk/dv have k's head count (GQA copies summed); the fused kernel returns q's dtype, the math
-    the compute dtype.
+    the compute dtype. The final `lse` is finite on every row (each query sees itself), so masked
+    keys get probability exp(-inf - lse) = 0 and add nothing.
     """
     groups = q.shape[1] // k.shape[1]
     k_heads, v_heads = _expand_heads(k, groups), _expand_heads(v, groups)
     if _use_fused(q, fused):
         grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q, k_heads, v_heads, out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+            grad_out.contiguous(), q, k_heads, v_heads, out.contiguous(), lse.contiguous(), 0.0, causal,
+            attn_mask=None if mask is None else mask.bias, scale=scale)
     else:
         c = compute_dtype(q.dtype)
-        probs = _scores(q, k_heads, scale, causal).sub_(lse.to(c).unsqueeze(-1)).exp_()
+        probs = _scores(q, k_heads, scale, causal, mask).sub_(lse.to(c).unsqueeze(-1)).exp_()
         grad_out_c = grad_out.to(c)
         delta = (grad_out_c * out.to(c)).sum(-1, keepdim=True)
         grad_v = torch.matmul(probs.transpose(-1, -2), grad_out_c)

@@ -45,12 +45,12 @@ B_kv = b * (s/cp) * kv_heads * d * element_size the bytes of the local K (or V):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from parallel.block_attention import block_backward, block_forward, compute_dtype, merge_into
+from parallel.block_attention import BlockMask, block_backward, block_forward, compute_dtype, merge_into
 from parallel.collectives import P2P, RECV, SEND, Group, batch_isend_irecv
 
 
@@ -124,6 +124,37 @@ def _visible(step: int, cp_rank: int, cp_size: int, half: int) -> tuple[slice, s
     return slice(half, None), slice(None), False
 
 
+SKIP = "skip"
+"""A ring block in which no query sees a key (documents that do not meet): its kernel is not run."""
+
+
+def ring_document_masks(document_ids: Tensor, cp_rank: int, cp_size: int, dtype: torch.dtype) -> list:
+    """Per ring step, what document masking leaves of the visible block (`_visible`): None (every
+    pair of it is seen: the plain kernel), SKIP (no pair: no kernel), or a BlockMask.
+
+    document_ids [b, s] are the full sequence's (every CP rank holds them: they are the sample's,
+    a few bytes per token, so nothing travels with the K/V); the source rank's chunks are cut from
+    them as its tokens were, so a key's document and position cross the split exactly. Built once
+    per forward and shared by every layer (one host sync per ring step for SKIP / all-visible).
+    """
+    half = document_ids.shape[1] // cp_size // 2
+    mine = split_for_context_parallel(document_ids, 1, cp_rank, cp_size)
+    masks = []
+    for step in range(cp_size):
+        source = (cp_rank - step) % cp_size
+        rows, keys, causal = _visible(step, cp_rank, cp_size, half)
+        theirs = split_for_context_parallel(document_ids, 1, source, cp_size)
+        visible = mine[:, rows, None] == theirs[:, None, keys]
+        if causal:  # the diagonal block: local order is position order, so causal is the lower triangle
+            visible &= torch.ones(visible.shape[-2:], dtype=torch.bool, device=visible.device).tril_()
+            masks.append(BlockMask.from_visible(visible, dtype))
+        elif not bool(visible.any()):
+            masks.append(SKIP)
+        else:
+            masks.append(None if bool(visible.all()) else BlockMask.from_visible(visible, dtype))
+    return masks
+
+
 # ---------------------------------------------------------------------------------------------
 # The ring
 
@@ -169,7 +200,7 @@ class _RingBatch:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: Group) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: Group, masks: Optional[list]) -> Tensor:
         s_local, d = q.shape[2], q.shape[3]
         scale = 1.0 / math.sqrt(d)
         half = s_local // 2
@@ -179,21 +210,24 @@ class _RingAttention(torch.autograd.Function):
         for step, messages in enumerate(ring_plan(group.size, backward=False)):
             batch = _RingBatch(group, messages, {KV: kv}, {KV: "ring_kv"})  # overlaps this block's kernel
             rows, keys, causal = _visible(step, group.rank, group.size, half)
-            block_out, block_lse = block_forward(q[:, :, rows], kv[0, :, :, keys], kv[1, :, :, keys], scale, causal)
-            if out is None:  # step 0: the causal diagonal block covers every query row
-                out, lse = block_out.to(compute), block_lse.to(compute)
-            else:
-                merge_into(out[:, :, rows], lse[:, :, rows], block_out.to(compute), block_lse.to(compute))
+            mask = None if masks is None else masks[step]
+            if mask is not SKIP:  # a skipped block's K/V still travels: every rank keeps the ring's plan
+                block_out, block_lse = block_forward(q[:, :, rows], kv[0, :, :, keys], kv[1, :, :, keys], scale,
+                                                     causal and mask is None, mask=mask)
+                if out is None:  # step 0: the causal diagonal block covers every query row (each sees itself)
+                    out, lse = block_out.to(compute), block_lse.to(compute)
+                else:
+                    merge_into(out[:, :, rows], lse[:, :, rows], block_out.to(compute), block_lse.to(compute))
             kv = batch.wait().get(KV, kv)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale = group, scale
+        ctx.group, ctx.scale, ctx.masks = group, scale, masks
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        group, scale = ctx.group, ctx.scale
+        group, scale, masks = ctx.group, ctx.scale, ctx.masks
         half = q.shape[2] // 2
         compute = compute_dtype(q.dtype)
         grad_out = grad_out.contiguous()
@@ -205,15 +239,17 @@ class _RingAttention(torch.autograd.Function):
         for step in range(group.size):
             batch = _RingBatch(group, plan[step], {KV: kv, DKV: finished}, purposes)
             rows, keys, causal = _visible(step, group.rank, group.size, half)
-            # Each block's backward takes the final output and LSE, so its gradients are exact shares.
-            block_dq, block_dk, block_dv = block_backward(
-                grad_out[:, :, rows], q[:, :, rows], kv[0, :, :, keys], kv[1, :, :, keys], out[:, :, rows],
-                lse[:, :, rows], scale, causal)
-            grad_q[:, :, rows] += block_dq
+            mask = None if masks is None else masks[step]
             # dK/dV of the K/V block held at this step: [2, b, hkv, s_local, d], accumulated in fp32.
             grad_kv = torch.zeros((2, *k.shape), dtype=compute, device=k.device)
-            grad_kv[0, :, :, keys] = block_dk
-            grad_kv[1, :, :, keys] = block_dv
+            if mask is not SKIP:  # a skipped block adds nothing, but its accumulator travels on
+                # Each block's backward takes the final output and LSE, so its gradients are exact shares.
+                block_dq, block_dk, block_dv = block_backward(
+                    grad_out[:, :, rows], q[:, :, rows], kv[0, :, :, keys], kv[1, :, :, keys], out[:, :, rows],
+                    lse[:, :, rows], scale, causal and mask is None, mask=mask)
+                grad_q[:, :, rows] += block_dq
+                grad_kv[0, :, :, keys] = block_dk
+                grad_kv[1, :, :, keys] = block_dv
             received = batch.wait()
             if step == 0:
                 own_grad_kv = grad_kv
@@ -226,31 +262,43 @@ class _RingAttention(torch.autograd.Function):
             kv = received.get(KV, kv)
         if group.size > 1:  # the batch after the last step: every accumulator reaches its owner
             own_grad_kv += _RingBatch(group, plan[-1], {DKV: finished}, purposes).wait()[DKV]
-        return grad_q.to(q.dtype), own_grad_kv[0].to(k.dtype), own_grad_kv[1].to(v.dtype), None
+        return grad_q.to(q.dtype), own_grad_kv[0].to(k.dtype), own_grad_kv[1].to(v.dtype), None, None
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: Group) -> Tensor:
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: Group, masks: Optional[list] = None) -> Tensor:
     """Causal attention of this CP rank's zigzag tokens over the whole sequence, as a ring.
 
     q [b, hq, s/cp, d], k/v [b, hkv, s/cp, d] (hq a multiple of hkv: grouped-query attention),
     holding chunks r and 2cp-1-r of the sequence in that order (`split_for_context_parallel`).
-    Returns [b, hq, s/cp, d], equal to those rows of causal attention over the full sequence.
+    Returns [b, hq, s/cp, d], equal to those rows of causal attention over the full sequence;
+    with `masks` (`ring_document_masks`), of causal attention within each document.
     """
     if q.shape[2] % 2:
         raise ValueError(f"ring attention needs an even local sequence (two zigzag chunks), got {q.shape[2]}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
-    return _RingAttention.apply(q, k, v, group)
+    return _RingAttention.apply(q, k, v, group, masks)
 
 
 class RingAttention:
-    """Attention core (engine.model.decoder.Attention.core) bound to a CP group: `core(q, k, v)`."""
+    """Attention core (engine.model.decoder.Attention.core) bound to a CP group: `core(q, k, v)`, or
+    `core(q, k, v, documents)` with the full sequence's document ids and a per-forward cache."""
+
+    takes_documents = True
+    """The decoder hands this core the document ids itself (the local core is swapped for document attention)."""
 
     def __init__(self, group: Group):
         self.group = group
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return ring_attention(q, k, v, self.group)
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, documents=None) -> Tensor:
+        masks = None
+        if documents is not None:  # engine.model.document_attention.DocumentSegments: ids and a cache
+            key = ("ring_masks", self.group.rank, self.group.size, q.dtype, q.device)
+            if key not in documents.cache:  # once per forward, shared by every layer
+                documents.cache[key] = ring_document_masks(documents.ids.to(q.device), self.group.rank,
+                                                           self.group.size, q.dtype)
+            masks = documents.cache[key]
+        return ring_attention(q, k, v, self.group, masks)
 
     def __repr__(self) -> str:
         return f"RingAttention(cp={self.group.size})"

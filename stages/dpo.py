@@ -14,9 +14,11 @@ fraction of pairs whose implicit reward prefers the chosen response) is logged w
 
 The reference model is a second copy of this rank's chunk, built like the policy and never
 trained; it starts equal to the policy (from train.init_from when set, else from the seed), and a
-resumed run rebuilds it the same way. Tensor and data parallelism work as in pre-training;
-pipeline and context parallelism are refused (the pair's log-probabilities would have to be
-gathered across stages or sequence chunks before the sigmoid).
+resumed run rebuilds it the same way. Tensor, data and context parallelism work as in
+pre-training: under CP each rank sums its own tokens' log-probabilities and one all-reduce over
+the cp group (Megatron's g: identity in backward) makes the pairs whole on every CP rank, whose
+sums the step then counts once (CP rank 0). Pipeline parallelism is refused (the pair loss needs
+both models' log-probabilities on one stage).
 
 With dpo.packing a microbatch is instead rows of several pairs (data_pipeline/packing.py), each
 row's sequences chosen, rejected, chosen, ... as documents 0, 1, 2, ...; each sequence's log p is
@@ -36,6 +38,8 @@ from engine.config import ApogeeConfig, ConfigError
 from engine.stage import Stage
 from engine.train.trainer import Trainer
 from parallel.collectives import all_reduce
+from parallel.context_parallel import split_for_context_parallel
+from parallel.mappings import reduce_from_tp_region
 
 
 @dataclass
@@ -71,12 +75,11 @@ class DPOStage(Stage):
     """The config section with `inputs` and `beta` (a stage with another preference loss names its own)."""
 
     def validate(self, cfg: ApogeeConfig, world_size: int) -> None:
-        """pp = cp = 1 (a pair's log-probabilities must be whole), no fp8, beta > 0."""
+        """pp = 1 (the pair loss needs both models' whole log-probabilities on one stage), no fp8, beta > 0."""
         p = cfg.parallel
-        if p.pp > 1 or p.cp > 1:
-            key, value = ("parallel.pp", p.pp) if p.pp > 1 else ("parallel.cp", p.cp)
-            raise ConfigError(f"{key}={value!r}: DPO runs with pp=1 and cp=1 (a pair's log-probabilities must be "
-                              f"whole before the sigmoid); use tp and dp")
+        if p.pp > 1:
+            raise ConfigError(f"parallel.pp={p.pp!r}: DPO runs with pp=1 (the policy and its frozen reference "
+                              f"score each pair on one stage); use tp, cp and dp")
         if cfg.precision.dtype == "fp8":
             raise ConfigError("precision.dtype='fp8': DPO runs in bf16 or fp32 (the reference model would share the "
                               "policy's fp8 scales)")
@@ -146,12 +149,18 @@ class DPOTrainer(Trainer):
         `documents` (packed rows), of each sequence instead: [sequences] over the rows in order."""
         logits = model(inputs, positions=positions, documents=documents)
         if documents is None:
-            return -torch.stack([self.loss_fn(logits[i:i + 1], targets[i:i + 1], loss_mask[i:i + 1])[0]
-                                 for i in range(logits.shape[0])])
-        # A target's sequence is its input's document (a target starting the next one is masked out).
-        return -torch.stack([self.loss_fn(logits[i:i + 1], targets[i:i + 1],
-                                          loss_mask[i:i + 1] * (documents[i:i + 1] == d))[0]
-                             for i in range(logits.shape[0]) for d in range(int(documents[i].max()) + 1)])
+            logps = -torch.stack([self.loss_fn(logits[i:i + 1], targets[i:i + 1], loss_mask[i:i + 1])[0]
+                                  for i in range(logits.shape[0])])
+        else:
+            # A target's sequence is its input's document (a target starting the next one is masked
+            # out); under CP this rank's targets are its zigzag chunks, so are their documents.
+            local = split_for_context_parallel(documents, 1, self.cp.rank, self.cp.size)
+            logps = -torch.stack([self.loss_fn(logits[i:i + 1], targets[i:i + 1],
+                                               loss_mask[i:i + 1] * (local[i:i + 1] == d))[0]
+                                  for i in range(logits.shape[0]) for d in range(int(documents[i].max()) + 1)])
+        # Under CP each rank summed its own tokens' share: Megatron's g (sum forward, identity backward)
+        # makes every CP rank hold whole sequences, and its gradient is its tokens' part of the pair loss's.
+        return reduce_from_tp_region(logps, self.cp)
 
     def loss_divisor(self, microbatches: list) -> int:
         """The global number of preference pairs in the step (packed rows: summed over the dp ranks)."""
@@ -184,7 +193,7 @@ class DPOTrainer(Trainer):
             correct += (log_ratios.detach() > 0).float().sum()
         all_reduce(correct, self.dp, purpose="metrics")
         self.last_accuracy = correct.item() / self.step_tokens
-        return loss_total
+        return loss_total * self.counts_pairs  # summed over dp x cp by the caller
 
     def validation_sums(self, microbatches: list) -> torch.Tensor:
         """[pair-loss sum, pairs, pairs whose implicit reward prefers the chosen response] (no gradient)."""
@@ -193,7 +202,12 @@ class DPOTrainer(Trainer):
             log_ratios = self.log_ratios(microbatch)
             sums += torch.tensor([float(self.pair_loss(log_ratios).sum()), log_ratios.numel(),
                                   float((log_ratios > 0).sum())], dtype=torch.float64)
-        return sums
+        return sums * self.counts_pairs  # summed over dp x cp by the caller
+
+    @property
+    def counts_pairs(self) -> float:
+        """1 on CP rank 0, else 0: every CP rank holds the same whole pairs, whose sums count once."""
+        return 1.0 if self.cp.rank == 0 else 0.0
 
     def validation_metrics(self, sums: torch.Tensor) -> dict:
         """val_loss (the mean pair loss) and val_reward_accuracy."""

@@ -61,9 +61,6 @@ class SFTStage(Stage):
 
     def validate(self, cfg: ApogeeConfig, world_size: int) -> None:
         """The deprecated keys are checked where they are read (lora.* is the engine's)."""
-        if cfg.sft.packing and cfg.parallel.cp > 1:
-            raise ConfigError(f"sft.packing=true: not supported with parallel.cp={cfg.parallel.cp} yet (ring attention "
-                              f"does not carry document masks across the zigzag split); use cp=1 or sft.packing=false")
         if cfg.sft.lora_rank < 0:
             raise ConfigError(f"sft.lora_rank={cfg.sft.lora_rank}: must be >= 0 (0: no adapters; deprecated, use lora.rank)")
 

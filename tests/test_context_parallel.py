@@ -48,8 +48,13 @@ FULL_4D = ["parallel.tp=2", "parallel.pp=2", "parallel.cp=2"]  # 8 ranks: ~50 s 
 # reference is the same precision, so the ring must be exact to 1e-12; in fp32 and bf16 (None) it
 # must stay within twice the noise floor: the error of the single-device kernel (SDPA over the
 # whole sequence in that dtype) against fp64, measured beside it and printed.
-RING_CASES = [(torch.float64, 4, 2, 1e-12), (torch.float64, 4, 4, 1e-12), (torch.float32, 4, 2, None),
-              (torch.bfloat16, 4, 2, None)]
+# The cases with documents (last field) attend within documents of DOCUMENT_LENGTHS (one row each):
+# short documents make some ring blocks skipped, some partly masked, some whole.
+RING_CASES = [(torch.float64, 4, 2, 1e-12, False), (torch.float64, 4, 4, 1e-12, False),
+              (torch.float32, 4, 2, None, False), (torch.bfloat16, 4, 2, None, False),
+              (torch.float64, 4, 2, 1e-12, True), (torch.float32, 4, 2, None, True),
+              (torch.bfloat16, 4, 2, None, True)]
+DOCUMENT_LENGTHS = ([3, 9, 1, 12, 7], [20, 12])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,19 +103,25 @@ def _ring_attention_worker(rank: int, world_size: int, cases) -> list:
     from parallel.collectives import CommLedger, Group
     from parallel.context_parallel import ring_attention
 
+    from engine.model.document_attention import DocumentSegments
+    from parallel.context_parallel import RingAttention
+
     results = []
-    for dtype, hq, hkv, _ in cases:
+    for dtype, hq, hkv, _, docs in cases:
         gen = torch.Generator().manual_seed(hq * 10 + hkv)  # the same full tensors on every rank
         b, s, d = 2, 32, 8
         q, grad = (torch.randn(b, hq, s, d, generator=gen, dtype=torch.float64) for _ in range(2))
         k, v = (torch.randn(b, hkv, s, d, generator=gen, dtype=torch.float64) for _ in range(2))
         full = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-        reference = F.scaled_dot_product_attention(*(t.double() for t in full), is_causal=True,
-                                                   enable_gqa=hq != hkv)
+        ids = torch.stack([torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n)) for n in DOCUMENT_LENGTHS])
+        # The reference: one dense mask, a query seeing the earlier keys of its own document.
+        mask = (ids[:, None, :, None] == ids[:, None, None, :]) & torch.ones(s, s, dtype=torch.bool).tril()
+        kwargs = {"attn_mask": mask} if docs else {"is_causal": True}
+        reference = F.scaled_dot_product_attention(*(t.double() for t in full), enable_gqa=hq != hkv, **kwargs)
         reference.backward(grad)
         # The noise floor: the single-device kernel in `dtype` on the whole sequence, against fp64.
         alone = [t.detach().clone().requires_grad_() for t in full]
-        single = F.scaled_dot_product_attention(*alone, is_causal=True, enable_gqa=hq != hkv)
+        single = F.scaled_dot_product_attention(*alone, enable_gqa=hq != hkv, **kwargs)
         single.backward(grad.to(dtype))
         floor = max([(single.double() - reference).abs().max().item()]
                     + [(a.grad.double() - f.grad).abs().max().item() for a, f in zip(alone, full)])
@@ -121,7 +132,8 @@ def _ring_attention_worker(rank: int, world_size: int, cases) -> list:
         ledger = CommLedger()
         group = Group("cp", dist.group.WORLD, world_size, rank, ledger)
         q_l, k_l, v_l = (local(t).requires_grad_() for t in full)
-        out = ring_attention(q_l, k_l, v_l, group)
+        out = (RingAttention(group)(q_l, k_l, v_l, DocumentSegments(ids)) if docs
+               else ring_attention(q_l, k_l, v_l, group))
         out.backward(local(grad).to(dtype))
         errors = {"out": (out.double() - local(reference)).abs().max().item(), "dtype": out.dtype}
         for name, mine, whole in (("dq", q_l, full[0]), ("dk", k_l, full[1]), ("dv", v_l, full[2])):
@@ -137,14 +149,14 @@ def ring_results():
 
 
 def _case_id(case):
-    return f"{str(case[0]).split('.')[-1]}-hq{case[1]}-hkv{case[2]}"
+    return f"{str(case[0]).split('.')[-1]}-hq{case[1]}-hkv{case[2]}" + ("-documents" if case[4] else "")
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", range(len(RING_CASES)), ids=[_case_id(c) for c in RING_CASES])
 def test_ring_attention_equals_full_causal_attention_forward_and_backward(world, case, ring_results):
-    dtype, _, _, tolerance = RING_CASES[case]
+    dtype, _, _, tolerance, _ = RING_CASES[case]
     for rank, rank_results in enumerate(ring_results[world]):
         errors = dict(rank_results[case][0])
         assert errors.pop("dtype") == dtype
@@ -159,7 +171,7 @@ def test_ring_attention_equals_full_causal_attention_forward_and_backward(world,
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", range(len(RING_CASES)), ids=[_case_id(c) for c in RING_CASES])
 def test_ring_attention_traffic_per_call(world, case, ring_results):
-    dtype, _, hkv, _ = RING_CASES[case]
+    dtype, _, hkv, _, _ = RING_CASES[case]
     b, s, d = 2, 32, 8
     size = torch.tensor([], dtype=dtype).element_size()
     kv_bytes = b * (s // world) * hkv * d * size
@@ -252,3 +264,20 @@ def test_tp2_pp2_cp2_matches_single_rank_and_moves_the_ring_bytes(reference, sin
         # Gradients over dp x cp: the whole (stage's) buffer once; the loss sum once.
         assert ledger[("dp-cp", "all_reduce")] == run.grad_buffer_bytes[rank]
         assert ledger[("dp-cp", "metrics")] == 4
+
+
+def test_ring_document_masks_skip_blocks_no_query_sees_and_drop_whole_ones():
+    """What each ring step runs with documents: the diagonal always masked (causal within documents),
+    a block whose documents do not meet skipped, a block inside one document unmasked."""
+    from parallel.context_parallel import SKIP, ring_document_masks
+
+    def kinds(lengths, rank, cp):
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+        return ["skip" if m is SKIP else "whole" if m is None else "masked"
+                for m in ring_document_masks(ids, rank, cp, torch.float32)]
+
+    assert kinds([32], 1, 4) == ["masked", "whole", "whole", "whole"]  # one document: plain causal ring
+    # Documents [3, 9, 1, 12, 7] over 8 chunks of 4: rank 0 holds tokens 0-3 and 28-31 (documents
+    # 0, 1 and 4); the K/V of ranks 3 and 2 (steps 1 and 2: documents 1-3) meet none of its queries.
+    assert kinds([3, 9, 1, 12, 7], 0, 4) == ["masked", "skip", "skip", "masked"]
+    assert kinds([3, 9, 1, 12, 7], 3, 4) == ["masked", "skip", "skip", "skip"]

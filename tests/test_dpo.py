@@ -111,18 +111,33 @@ def test_first_step_loss_is_log_2_and_training_prefers_chosen(reference):
     assert losses[-1] < 0.5 * losses[0] and accuracy[-1] == 1.0  # the pattern beats the noise
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.tp=2"]], ids=["dp2", "tp2"])
-def test_dpo_layouts_match_the_single_rank_run(layout, reference, tolerances):
+LAYOUTS = {"dp2": ["parallel.dp=2"], "tp2": ["parallel.tp=2"], "cp2": ["parallel.cp=2"]}
+
+
+def _layouts_worker(rank, world_size, layouts, steps):
+    return [_train(overrides, world_size, steps) for overrides in layouts]
+
+
+@pytest.fixture(scope="module")
+def layout_runs():
+    """Every layout's run, in one 2-rank spawn."""
     from tests.distributed import run_distributed
 
-    run = run_distributed(_worker, 2, [*DPO, *layout], 8, timeout=300)[0]
-    tolerances[floor_scope([*DPO, *layout])].check(f"dpo {layout}", *_losses_and_state(run), *_losses_and_state(reference))
+    runs = run_distributed(_layouts_worker, 2, [[*DPO, *layout] for layout in LAYOUTS.values()], 8, timeout=400)[0]
+    return dict(zip(LAYOUTS, runs))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_dpo_layouts_match_the_single_rank_run(layout, layout_runs, reference, tolerances):
+    run = layout_runs[layout]
+    tolerances[floor_scope([*DPO, *LAYOUTS[layout]])].check(f"dpo {layout}", *_losses_and_state(run),
+                                                            *_losses_and_state(reference))
     assert run[1] == reference[1]  # the same reward accuracy at every step
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["dpo.inputs=[x.jsonl]", "parallel.pp=2"], "parallel.pp=2: DPO runs with pp=1 and cp=1"),
+    (["dpo.inputs=[x.jsonl]", "parallel.pp=2"], "parallel.pp=2: DPO runs with pp=1"),
     (["dpo.inputs=[x.jsonl]", "sft.inputs=[y.jsonl]"], "only one of them"),
     ([], "dpo.inputs=[]: `apogee dpo` needs JSONL files of preference pairs"),
 ])

@@ -102,7 +102,8 @@ def test_packed_rows_follow_position_skips_and_dp():
 
 
 def _sequence_logps(model, microbatch, dtype, packed):
-    stub = types.SimpleNamespace(loss_fn=lambda logits, targets, mask: lm_loss(logits, targets, 0.0, mask))
+    stub = types.SimpleNamespace(loss_fn=lambda logits, targets, mask: lm_loss(logits, targets, 0.0, mask),
+                                 cp=types.SimpleNamespace(rank=0, size=1))  # one rank: no context parallelism
     m = model.to(dtype)
     inputs, targets = microbatch.tokens[:, :-1], microbatch.tokens[:, 1:]
     with torch.no_grad():
@@ -148,7 +149,7 @@ def test_pairs_longer_than_a_row_are_left_out_with_a_note():
     assert data.rows.rows_per_epoch == 1 and "left out 1 of 2 pairs" in data.notes[0]
 
 
-# --- packed DPO in its layouts (DPO runs at tp and dp; pp and cp are refused for every DPO run) ---
+# --- packed DPO in its layouts (DPO runs at tp, cp and dp; pp is refused for every DPO run) ---
 
 DPO_PACKED = ["dpo.inputs=[pairs]", "dpo.beta=0.5", "dpo.packing=true", "optim.lr=1e-3", "optim.eps=1e-4",
               "train.micro_batch_size=1", "train.global_batch_size=4"]
@@ -201,14 +202,14 @@ def test_packed_dpo_layouts_match_the_single_rank_run():
 
     reference = _as_torch(_train_packed_dpo([], 1))
     assert reference[0][0] == pytest.approx(0.6931471805599453, rel=1e-6)  # policy == reference: log 2
-    layouts = {"dp2": ["parallel.dp=2"], "tp2": ["parallel.tp=2"]}
+    layouts = {"dp2": ["parallel.dp=2"], "tp2": ["parallel.tp=2"], "cp2": ["parallel.cp=2"]}
     runs = run_distributed(_packed_dpo_worker, 2, list(layouts.values()), timeout=300)[0]
-    for (name, _), run, scope in zip(layouts.items(), runs, ("microbatches", "all")):
+    for (name, _), run, scope in zip(layouts.items(), runs, ("microbatches", "all", "all")):
         tolerance = Tolerance.measured(reference, _as_torch(_train_packed_dpo([], 1, reordered=scope)))
         tolerance.check(f"packed dpo {name}", *_as_torch(run), *reference)
 
 
-def test_packed_epochs_count_rows_and_cp_is_refused(tmp_path, capsys):
+def test_packed_epochs_count_rows_and_cp_is_accepted(tmp_path, capsys):
     import json
 
     from engine.config import ConfigError
@@ -224,6 +225,10 @@ def test_packed_epochs_count_rows_and_cp_is_refused(tmp_path, capsys):
     rows = sft.build_data(cfg).rows.rows_per_epoch
     assert rows < 10 and cfg.train.steps == 3 * rows  # 3 epochs of packed rows, not of examples
     assert f"over 10 examples ({rows} packed samples)" in capsys.readouterr().err
+    # Packed rows under context parallelism: their document masks cross the zigzag split (ring
+    # attention masks its blocks; tests/test_parity_documents.py's cp2 run of such rows).
     cfg = registry.load_config(sft, None, [f"sft.inputs=[{path}]", "sft.packing=true", "parallel.cp=2"])
-    with pytest.raises(ConfigError, match="sft.packing=true: not supported with parallel.cp=2"):
+    sft.validate(cfg, 2)
+    cfg = registry.load_config(sft, None, [f"sft.inputs=[{path}]", "sft.lora_rank=-1", "parallel.cp=2"])
+    with pytest.raises(ConfigError, match="sft.lora_rank=-1: must be >= 0"):
         sft.validate(cfg, 2)

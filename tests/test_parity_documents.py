@@ -6,9 +6,10 @@ trainer exactly what packed SFT rows give it: several documents per row, each at
 itself, positions restarting at each, the target that starts a document untrained, per-sample
 trained-token counts that differ. Each layout's losses and final weights must match the
 single-rank run of the same data within the measured tolerance (tests/noise_floor.py), in one
-2-rank spawn. Context parallelism with document masks is refused at config time
-(tests/test_document_mask.py); what its zigzag split would give each rank of the unmasked work
-is measured here (parallel/context_parallel.py's document_work_shares).
+2-rank spawn. Under context parallelism (cp2; cp4 and cp2 x tp2 x sp in a 4-rank spawn)
+ring attention masks each block by the documents of its queries and keys, cut from the full
+sequence's ids as the tokens were; what the zigzag split gives each rank of the unmasked work
+with short documents is measured here (parallel/context_parallel.py's document_work_shares).
 """
 import pytest
 import torch
@@ -25,6 +26,11 @@ LAYOUTS = {
     "pp2": ["parallel.pp=2"],
     "dp2_zero1": ["parallel.dp=2", "parallel.zero=1"],
     "dp2_zero2": ["parallel.dp=2", "parallel.zero=2"],
+    "cp2": ["parallel.cp=2"],  # ring attention with block masks; positions and masks cut by the zigzag split
+}
+FOUR_RANK_LAYOUTS = {  # cp4: chunks of 4 tokens, so whole ring blocks fall between documents (skipped)
+    "cp4": ["parallel.cp=4"],
+    "cp2_tp2_sp": ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
 }
 
 
@@ -35,8 +41,12 @@ def reference(single_rank):
 
 @pytest.fixture(scope="module")
 def runs():
-    layouts = [[*DOCS, *overrides] for overrides in LAYOUTS.values()]
-    return dict(zip(LAYOUTS, train_layouts(layouts, 2, STEPS, masked=True)))
+    """Every layout's run: one spawn per world size."""
+    out = {}
+    for layouts, world in ((LAYOUTS, 2), (FOUR_RANK_LAYOUTS, 4)):
+        overrides = [[*DOCS, *layout] for layout in layouts.values()]
+        out.update(zip(layouts, train_layouts(overrides, world, STEPS, masked=True)))
+    return out
 
 
 def test_parity_data_has_several_documents_per_row():
@@ -53,9 +63,9 @@ def test_document_masks_change_the_run(reference, single_rank):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", [*LAYOUTS, *FOUR_RANK_LAYOUTS])
 def test_layout_with_document_masks_matches_single_rank(layout, runs, reference, single_rank):
-    tolerance = single_rank.tolerance(DOCS, STEPS, masked=True, layout=LAYOUTS[layout])
+    tolerance = single_rank.tolerance(DOCS, STEPS, masked=True, layout={**LAYOUTS, **FOUR_RANK_LAYOUTS}[layout])
     assert_matches_reference(f"documents {layout}", runs[layout], reference, tolerance)
 
 

@@ -124,10 +124,12 @@ class Attention(nn.Module):
         """Run the attention core (within each document when `documents` is given), recomputing it
         in backward under selective recompute."""
         if documents is not None:
-            if self.core is not causal_attention:
-                raise ValueError(f"document masks need the local attention core, not {self.core!r} "
-                                 f"(context parallelism with data.document_mask is refused at config time)")
-            core = lambda q_, k_, v_: document_attention(q_, k_, v_, documents)  # noqa: E731
+            if self.core is causal_attention:
+                core = lambda q_, k_, v_: document_attention(q_, k_, v_, documents)  # noqa: E731
+            elif getattr(self.core, "takes_documents", False):  # ring attention: masks its own blocks
+                core = lambda q_, k_, v_: self.core(q_, k_, v_, documents)  # noqa: E731
+            else:
+                raise ValueError(f"document masks need an attention core that takes them, not {self.core!r}")
         else:
             core = self.core
         if self.recompute_core and torch.is_grad_enabled():

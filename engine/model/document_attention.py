@@ -11,7 +11,9 @@ causal attention that document would get alone in a row, which is what makes a p
 loss equal its unpacked loss.
 
 `DocumentSegments` turns the microbatch's document ids [b, s] into per-row (start, end) spans
-once per forward (one device->host copy), shared by every layer.
+once per forward (one device->host copy), shared by every layer; it also carries the ids and a
+cache for cores that mask otherwise (context parallelism's ring attention builds its block masks
+from the full sequence's ids, parallel/context_parallel.py).
 """
 from __future__ import annotations
 
@@ -31,9 +33,10 @@ class DocumentSegments:
         starts: list[list[int]] = [[0] for _ in range(b)]
         for row, t in change:
             starts[row].append(t + 1)
-        self.seq_length = s
+        self.ids, self.seq_length = document_ids, s
         self.spans = [list(zip(row, row[1:] + [s])) for row in starts]
         self.buckets = None  # the gather plan, built on first use on the attention's device
+        self.cache: dict = {}  # other attention cores' per-forward plans (ring attention's block masks)
 
     def work_fraction(self) -> float:
         """Query-key pairs computed (sum of len^2 / 2 over documents) over the full causal s^2 / 2."""
