@@ -93,7 +93,8 @@ def _run_layout(overrides: list[str], world_size: int, steps: int, ctx_factory, 
         losses = [trainer.train_step(step, floor.microbatches(step, trainer.microbatches(step)) if floor else None).loss
                   for step in range(steps)]
     ledger = dict(trainer.ledger.bytes), dict(trainer.ledger.calls)
-    state = gather_full_state_dict(trainer.chunks, ctx)
+    with getattr(trainer.grads, "gathered", contextlib.nullcontext)():  # ZeRO-3: every unit gathered
+        state = gather_full_state_dict(trainer.chunks, ctx)
     if floor is not None:
         state = floor.state(state)
     return LayoutRun(losses, state if ctx.rank == 0 else None, [ledger[0]], [ledger[1]], [trainer.grads.num_bytes],

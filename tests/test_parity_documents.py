@@ -26,6 +26,7 @@ LAYOUTS = {
     "pp2": ["parallel.pp=2"],
     "dp2_zero1": ["parallel.dp=2", "parallel.zero=1"],
     "dp2_zero2": ["parallel.dp=2", "parallel.zero=2"],
+    "dp2_zero3": ["parallel.dp=2", "parallel.zero=3"],
     "cp2": ["parallel.cp=2"],  # ring attention with block masks; positions and masks cut by the zigzag split
 }
 FOUR_RANK_LAYOUTS = {  # cp4: chunks of 4 tokens, so whole ring blocks fall between documents (skipped)

@@ -203,6 +203,9 @@ def gather_full_state_dict(model: nn.Module | list[nn.Module], ctx) -> dict[str,
     full = {}
     for chunk in (model if isinstance(model, (list, tuple)) else [model]):
         for name, param in chunk.named_parameters():
+            if param.numel() and not param.untyped_storage().nbytes():  # reading it would read freed memory
+                raise RuntimeError(f"gather_full_state_dict: {name} holds no storage (a ZeRO-3 parameter between "
+                                   f"layers); call it inside the trainer's `grads.gathered()`")
             shard = shard_of(param)
             value = param.detach()
             if shard is not None and shard[2] > 1:
