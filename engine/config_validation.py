@@ -128,6 +128,8 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     for key in ("tp", "pp", "cp", "ep", "virtual_stages"):
         require(getattr(p, key) >= 1, f"parallel.{key}", getattr(p, key), "must be >= 1")
     _one_of("parallel.zero", p.zero, (0, 1, 2, 3))
+    require(isinstance(p.overlap_param_gather, bool), "parallel.overlap_param_gather", p.overlap_param_gather,
+            "must be true or false (ZeRO-1/2 only; stage 3 gathers per layer ahead of use anyway)")
     dp = resolve_dp(cfg, world_size)
     require(m.num_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.num_heads={m.num_heads}")
     require(m.num_kv_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.num_kv_heads={m.num_kv_heads}")

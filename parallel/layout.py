@@ -77,6 +77,10 @@ class ParallelLayout:
     """ZeRO stage over the data-parallel group: 0 (plain DP), 1, 2 or 3."""
     grad_bucket_mb: float = 25.0
     """Size of one gradient reduction bucket in MiB."""
+    overlap_param_gather: bool = False
+    """ZeRO-1/2: the updated parameters' all-gather runs behind the next forward, each module waiting
+    for its own buckets (Megatron's --overlap-param-gather); False: gathered and waited for after the
+    optimizer step. Same values either way."""
 
     @property
     def data_parallel(self) -> int:

@@ -14,7 +14,10 @@ microbatches as in plain DP; in the last backward each complete bucket is reduce
 place: the result lands in this rank's chunk) instead of all-reduced, overlapping with the rest
 of backward. After the step each bucket's parameter chunk is all-gathered.
 Traffic per step: reduce-scatter Psi + all-gather Psi = 2 Psi elements, whatever the number of
-microbatches m.
+microbatches m. With overlap_param_gather (parallel.overlap_param_gather, Megatron's
+--overlap-param-gather) the all-gathers stay in flight after the step, and each module waits for
+its own buckets' gather when its next forward starts, so the gather of later layers hides behind
+the forward of earlier ones.
 
 Stage 2 (gradients sharded too): the only persistent gradient storage is this rank's shard
 (Psi / N_d fp32). A bucket's full-size buffer exists only while its gradients of one microbatch
@@ -34,6 +37,7 @@ count), exactly as in parallel/data_parallel.py.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -150,7 +154,8 @@ class ShardedGradBuffer:
     """
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], group: Group, stage: int,
-                 bucket_bytes: int = 25 * 2**20, reduce_dtype: torch.dtype = torch.float32):
+                 bucket_bytes: int = 25 * 2**20, reduce_dtype: torch.dtype = torch.float32,
+                 overlap_param_gather: bool = False):
         if stage not in (1, 2):
             raise ValueError(f"parallel.zero={stage}: ShardedGradBuffer implements stages 1 and 2")
         self.stage, self.group = stage, group
@@ -188,6 +193,8 @@ class ShardedGradBuffer:
         self._shard_written = [False] * n  # stage 2: this step's first reduced chunk is copied, later ones added
         self.is_last_microbatch = True
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
+        self.overlap_param_gather = overlap_param_gather
+        self._gathers: list = [None] * n  # bucket b's parameter all-gather still in flight (overlap)
 
     # ------------------------------------------------------------------ gradients in backward
 
@@ -284,6 +291,8 @@ class ShardedGradBuffer:
 
     def finish(self) -> None:
         """Launch what backward did not (buckets with parameters that got no gradient), wait for all."""
+        # The optimizer writes this rank's chunks next: no gather of the last step may still read them.
+        self.wait_params()
         for b in range(len(self.layout.buckets)):
             if self._in_flight[b] is None and (self.stage == 1 or self._bucket_grads[b] is not None):
                 self._launch(b)
@@ -307,16 +316,45 @@ class ShardedGradBuffer:
 
     @torch.no_grad()
     def all_gather_params(self) -> None:
-        """Every rank's updated chunks into every rank's parameters, one all-gather per bucket."""
-        handles = []
-        for b in range(len(self.layout.buckets)):
+        """Every rank's updated chunks into every rank's parameters, one all-gather per bucket.
+
+        Launched in forward order (buckets are in reverse registration order, so the first layers
+        sit in the last buckets). Without overlap every gather is waited for here; with it each
+        stays in flight until a module that holds its parameters starts its forward
+        (`install_forward_waits`), or until `wait_params` (any other reader: checkpoints, the
+        guard, the next `finish`).
+        """
+        for b in reversed(range(len(self.layout.buckets))):
             start = self.layout.starts[b]
             full = self.param_buffer[start:start + self.layout.sizes[b]]
             # gloo and NCCL accept the input as a view of the output (Megatron gathers in place).
-            handles.append(all_gather(full, self._chunk(full, b), self.group, async_op=True))
-        for handle in handles:
+            self._gathers[b] = all_gather(full, self._chunk(full, b), self.group, async_op=True)
+        if not self.overlap_param_gather:
+            self.wait_params()
+
+    def wait_params(self, buckets: Optional[Iterable[int]] = None) -> None:
+        """Block until the parameter all-gathers of `buckets` (default: all) have landed."""
+        for b in (range(len(self._gathers)) if buckets is None else buckets):
+            handle, self._gathers[b] = self._gathers[b], None
             if handle is not None:
                 handle.wait()
+
+    def install_forward_waits(self, chunks: Iterable[nn.Module]) -> None:
+        """A forward pre-hook on every module with parameters of its own: wait for their buckets only,
+        so the gather of later layers keeps running behind the forward of earlier ones."""
+        for chunk in chunks:
+            for module in chunk.modules():
+                buckets = sorted({self._bucket_of[id(p)] for p in module.parameters(recurse=False)
+                                  if id(p) in self._bucket_of})
+                if buckets:
+                    self._hooks.append(module.register_forward_pre_hook(
+                        lambda _module, _args, buckets=buckets: self.wait_params(buckets)))
+
+    @contextmanager
+    def gathered(self):
+        """Every parameter whole for the duration (readers outside forward: tests, export)."""
+        self.wait_params()
+        yield
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -77,8 +77,30 @@ def _two_rank_zero1(rank, world_size, checkpoint_dir):
     dcp.save(to_sharded_tensors(state, grads.layout, [0, 1], rank), checkpoint_id=checkpoint_dir)
     gathered = {f"{name}.{key}": (value.offset, value.local.clone().numpy())
                 for name, entry in state.items() for key, value in entry.items() if hasattr(value, "local")}
+    shapes = {name: tuple(p.shape) for name, p in trainer.named_parameters()}
     return {"launched": list(launched), "buckets": len(grads.layout.buckets), "pieces": gathered,
-            "shapes": {name: tuple(p.shape) for name, p in trainer.named_parameters()}}
+            "shapes": shapes, "overlap": _observe_overlapped_gather(cfg)}
+
+
+def _observe_overlapped_gather(cfg) -> list:
+    """parallel.overlap_param_gather: at each module's forward of the second step, (gathers not yet
+    waited for, own buckets not yet waited for), seen by a hook that runs after the buffer's wait."""
+    from dataclasses import replace
+
+    from engine.train.trainer import Trainer
+    from parallel.topology import ParallelContext
+
+    cfg = replace(cfg, parallel=replace(cfg.parallel, overlap_param_gather=True))
+    trainer = Trainer(cfg, ParallelContext.create(cfg.parallel), FakeData.for_config(cfg))
+    grads, seen = trainer.grads, []
+    trainer.train_step(0)
+    for module in trainer.chunks[0].modules():
+        own = sorted({grads._bucket_of[id(p)] for p in module.parameters(recurse=False)})
+        if own:
+            module.register_forward_pre_hook(lambda _m, _a, own=own: seen.append(
+                (sum(h is not None for h in grads._gathers), sum(grads._gathers[b] is not None for b in own))))
+    trainer.train_step(1)
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +118,17 @@ def test_zero1_reduce_scatters_buckets_while_backward_is_still_running(two_rank_
         # One more bucket on the wire at a time; all but the embedding's before its gradient exists.
         assert all(later - earlier in (0, 1) for earlier, later in zip(launched, launched[1:]))
         assert launched[0] < buckets - 1 and launched[-1] == buckets
+
+
+def test_overlapped_param_gather_waits_per_module_as_the_forward_reaches_it(two_rank_zero1):
+    """The next step's forward starts with later layers' gathers still in flight; each module runs
+    with its own buckets landed; by the end of the first forward none is left."""
+    for observed in two_rank_zero1[0]:
+        seen = observed["overlap"]
+        assert seen and all(own == 0 for _, own in seen)
+        pending = [p for p, _ in seen]
+        assert pending[0] >= observed["buckets"] // 2  # the embedding waited for its bucket only
+        assert all(b <= a for a, b in zip(pending, pending[1:])) and 0 in pending
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -85,7 +85,8 @@ class Assumptions:
     parallel/data_parallel.py, parallel/zero.py); False: after backward (2021 Megatron)."""
     param_gather_overlap: bool = False
     """ZeRO-1/2's parameter all-gather hidden behind the next forward (Megatron's
-    --overlap-param-gather); False: the engine gathers after the step and waits (parallel/zero.py)."""
+    --overlap-param-gather) whatever the layout says; False: as the layout's
+    parallel.overlap_param_gather runs the engine (parallel/zero.py; default off)."""
     grad_reduce_bytes: int = 4
     """Bytes per gradient element on the wire: 4 with optim.grad_reduce_dtype=fp32 (the default),
     2 with bf16 (parallel/data_parallel.py, parallel/zero.py reduce a bf16 copy of each bucket)."""

@@ -184,7 +184,7 @@ def _dp_seconds(lay: Layout, cluster: Cluster, assume: Assumptions, groups: dict
             exposed += rounds * grads
         if lay.zero in (1, 2):
             gather, _, last_gather = _bucketed("all_gather", psi, 2, group, cluster, bucket)
-            if assume.param_gather_overlap:
+            if assume.param_gather_overlap or lay.overlap_param_gather:
                 exposed += max(last_gather, gather - t_forward)
                 slowdown += assume.overlap_slowdown * min(gather, t_forward)
             else:

@@ -126,7 +126,8 @@ def candidate_layouts(cfg: ApogeeConfig, world: int, gpus_per_node: int, fixed: 
                                 sp = fixed.get("sequence_parallel", tp > 1)
                                 base = Layout(tp=tp, cp=cp, pp=pp, dp=dp, ep=ep, virtual_stages=v, micro_batch_size=b,
                                               global_batch_size=batch, zero=zero, sequence_parallel=sp,
-                                              grad_bucket_mb=cfg.parallel.grad_bucket_mb)
+                                              grad_bucket_mb=cfg.parallel.grad_bucket_mb,
+                                              overlap_param_gather=cfg.parallel.overlap_param_gather)
                                 if not _accepted(cfg, base)[0]:
                                     continue
                                 for recompute in _choices(fixed, "recompute", RECOMPUTE_MODES):

@@ -58,7 +58,9 @@ def build_grad_sync(cfg: ApogeeConfig, chunks: list[nn.Module], group: Group,
         return grads, MasterWeightOptimizer(_named_parameters(chunks), cfg.optim, counts_in_norm, group.device)
     if stage in (1, 2):
         grads = ShardedGradBuffer(_named_parameters(chunks), group, stage, bucket_bytes=bucket_bytes,
-                                  reduce_dtype=reduce_dtype)
+                                  reduce_dtype=reduce_dtype, overlap_param_gather=cfg.parallel.overlap_param_gather)
+        if cfg.parallel.overlap_param_gather:
+            grads.install_forward_waits(chunks)
         pieces = [(s, grads.param_shard(s), grads.grad_shard(s)) for s in grads.segments]
         return grads, ShardedOptimizer(pieces, cfg.optim, group, counts_in_norm, tp_group,
                                        after_step=grads.all_gather_params, memory=grads.memory_bytes)

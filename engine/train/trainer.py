@@ -169,7 +169,11 @@ class Trainer:
         return self.chunks[0]
 
     def named_parameters(self):
-        """(name, parameter) over every chunk; names are global, so they never collide across chunks."""
+        """(name, parameter) over every chunk; names are global, so they never collide across chunks.
+
+        Every reader outside forward comes here (checkpoints, the guard): under
+        parallel.overlap_param_gather the last step's parameter all-gathers are waited for first."""
+        getattr(self.grads, "wait_params", lambda: None)()
         for chunk in self.chunks:
             yield from chunk.named_parameters()
 
