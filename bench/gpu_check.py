@@ -196,11 +196,12 @@ def layouts_vs_one_gpu(backend: str = "nccl") -> dict:
     return {"status": "pass" if ok else "fail", **out}
 
 
-def fp8_check(name: str) -> Callable[[], dict]:
-    """bench/gpu_checks_fp8.py's `check_<name>` in this runner's form (its "skip" is "skipped" here)."""
-    from bench import gpu_checks_fp8
+def module_check(module: str, name: str) -> Callable[[], dict]:
+    """`check_<name>` of bench/<module>.py (gpu_checks_fp8, gpu_checks_perf) in this runner's form
+    (its "skip" is "skipped" here)."""
+    import importlib
 
-    check = getattr(gpu_checks_fp8, f"check_{name}")
+    check = getattr(importlib.import_module(f"bench.{module}"), f"check_{name}")
 
     def run() -> dict:
         result = check()
@@ -208,6 +209,16 @@ def fp8_check(name: str) -> Callable[[], dict]:
 
     run.__doc__ = check.__doc__
     return run
+
+
+def fp8_check(name: str) -> Callable[[], dict]:
+    """bench/gpu_checks_fp8.py's `check_<name>`."""
+    return module_check("gpu_checks_fp8", name)
+
+
+def perf_check(name: str) -> Callable[[], dict]:
+    """bench/gpu_checks_perf.py's `check_<name>`."""
+    return module_check("gpu_checks_perf", name)
 
 
 CHECKS = (
@@ -221,10 +232,14 @@ CHECKS = (
           needs=("transformer_engine",)),
     Check("te_step_time_8b_width", gpus=1, budget_s=150, run=fp8_check("te_step_time_8b_width"),
           needs=("transformer_engine",)),
+    Check("cross_entropy_kernels", gpus=1, budget_s=60, run=perf_check("cross_entropy_kernels")),
+    Check("ring_block_kernels", gpus=1, budget_s=60, run=perf_check("ring_block_kernels")),
+    Check("wide_step_vs_model", gpus=1, budget_s=120, run=perf_check("wide_step_vs_model")),
     Check("layouts_vs_one_gpu", gpus=2, budget_s=300, run=layouts_vs_one_gpu),
 )
 """Every GPU check, in the order they run: the cheap one-GPU checks first, the fp8 ones
-(bench/gpu_checks_fp8.py) next, the two-GPU layouts last."""
+(bench/gpu_checks_fp8.py) and the fit-and-speed ones (bench/gpu_checks_perf.py) next, the two-GPU
+layouts last."""
 
 
 # ---------------------------------------------------------------------------------------------- runner

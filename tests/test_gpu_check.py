@@ -46,6 +46,16 @@ def test_the_fp8_checks_are_in_the_runner_and_skip_here_in_its_form():
         assert (result["status"], result["reason"]) == ("skipped", "no CUDA device")
 
 
+def test_the_fit_and_speed_checks_are_in_the_runner_and_skip_here_in_its_form():
+    checks = {c.name: c for c in gpu_check.CHECKS}
+    names = ["cross_entropy_kernels", "ring_block_kernels", "wide_step_vs_model"]
+    assert "performance model's estimates" in checks["wide_step_vs_model"].about
+    if not torch.cuda.is_available():
+        for name in names:
+            result = checks[name].run()
+            assert (result["status"], result["reason"]) == ("skipped", "no CUDA device"), name
+
+
 def test_every_check_says_what_it_shows_and_names_are_unique():
     names = [c.name for c in gpu_check.CHECKS]
     assert len(names) == len(set(names)) and all(c.about.strip(".") for c in gpu_check.CHECKS)
