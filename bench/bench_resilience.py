@@ -53,37 +53,54 @@ def timed_step(trainer: Trainer, step: int) -> float:
     return time.perf_counter() - start
 
 
+def paired_overheads(times: dict, warm: int) -> dict:
+    """{config: (median, 25th, 75th percentile)} of step-by-step ratios to the bare step, in percent:
+    each ratio pairs a configuration's step with the bare trainer's same step, run next to it."""
+    out = {}
+    for name, values in times.items():
+        if name == "bare":
+            continue
+        ratios = sorted(100 * (t / b - 1) for t, b in zip(values[warm:], times["bare"][warm:]))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        out[name] = (statistics.median(ratios), q[0], q[2])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (smoke run)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     model = [] if args.quick else MODEL
-    steps = 4 if args.quick else 30
-    common = [*model, f"train.steps={steps}", "resilience.spike_window=1000"]
-    bare = build(common, guarded=False)
-    guarded = build(common, guarded=True)
-    audited = build([*common, "resilience.audit_interval=10"], guarded=True)
-    times = {"bare": [], "guard": [], "audit": []}
-    for step in range(steps):  # interleaved, so load and thermal drift hit all three alike
-        times["bare"].append(timed_step(bare, step))
-        times["guard"].append(timed_step(guarded, step))
-        times["audit"].append(timed_step(audited, step))
-    warm = slice(2, None)
-    bare_s = statistics.mean(times["bare"][warm])
-    guard_s = statistics.mean(times["guard"][warm])
-    audit_s = statistics.mean(times["audit"][warm])
-    interval = guarded.cfg.resilience.check_interval
-    print(f"model: {bare.model.num_parameters():,} parameters, {bare.global_tokens} tokens/step, bf16")
-    print(f"{'configuration':<52}{'step ms':>9}{'overhead':>10}")
-    print(f"{'bare (no checks)':<52}{bare_s * 1000:>9.1f}{'':>10}")
-    print(f"{f'guard, defaults (replica check every {interval})':<52}{guard_s * 1000:>9.1f}"
-          f"{100 * (guard_s / bare_s - 1):>9.2f}%")
-    print(f"{'guard + audit every 10 steps':<52}{audit_s * 1000:>9.1f}{100 * (audit_s / bare_s - 1):>9.2f}%")
-    per_audit = (audit_s - guard_s) * 10  # one extra step's work per audit
-    print(f"{'  -> audit every 100 steps (scaled)':<52}{'':>9}"
-          f"{100 * ((guard_s + per_audit / 100) / bare_s - 1):>9.2f}%")
-
+    steps = 4 if args.quick else args.steps
+    common = [*model, f"precision.dtype={args.dtype}", f"train.steps={steps}", "resilience.spike_window=1000"]
+    trainers = {"bare": build(common, guarded=False), "guard": build(common, guarded=True),
+                "abft": build([*common, "resilience.abft_interval=1"], guarded=True),
+                "audit": build([*common, "resilience.audit_interval=10"], guarded=True)}
+    times = {name: [] for name in trainers}
+    for step in range(steps):  # interleaved, order reversed every other step: drift hits all alike
+        order = list(trainers) if step % 2 == 0 else list(reversed(trainers))
+        for name in order:
+            times[name].append(timed_step(trainers[name], step))
+    warm = 2
+    bare = trainers["bare"]
+    interval = trainers["guard"].cfg.resilience.check_interval
+    overheads = paired_overheads(times, warm)
+    labels = {"guard": f"guard, defaults (replica check every {interval})",
+              "abft": "guard + ABFT checksums every step (abft_interval=1)",
+              "audit": "guard + audit every 10 steps"}
+    print(f"model: {bare.model.num_parameters():,} parameters, {bare.global_tokens} tokens/step, {args.dtype}, "
+          f"{steps - warm} paired steps")
+    print(f"{'configuration':<54}{'step ms':>9}{'overhead':>10}{'  25-75% of the paired steps':>30}")
+    print(f"{'bare (no checks)':<54}{statistics.median(times['bare'][warm:]) * 1000:>9.1f}")
+    for name, label in labels.items():
+        median, low, high = overheads[name]
+        print(f"{label:<54}{statistics.median(times[name][warm:]) * 1000:>9.1f}{median:>9.2f}%"
+              f"{f'{low:+.2f}% .. {high:+.2f}%':>30}")
+    guard = overheads["guard"][0]  # an audit recomputes one step: its share scales with 1 / interval
+    print(f"{'  -> audit every 100 steps (scaled)':<54}{'':>9}{guard + (overheads['audit'][0] - guard) / 10:>9.2f}%")
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,25 @@ def test_every_documented_fault_form_parses():
     assert (faults[3].target, faults[3].bit, faults[3].element) == ("grad", 30, 0)
 
 
+def test_a_multi_bit_flip_flips_each_of_its_bits_of_one_element():
+    import torch
+
+    from engine.resilience.guard import flip_bit
+
+    fault = parse_faults(["bitflip:target=param:rank=0:step=2:bit=0+7+22+31:element=1"])[0]
+    assert (fault.bit, fault.bits, fault.element) == (0, (0, 7, 22, 31), 1)
+    values = torch.tensor([1.0, 1.5, -2.0])
+    before = values.view(torch.int32).clone()
+    flip_bit(values, fault.element, fault.bits)
+    assert (values.view(torch.int32) ^ before).tolist() == [0, (1 | 1 << 7 | 1 << 22) - (1 << 31), 0]
+    assert -1.5 < values[1] < -1.0  # sign flipped, mantissa moved: a subtle change, no NaN, no spike
+    mantissa = torch.tensor([1.0])
+    flip_bit(mantissa, 0, 3)  # one low mantissa bit: the value moves by 2^-20
+    assert mantissa.item() == 1.0 + 2.0 ** -20
+    with pytest.raises(ValueError, match="bit 20 of a 16-bit"):
+        flip_bit(torch.ones(2, dtype=torch.bfloat16), 0, (3, 20))
+
+
 @pytest.mark.parametrize("entry, problem", [
     ("kil:rank=1:step=2", "unknown fault kind 'kil'"),
     ("kill:rank=2:step=3", "rank=2: expected 0..1 (2 ranks)"),
@@ -35,6 +54,9 @@ def test_every_documented_fault_form_parses():
     ("bitflip:target=loss:rank=0:step=1:bit=3", "target='loss': expected one of grad, param, activation"),
     ("bitflip:target=grad:rank=0:step=1:bit=40", "bit=40: expected 0..31"),
     ("raise:rank=0:step=1:bit=3", "raise takes rank, step, not 'bit'"),
+    ("bitflip:target=grad:rank=0:step=1:bit=3+40", "bit=40: expected 0..31"),
+    ("bitflip:target=grad:rank=0:step=1:bit=3+3", "bit='3+3': each bit once"),
+    ("bitflip:target=grad:rank=0:step=1:bit=3+x", "bit='3+x': expected an integer, or integers joined by '+'"),
 ])
 def test_a_bad_fault_is_refused_naming_the_entry_the_value_and_the_valid_forms(entry, problem):
     cfg = load_config(None, [f"resilience.inject=[kill:rank=0:step=1, {entry}]"])

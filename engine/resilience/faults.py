@@ -7,7 +7,9 @@ one logged as `step: k` in metrics.jsonl (the trainer's 0-based index k-1):
     raise:rank=R:step=K                    rank R raises InjectedFault at step K
     hang:rank=R:step=K                     rank R stops making progress at step K (the watchdog ends it)
     bitflip:target=T:rank=R:step=K:bit=B   flip bit B of one element of T (grad|param|activation)
-                                           on rank R at step K; optional element=E (flat index, default 0)
+                                           on rank R at step K; optional element=E (flat index, default 0);
+                                           bit=B1+B2+... flips several bits of that element at once (a
+                                           multi-bit upset); a bit below the exponent is a mantissa flip
     garbage_batch:step=K                   replace step K's batch with garbage tokens; optional rank=R
     replay_noise:step=K                    on every replay of step K (never its first run), every
                                            rank's first local result is off by one ulp: what
@@ -57,7 +59,7 @@ FLOATS = ("factor", "rel")  # fields that take a real number; the others are int
 TARGETS = ("grad", "param", "activation")
 MAX_BIT = 31  # fp32, the widest element the engine trains with; narrower dtypes are checked where they flip
 FORMS = ("kill:rank=R:step=K, raise:rank=R:step=K, hang:rank=R:step=K, "
-         "bitflip:target=grad|param|activation:rank=R:step=K:bit=B[:element=E], garbage_batch:step=K[:rank=R], "
+         "bitflip:target=grad|param|activation:rank=R:step=K:bit=B[+B...][:element=E], garbage_batch:step=K[:rank=R], "
          "replay_noise:step=K, slow:rank=R:step=K:factor=F, "
          "gemm_error:rank=R:step=K:rel=E[:layer=L][:element=E][:persistent=1]")
 STEP_FAULTS = ("kill", "raise", "hang")  # the kinds before_step fires
@@ -77,7 +79,8 @@ class Fault:
     step: int  # 1-based, as in metrics.jsonl
     rank: Optional[int] = None  # None: every rank (garbage_batch without rank=)
     target: Optional[str] = None
-    bit: Optional[int] = None
+    bit: Optional[int] = None  # the first (or only) bit of `bits`
+    bits: tuple = ()  # every bit a bitflip flips in its element
     element: int = 0
     factor: Optional[float] = None
     rel: Optional[float] = None
@@ -125,6 +128,15 @@ def parse_fault(text: str, index: int, world_size: Optional[int] = None) -> Faul
                 raise bad(f"target={value!r}: expected one of {', '.join(TARGETS)}")
             values[name] = value
             continue
+        if name == "bit":
+            try:
+                bits = tuple(int(b) for b in value.split("+"))
+            except ValueError:
+                raise bad(f"bit={value!r}: expected an integer, or integers joined by '+'") from None
+            if len(set(bits)) != len(bits):
+                raise bad(f"bit={value!r}: each bit once")
+            values["bit"], values["bits"] = bits[0], bits
+            continue
         if name in FLOATS:
             try:
                 values[name] = float(value)
@@ -141,8 +153,9 @@ def parse_fault(text: str, index: int, world_size: Optional[int] = None) -> Faul
         raise bad(f"rank={values['rank']}: expected >= 0")
     if "rank" in values and world_size is not None and values["rank"] >= world_size:
         raise bad(f"rank={values['rank']}: expected 0..{world_size - 1} ({world_size} ranks)")
-    if "bit" in values and not 0 <= values["bit"] <= MAX_BIT:
-        raise bad(f"bit={values['bit']}: expected 0..{MAX_BIT}")
+    for bit in values.get("bits", ()):
+        if not 0 <= bit <= MAX_BIT:
+            raise bad(f"bit={bit}: expected 0..{MAX_BIT}")
     if "factor" in values and not 1.0 < values["factor"] <= 100.0:
         raise bad(f"factor={values['factor']:g}: expected a slowdown above 1 and at most 100")
     if "rel" in values and not 0.0 < values["rel"] <= 1e3:

@@ -59,11 +59,17 @@ class _Suspect:
     nondeterministic: bool = False  # its replay diverged on several ranks at once: it cannot judge
 
 
-def flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
-    """Flip bit `bit` of element `index` (flat) of a float tensor, in place: a rehearsed SDC."""
+def flip_bit(tensor: torch.Tensor, index: int, bit: int | tuple) -> None:
+    """Flip bit `bit` (or each of several distinct bits) of element `index` (flat) of a float tensor,
+    in place: a rehearsed SDC."""
     flat = tensor.detach().view(-1)
     ints = flat.view({torch.float32: torch.int32, torch.bfloat16: torch.int16}[flat.dtype])
-    ints[index % flat.numel()] ^= (1 << bit) if bit < ints.element_size() * 8 - 1 else -(1 << bit)
+    width = ints.element_size() * 8
+    bits = (bit,) if isinstance(bit, int) else tuple(bit)
+    if any(b >= width for b in bits):
+        raise ValueError(f"bit {max(bits)} of a {width}-bit {flat.dtype} element")
+    # The sign bit is negative in two's complement; distinct bits add up to their OR.
+    ints[index % flat.numel()] ^= sum((1 << b) if b < width - 1 else -(1 << b) for b in bits)
 
 
 class StepGuard:
@@ -129,13 +135,13 @@ class StepGuard:
     def _before_reduce(self, index: int, local_grad: torch.Tensor) -> None:
         fault = self._take("bitflip", self.step, "grad", bucket=index)
         if fault is not None:
-            flip_bit(local_grad, fault.element, fault.bit)
+            flip_bit(local_grad, fault.element, fault.bits or fault.bit)
         self.trace.name(local_grad, f"local gradient (bucket {index})")  # the reduction records it
 
     def _corrupt_activation(self, module, inputs, output):
         fault = self._take("bitflip", self.step, "activation")
         if fault is not None:
-            flip_bit(output, fault.element, fault.bit)
+            flip_bit(output, fault.element, fault.bits or fault.bit)
         return output
 
     def garbage_batch(self, step: int, data_batch: int, microbatches: list[Microbatch],
@@ -190,7 +196,7 @@ class StepGuard:
         """Judge step `step`; raise Rewind when the run must go back. Call on every rank."""
         fault = self._take("bitflip", step, "param")
         if fault is not None:  # memory corruption of this rank's copy, after the update
-            flip_bit(next(p for _, p in self.trainer.named_parameters()).data, fault.element, fault.bit)
+            flip_bit(next(p for _, p in self.trainer.named_parameters()).data, fault.element, fault.bits or fault.bit)
         self.trace.active, self._in_step = False, None  # the guard's own collectives are not the step's
         replaying = self.suspect is not None and step <= self.suspect.step
         compare = self.checks_replicas(step, saving)
