@@ -23,6 +23,7 @@ from typing import Mapping, Optional
 
 from engine.resilience.exit_codes import CONFIG_ERROR, OK, PREEMPTED, describe, restart_helps
 from engine.resilience.exit_records import attempt_of, read_exits
+from engine.resilience.faulty_nodes import FILE as FAULTY_NODES, excluded_nodes
 
 
 @dataclass
@@ -97,6 +98,10 @@ def main(argv: Optional[list[str]] = None, env: Optional[Mapping[str, str]] = No
     world = int(env["SLURM_NTASKS"]) if env.get("SLURM_NTASKS", "").isdigit() else None
     decision = decide(args.srun_status, records, args.stop_requested, world)
     print(f"apogee.sbatch: {decision.reason}", file=sys.stderr)
+    excluded = excluded_nodes(args.run_dir) if args.run_dir else []
+    if excluded:  # a requeue keeps the job's node list; a resubmission of the run excludes them
+        print(f"apogee.sbatch: node(s) {','.join(excluded)} confirmed faulty ({args.run_dir}/{FAULTY_NODES}): "
+              f"`apogee submit --run-dir {args.run_dir}` resubmits with --exclude={','.join(excluded)}", file=sys.stderr)
     print(decision.action, decision.status)
     return 0
 

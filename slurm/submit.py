@@ -6,7 +6,8 @@ devices (`--gpus-per-node G`, or `--cpu` for a CPU-only job). The job runs the s
 (`pretrain`, `midtrain`, `sft`, `dpo`, `grpo`) through slurm/apogee.sbatch with one task per rank; the script
 requeues on failures a restart can fix and on the pre-timeout signal (a checkpoint is written
 first), and every run of the job resumes from the run directory's latest checkpoint. The Slurm
-log goes to <run dir>/slurm-<job id>.out.
+log goes to <run dir>/slurm-<job id>.out. Nodes the run directory records as persistently faulty
+(RUN_DIR/faulty_nodes.jsonl) are passed as --exclude.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Optional
 
 from engine.config import ApogeeConfig
 from engine.config_validation import validate
+from engine.resilience.faulty_nodes import excluded_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,6 +110,9 @@ def sbatch_command(submission: Submission, run_dir: Path, job_name: str) -> list
         command.append(f"--partition={s.partition}")
     if s.overcommit:
         command.append("--overcommit")
+    excluded = excluded_nodes(run_dir)
+    if excluded:  # nodes this run confirmed faulty (engine/resilience/faulty_nodes.py)
+        command.append(f"--exclude={','.join(excluded)}")
     command += [str(ROOT / "slurm" / "apogee.sbatch"), "--run-dir", str(run_dir)]
     if s.config:
         command += ["--config", str(Path(s.config).resolve())]

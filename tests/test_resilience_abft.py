@@ -88,3 +88,15 @@ def test_a_gemm_error_is_confirmed_on_its_rank_and_layer_and_a_persistent_one_st
     assert len(confirmed) >= 2 and {(e["faulty_rank"], e["step"]) for e in confirmed} == {(0, 4)}
     assert len({e["layer"] for e in confirmed}) == 1
     assert "ABFT checksum failed on rank(s) [0]" in [e for e in events if e["type"] == "stopped"][0]["reason"]
+    # A node confirmed faulty twice is recorded for exclusion; the one-off strike is not enough.
+    from engine.resilience.faulty_nodes import confirmations, excluded_nodes, this_node
+
+    assert confirmations(tmp_path / "once" / "run") == {this_node(): 1}
+    assert excluded_nodes(tmp_path / "once" / "run") == []
+    assert excluded_nodes(tmp_path / "always" / "run") == [this_node()]
+    # ... and the next submission of the run excludes it (the batch job's dry run shows it).
+    done = subprocess.run([sys.executable, "-m", "cli.main", "submit", "--cpu", "--ntasks-per-node", "2",
+                           "--run-dir", str(tmp_path / "always" / "run"), "--dry-run"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"--exclude={this_node()}" in done.stdout

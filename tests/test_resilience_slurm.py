@@ -121,6 +121,21 @@ def test_the_requeue_decision_goes_by_the_ranks_records_before_sruns_status(srun
     assert (decision.action, decision.status) == expected, decision.reason
 
 
+def test_the_batch_scripts_decision_names_nodes_confirmed_faulty_for_the_resubmission(tmp_path, capsys):
+    from engine.resilience.faulty_nodes import record_faulty
+    from slurm.requeue import main
+
+    record_faulty(tmp_path, 3, 40, "abft", node="gpu-017")
+    record_faulty(tmp_path, 1, 9, "replay", node="gpu-002")  # once: a transient, not excluded
+    assert main(["decide", "--srun-status", "137", "--run-dir", str(tmp_path)], env={}) == 0
+    assert "gpu-0" not in capsys.readouterr().err
+    record_faulty(tmp_path, 3, 41, "abft", node="gpu-017")
+    main(["decide", "--srun-status", "137", "--run-dir", str(tmp_path)], env={})
+    out = capsys.readouterr()
+    assert out.out.split() == ["retry", "137"]
+    assert "node(s) gpu-017 confirmed faulty" in out.err and "--exclude=gpu-017" in out.err
+
+
 def test_exit_records_of_an_earlier_attempt_are_not_read_for_this_one(tmp_path):
     first = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "1"}
     record_exit(tmp_path, 1, 2, "config error", env=first)

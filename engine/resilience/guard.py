@@ -33,6 +33,7 @@ from data_pipeline.microbatch import Microbatch
 from engine.config import ResilienceConfig
 from engine.resilience.abft import GemmChecker
 from engine.resilience.divergence import SAME, FrozenTrace, StepTrace, first_divergence, judge, read_pending
+from engine.resilience.faulty_nodes import FILE as FAULTY_NODES, PERSISTENT, record_faulty, this_node
 from engine.resilience.sdc import fingerprint_all_tensor, odd_ones_out
 from parallel.collectives import Group, all_gather_values, all_reduce_values
 from parallel.sharding import is_expert_shard
@@ -126,6 +127,16 @@ class StepGuard:
     def _record(self, type: str, **fields) -> None:
         if self.events is not None:
             self.events.record(type, **fields)
+            if type == "sdc_confirmed":  # this rank named itself: its node goes on the run's record
+                self._note_faulty_node(fields["step"], fields.get("detector", "replay"))
+
+    def _note_faulty_node(self, step: int, detector: str) -> None:
+        node, rank = this_node(), self.trainer.ctx.rank
+        count = record_faulty(self.events.path.parent, rank, step, detector, node)
+        if count == PERSISTENT:
+            print(f"apogee: rank {rank}'s node {node} confirmed faulty {count} times: recorded in "
+                  f"{self.events.path.parent / FAULTY_NODES}; a requeued or resubmitted job excludes it "
+                  f"(sbatch --exclude={node})", flush=True)
 
     def _record_once(self, type: str, **fields) -> None:
         """An event every rank knows of, written once (by rank 0)."""
