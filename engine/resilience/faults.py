@@ -16,7 +16,8 @@ one logged as `step: k` in metrics.jsonl (the trainer's 0-based index k-1):
                                            nondeterministic kernels do to a replay
     gemm_error:rank=R:step=K:rel=E         one element of one forward GEMM's output on rank R at step K
                                            moved by E x the output's largest magnitude; optional
-                                           layer=L (index of the checked GEMMs, default 0), element=E,
+                                           layer=L (index of the checked GEMMs, default 0), element=E
+                                           (flat index, default the last: the last token's output),
                                            persistent=1 (every step from K): engine/resilience/abft.py
     slow:rank=R:step=K:factor=F            from step K on, rank R computes F times slower (it sleeps
                                            F-1 times its step's compute time): a straggler
@@ -166,6 +167,10 @@ def parse_fault(text: str, index: int, world_size: Optional[int] = None) -> Faul
         raise bad(f"layer={values['layer']}: expected >= 0")
     if values.get("element", 0) < 0:
         raise bad(f"element={values['element']}: expected >= 0")
+    if kind == "gemm_error" and "element" not in values:
+        # The output's last element: the last token's, which causal attention lets every later
+        # computation read (the first token's query, element 0 of q_proj, changes nothing at all).
+        values["element"] = -1
     return Fault(index=index, spec=text.strip(), kind=kind, **values)
 
 
