@@ -6,15 +6,19 @@
 Each fault model of `resilience.inject` strikes rank 1 of a dp2 run (real `apogee pretrain
 --nproc 2` processes, the tiny words corpus) at step STRIKE, after the spike rule is armed
 (resilience.spike_window accepted steps). A fault counts as detected when the guard reacts to it:
-`sdc_suspect` or `sdc_confirmed` at or after its step, or a rewind from a step at or after it
-(persistent faults end the run with exit 17 after the rewind budget: detected). Columns: steps to
-detect (the reacting event's step minus STRIKE), the rank named in `sdc_confirmed` (the truth is
+`sdc_suspect`, `sdc_confirmed` or a rewind after the fault fired (persistent faults end the run
+with exit 17 after the rewind budget: detected). Columns: steps to detect (the step of the first
+reaction minus STRIKE), the rank named in `sdc_confirmed` (the truth is
 1), the layer named (ABFT only), and where the run ended: its final loss against the clean run's
 (a detected fault's step is redone, so the run ends on the clean curve: 0 in fp32 when every step
 is bitwise replayable; a missed one may leave it off, though one element moved by 1e-3 of the
 output's largest magnitude changes the mean loss by less than fp32 resolves: 0 there says the loss
 did not show it, not that the weights are clean). False positives: clean runs of
 --clean-steps steps, every detection event counted. Step-time overhead is bench/bench_resilience.py's.
+
+STRIKE falls on a checkpoint step (checkpoint.interval=5), and the guard compares the replicas'
+parameters before every save: a parameter fault is seen there at once; struck between checks it
+waits for the next one, at most min(resilience.check_interval, checkpoint.interval) steps.
 
 Settings: "defaults" is the engine's defaults (resilience.abft_interval=0: no checksums);
 "abft" adds resilience.abft_interval=1 (every step's forward GEMMs checked).
@@ -69,10 +73,14 @@ def pretrain(run_dir: Path, dataset: str, settings: list[str]) -> tuple[int, lis
 
 def judge(status: int, events: list[dict]) -> dict:
     """What the guard did about a fault struck at STRIKE."""
-    reacted = [e["step"] for e in events if e["type"] in DETECTIONS and e.get("step", 0) >= STRIKE]
-    reacted += [e["from_step"] for e in events if e["type"] == "rewind" and e.get("from_step", 0) >= STRIKE]
+    # The first reaction after the fault fired, in the order written: a suspicion or a rewind names
+    # the step it was seen at; an ABFT confirmation the step it struck (seen there, at once). A
+    # confirmation after a replay names the struck step too, but comes after the suspicion.
+    fired = next((i for i, e in enumerate(events) if e["type"] == "fault_injected"), len(events))
+    reacted = [e.get("from_step", e.get("step")) for e in events[fired:]
+               if e["type"] in DETECTIONS or e["type"] == "rewind"]
     confirmed = [e for e in events if e["type"] == "sdc_confirmed"]
-    return {"detected": bool(reacted) or status == 17, "steps": min(reacted) - STRIKE if reacted else None,
+    return {"detected": bool(reacted) or status == 17, "steps": reacted[0] - STRIKE if reacted else None,
             "ranks": sorted({e["faulty_rank"] for e in confirmed}), "layer": next((e["layer"] for e in confirmed
                                                                                     if "layer" in e), None),
             "status": status}
