@@ -40,18 +40,25 @@ STEPS = 40
 TRAIN = ["model.hidden_size=64", "model.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=2",
          "checkpoint.interval=5", "logging.tensorboard=false", "resilience.max_restarts=0",
          "resilience.straggler_factor=0", "optim.warmup_steps=2"]
-FAULTS = {
-    "exponent flip, gradient (bit 30)": f"bitflip:target=grad:rank=1:step={STRIKE}:bit=30",
-    "mantissa flip, gradient (bit 20)": f"bitflip:target=grad:rank=1:step={STRIKE}:bit=20",
-    "mantissa flip, parameter (bit 10)": f"bitflip:target=param:rank=1:step={STRIKE}:bit=10",
-    "multi-bit flip, parameter (3+9+22)": f"bitflip:target=param:rank=1:step={STRIKE}:bit=3+9+22",
-    "exponent flip, activation (bit 30)": f"bitflip:target=activation:rank=1:step={STRIKE}:bit=30",
-    "mantissa flip, activation (bit 20)": f"bitflip:target=activation:rank=1:step={STRIKE}:bit=20",
-    "gemm_error rel=1e-3": f"gemm_error:rank=1:step={STRIKE}:rel=1e-3",
-    "gemm_error rel=1e-2": f"gemm_error:rank=1:step={STRIKE}:rel=1e-2",
-    "persistent gemm_error rel=1e-3": f"gemm_error:rank=1:step={STRIKE}:rel=1e-3:persistent=1",
-}
-QUICK = ("mantissa flip, parameter (bit 10)", "gemm_error rel=1e-3")
+def fault_models(dtype: str) -> dict:
+    """{name: resilience.inject entry} of every fault model; parameters and activations are 16-bit
+    in bf16 (exponent 14-7, mantissa 6-0), the gradients flipped are fp32 main gradients."""
+    wide = dtype == "fp32"
+    top, mantissa, low, multi = (30, 20, 10, "3+9+22") if wide else (14, 5, 2, "1+3+6")
+    return {
+        "exponent flip, gradient (bit 30)": f"bitflip:target=grad:rank=1:step={STRIKE}:bit=30",
+        "mantissa flip, gradient (bit 20)": f"bitflip:target=grad:rank=1:step={STRIKE}:bit=20",
+        f"mantissa flip, parameter (bit {low})": f"bitflip:target=param:rank=1:step={STRIKE}:bit={low}",
+        f"multi-bit flip, parameter ({multi})": f"bitflip:target=param:rank=1:step={STRIKE}:bit={multi}",
+        f"exponent flip, activation (bit {top})": f"bitflip:target=activation:rank=1:step={STRIKE}:bit={top}",
+        f"mantissa flip, activation (bit {mantissa})": f"bitflip:target=activation:rank=1:step={STRIKE}:bit={mantissa}",
+        "gemm_error rel=1e-3": f"gemm_error:rank=1:step={STRIKE}:rel=1e-3",
+        "gemm_error rel=1e-2": f"gemm_error:rank=1:step={STRIKE}:rel=1e-2",
+        "persistent gemm_error rel=1e-3": f"gemm_error:rank=1:step={STRIKE}:rel=1e-3:persistent=1",
+    }
+
+
+QUICK = ("mantissa flip, parameter (bit 10)", "gemm_error rel=1e-3")  # fp32 names
 SETTINGS = {"defaults": [], "abft": ["resilience.abft_interval=1"]}
 DETECTIONS = ("sdc_suspect", "sdc_confirmed")
 
@@ -99,7 +106,6 @@ def main() -> None:
     parser.add_argument("--clean-steps", type=int, default=1000)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     args = parser.parse_args()
-    faults = {k: FAULTS[k] for k in QUICK} if args.quick else FAULTS
     dtypes = ["fp32"] if args.quick else args.dtypes
     clean_steps = 60 if args.quick else args.clean_steps
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,6 +113,8 @@ def main() -> None:
         (tmp / "corpus").mkdir()
         dataset = make_dataset(tmp / "corpus")
         for dtype in dtypes:
+            faults = fault_models(dtype)
+            faults = {k: faults[k] for k in QUICK} if args.quick else faults
             for setting, extra in SETTINGS.items():
                 base = [f"precision.dtype={dtype}", *extra]
                 _, events, clean = pretrain(tmp / f"clean-{dtype}-{setting}" / "run", dataset,

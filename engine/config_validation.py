@@ -235,6 +235,12 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     require(r.spike_sigmas >= 0, "resilience.spike_sigmas", r.spike_sigmas,
             "must be >= 0 (0: a loss spike is the ratio to the median alone)")
     require(r.collective_timeout_s > 0, "resilience.collective_timeout_s", r.collective_timeout_s, "must be > 0 (seconds)")
-    parse_faults(r.inject, world_size)
+    for fault in parse_faults(r.inject, world_size):
+        # Gradients are flipped in the fp32 main gradient; parameters and activations in the model's
+        # dtype, 16 bits wide in bf16 and fp8 runs (sign 15, exponent 14-7, mantissa 6-0).
+        if fault.kind == "bitflip" and fault.target != "grad" and cfg.precision.dtype in ("bf16", "fp8"):
+            require(max(fault.bits) <= 15, f"resilience.inject[{fault.index}]", fault.spec,
+                    f"bit {max(fault.bits)} of a {fault.target}: with precision.dtype={cfg.precision.dtype} it is a "
+                    f"16-bit bf16 value (bits 0..15: 15 sign, 14-7 exponent, 6-0 mantissa)")
     cfg.parallel.dp = dp
     return cfg

@@ -26,6 +26,13 @@ def test_every_documented_fault_form_parses():
     assert (faults[3].target, faults[3].bit, faults[3].element) == ("grad", 30, 0)
 
 
+def test_a_bit_beyond_a_bf16_parameter_or_activation_is_refused_at_config_time():
+    cfg = load_config(None, ["precision.dtype=bf16", "resilience.inject=[bitflip:target=activation:rank=0:step=3:bit=3+20]"])
+    with pytest.raises(ConfigError, match=r"resilience.inject\[0\]=.*bit 20 of a activation: with precision.dtype=bf16"):
+        validate(cfg, world_size=2)
+    validate(load_config(None, ["precision.dtype=bf16", "resilience.inject=[bitflip:target=grad:rank=0:step=3:bit=30]"]), 2)
+
+
 def test_a_multi_bit_flip_flips_each_of_its_bits_of_one_element():
     import torch
 

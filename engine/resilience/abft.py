@@ -36,7 +36,10 @@ import torch.nn.functional as F
 # ~90 (h=256) to ~200 (h=512, seq 256) x eps32 * scale / sqrt(MK) (accumulation orders differ),
 # a rel=1e-3 error ~3000 x; bf16 outputs' own rounding reaches ~1.6 x eps_bf16 * scale / sqrt(MK).
 FACTOR = 512.0  # x eps(fp32): the fp32 arithmetic's bound (h=512: clean 0.39 x the tolerance, 1e-3: 4.7 x)
-DTYPE_FACTOR = 16.0  # x eps(dtype): a bf16 (fp16) output's rounding
+# x eps(dtype): a bf16 (fp16) output's rounding. 16 was too tight in training: a clean bf16 run of the
+# tiny model (1000 steps, bench/bench_detection.py) reached 1.01 x it in a down_proj at step 298 and,
+# reproducing on every redo, stopped the run; 64 leaves 4x over that worst case.
+DTYPE_FACTOR = 64.0
 
 
 class GemmChecker:
