@@ -66,8 +66,13 @@ def test_a_stop_signal_checkpoints_requeues_and_the_job_finishes_where_it_stoppe
     slurm_is_up()
     dataset = make_dataset(tmp_path)
     run_dir = tmp_path / "run"
+    # 40 bare steps take ~0.2 s, less than the signal takes to arrive: the run must still be going when it
+    # does (CI once saw it finish first). From step 4 on every rank sleeps ~0.1 s a step (a `slow` fault
+    # is from step K on, resumed runs included): the signal lands with ~30 steps to spare.
+    slow = ",".join(f"slow:rank={r}:step=4:factor=30" for r in range(2))
     done = _submit("--cpu", "--ntasks-per-node", "2", "--overcommit", "--run-dir", str(run_dir), "--set", *TRAIN,
-                   "train.steps=40", f"data.inputs=[{dataset}]", f"data.cache_dir={tmp_path / 'cache'}")
+                   "train.steps=40", f"data.inputs=[{dataset}]", f"data.cache_dir={tmp_path / 'cache'}",
+                   f"resilience.inject=[{slow}]")
     assert done.returncode == 0, done.stderr
     job = done.stdout.split()[-1]
     metrics = run_dir / "metrics.jsonl"
