@@ -207,6 +207,12 @@ class CheckpointConfig:
     """Write in the background while training continues."""
     allow_other_run: bool = False
     """Accept a checkpoint written by another run (branching, fine-tuning from a base model)."""
+    memory_interval: int = 0
+    """Steps between in-memory snapshots (0: off). Each rank sends its shard to the keeper process of
+    its failure domain and of the next one (engine/state/memory_snapshots.py); a restart reloads the
+    freshest complete set from them, without reading the disk, when it is at least as new as the
+    newest disk checkpoint. Costs host memory: each keeper holds 2 snapshots of its own ranks' state
+    and 2 of its peer domain's."""
 
 
 @dataclass

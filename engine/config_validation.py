@@ -219,6 +219,8 @@ def validate(cfg: ApogeeConfig, world_size: int = 1) -> ApogeeConfig:
     _validate_fp8(cfg)
     require(cfg.checkpoint.interval >= 0, "checkpoint.interval", cfg.checkpoint.interval, "must be >= 0")
     require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
+    require(cfg.checkpoint.memory_interval >= 0, "checkpoint.memory_interval", cfg.checkpoint.memory_interval,
+            "must be >= 0 (0: no memory snapshots)")
     if cfg.data.weights is not None:
         require(len(cfg.data.weights) == len(cfg.data.inputs), "data.weights", cfg.data.weights,
                  f"needs one weight per input ({len(cfg.data.inputs)} inputs)")

@@ -218,18 +218,21 @@ def cpu_threads_per_rank(local_world_size: int) -> int:
 
 
 def launch_local(nproc: int, entrypoint: Callable, args: tuple[Any, ...], max_restarts: int = 0,
-                 run_id: Optional[str] = None) -> int:
+                 run_id: Optional[str] = None, before_attempt: Optional[Callable[[int], None]] = None) -> int:
     """Run entrypoint(*args) on `nproc` local ranks under torch.distributed.run's elastic agent.
 
     Returns the exit status: 0, or the first failed rank's exit code (its own message is already
     on stderr). When a rank fails with a status a restart can fix (exit_codes.restart_helps), every
     rank is started again, up to `max_restarts` times; the entrypoint reads the restart count
     (LaunchInfo.restart_count) to know it is a restart. A config error (2), a diagnosed fault (17)
-    or refused storage (20) ends the job at once: a restart would meet it again.
+    or refused storage (20) ends the job at once: a restart would meet it again. `before_attempt`
+    (the attempt's number) runs before each start, e.g. to replace a lost memory keeper.
     """
     from engine.resilience.exit_codes import describe, restart_helps
 
     for attempt in range(max_restarts + 1):
+        if before_attempt is not None:
+            before_attempt(attempt)
         status = _launch_once(nproc, entrypoint, args, attempt, run_id)
         if status == 0 or attempt == max_restarts:
             return status

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -20,9 +21,11 @@ import torch
 
 from engine.state.checkpoint import Checkpointer
 from engine.state.checkpoint_store import CheckpointError
+from engine.state.memory_snapshots import MemorySnapshots
 from engine.state.errors import StorageError
 from engine.state.resume import (check_compatible, check_loadable, check_steps_beyond, checkpoint_store,
                                  choose_checkpoint, choose_for_all, run_id)
+from engine.job.keepers import KeeperPool
 from engine.job.run_dir import claim_run_dir, remove_if_empty
 from engine.config import ApogeeConfig, ConfigError, config_from_dict, save_config
 from engine.config_validation import check_run_name, validate
@@ -147,14 +150,18 @@ def run_job(cfg: ApogeeConfig, stage: Stage, run_dir: Optional[str] = None, npro
 def _run_here(cfg: ApogeeConfig, stage: Stage, out: Path, resume: str, world: int) -> int:
     """The launcher's part: prepare the run, then train in this process or under the elastic agent."""
     prefixes = _prepare_run(cfg, stage, out, resume)
-    if world == 1:
-        worker_main(cfg.to_dict(), stage, str(out), prefixes, resume, None)
-        return 0
-    # Measured here, while the cores are idle, and handed to the ranks.
-    peak = machine_peak(torch.device("cpu"), world, world) if not torch.cuda.is_available() else None
-    # The agent restarts every rank after a failure; restarted ranks resume from the newest checkpoint.
-    status = launch_local(world, local_rank_main, (cfg.to_dict(), stage, str(out), prefixes, resume, peak),
-                          max_restarts=cfg.resilience.max_restarts)
+    keepers = KeeperPool.for_run(cfg.checkpoint.memory_interval, world)  # outlive the ranks' restarts
+    with keepers if keepers is not None else nullcontext():
+        if world == 1:
+            worker_main(cfg.to_dict(), stage, str(out), prefixes, resume, None)
+            return 0
+        # Measured here, while the cores are idle, and handed to the ranks.
+        peak = machine_peak(torch.device("cpu"), world, world) if not torch.cuda.is_available() else None
+        # The agent restarts every rank after a failure; restarted ranks resume from the newest checkpoint
+        # (or the newest memory snapshots).
+        status = launch_local(world, local_rank_main, (cfg.to_dict(), stage, str(out), prefixes, resume, peak),
+                              max_restarts=cfg.resilience.max_restarts,
+                              before_attempt=keepers.ensure_alive if keepers is not None else None)
     if status != 0:  # no restart left: no restarted rank will record this failure, so record it here
         record_final_failure(out, status)
     return status
@@ -281,7 +288,9 @@ def worker_main(cfg_dict: dict, stage: Stage, run_dir: str, prefixes: list[str],
     checkpointer = Checkpointer(checkpoint_store(cfg, Path(run_dir)), ctx.rank, ctx.world_size,
                                 run_id(Path(run_dir)), on_event=trainer.events.record,
                                 progress=hooks.heartbeat.alive, timeout_s=cfg.resilience.collective_timeout_s)
-    start_step = resume_trainer(trainer, checkpointer, cfg, resume, Path(run_dir), failed_at=failed_at)
+    checkpointer.memory = MemorySnapshots.from_environment(cfg, ctx.rank, ctx.world_size, run_id(Path(run_dir)))
+    start_step = resume_trainer(trainer, checkpointer, cfg, resume, Path(run_dir), failed_at=failed_at,
+                                restarted=info.restart_count > 0)
     if start_step and start_step >= cfg.train.steps:
         if info.restart_count > 0:  # the last attempt ended after its final checkpoint: nothing is left
             if ctx.rank == 0:
@@ -323,14 +332,19 @@ def worker_main(cfg_dict: dict, stage: Stage, run_dir: str, prefixes: list[str],
 
 
 def resume_trainer(trainer, checkpointer: Checkpointer, cfg: ApogeeConfig, resume: str, run_dir: Path,
-                   failed_at: Optional[float] = None) -> int:
+                   failed_at: Optional[float] = None, restarted: bool = False) -> int:
     """Load the checkpoint `--resume` selects into `trainer`; returns the step to start from.
 
     Every rank verifies its share of the candidate's files and the answers are combined, so every
     rank loads the same checkpoint and each reads about its own bytes (engine/state/resume.py).
-    After a failure (`failed_at`, its time), the 'resume' event also records the work lost.
+    After a failure (`failed_at`, its time, known to rank 0), the 'resume' event also records the
+    work lost. A restart (`restarted`, on every rank) first tries the memory snapshots.
     """
     rank = trainer.ctx.rank
+    if restarted and resume == "auto" and getattr(checkpointer, "memory", None) is not None:
+        restored = _resume_from_memory(trainer, checkpointer, run_dir, failed_at)
+        if restored is not None:
+            return restored
     info = choose_for_all(resume, checkpointer.store, checkpointer.group, rank, checkpointer.progress,
                           report=print if rank == 0 else (lambda _: None))
     if info is not None:
@@ -342,9 +356,29 @@ def resume_trainer(trainer, checkpointer: Checkpointer, cfg: ApogeeConfig, resum
         return 0
     checkpointer.load(trainer, info.path)  # also restores the skip list and the guard's history
     if rank == 0:
-        trainer.events.record("resume", step=info.step, path=str(info.path), **lost)
+        trainer.events.record("resume", step=info.step, path=str(info.path), source="disk", **lost)
         print(f"apogee: resumed from {info.path} (step {info.step})", flush=True)
     return info.step
+
+
+def _resume_from_memory(trainer, checkpointer: Checkpointer, run_dir: Path,
+                        failed_at: Optional[float]) -> Optional[int]:
+    """After a failure: the newest complete set of memory snapshots, if at least as new as the disk's
+    newest checkpoint (engine/state/memory_snapshots.py); its step, or None (the disk decides)."""
+    rank = trainer.ctx.rank
+    newest = [max((i.step for i in checkpointer.store.published()), default=0) if rank == 0 else 0]
+    if checkpointer.group is not None:
+        broadcast_objects(newest, checkpointer.group, purpose="checkpoint")
+    restored = checkpointer.memory.restore(trainer, checkpointer.group, newest[0])
+    if restored is None:
+        return None
+    step, keepers = restored
+    if rank == 0:
+        lost = work_lost(run_dir, step, failed_at) if failed_at is not None else {}
+        trainer.events.record("resume", step=step, path=None, source="memory", keepers=keepers, **lost)
+        print(f"apogee: resumed from the memory snapshots of step {step} (keepers by rank: {', '.join(keepers)}; "
+              f"newest disk checkpoint: step {newest[0]})", flush=True)
+    return step
 
 
 def run_stage(stage: Stage, registry: StageRegistry, config: Optional[str], overrides: list[str],

@@ -6,6 +6,8 @@ one logged as `step: k` in metrics.jsonl (the trainer's 0-based index k-1):
     kill:rank=R:step=K                     rank R dies by SIGKILL when it reaches step K
     raise:rank=R:step=K                    rank R raises InjectedFault at step K
     hang:rank=R:step=K                     rank R stops making progress at step K (the watchdog ends it)
+    node_loss:rank=R:step=K                rank R's node is lost at step K: its memory keeper exits
+                                           with every snapshot it held, then rank R dies by SIGKILL
     bitflip:target=T:rank=R:step=K:bit=B   flip bit B of one element of T (grad|param|activation)
                                            on rank R at step K; optional element=E (flat index, default 0);
                                            bit=B1+B2+... flips several bits of that element at once (a
@@ -50,6 +52,7 @@ KINDS = {
     "kill": (("rank", "step"), ()),
     "raise": (("rank", "step"), ()),
     "hang": (("rank", "step"), ()),
+    "node_loss": (("rank", "step"), ()),
     "bitflip": (("target", "rank", "step", "bit"), ("element",)),
     "garbage_batch": (("step",), ("rank",)),
     "replay_noise": (("step",), ()),
@@ -59,11 +62,11 @@ KINDS = {
 FLOATS = ("factor", "rel")  # fields that take a real number; the others are integers
 TARGETS = ("grad", "param", "activation")
 MAX_BIT = 31  # fp32, the widest element the engine trains with; narrower dtypes are checked where they flip
-FORMS = ("kill:rank=R:step=K, raise:rank=R:step=K, hang:rank=R:step=K, "
+FORMS = ("kill:rank=R:step=K, raise:rank=R:step=K, hang:rank=R:step=K, node_loss:rank=R:step=K, "
          "bitflip:target=grad|param|activation:rank=R:step=K:bit=B[+B...][:element=E], garbage_batch:step=K[:rank=R], "
          "replay_noise:step=K, slow:rank=R:step=K:factor=F, "
          "gemm_error:rank=R:step=K:rel=E[:layer=L][:element=E][:persistent=1]")
-STEP_FAULTS = ("kill", "raise", "hang")  # the kinds before_step fires
+STEP_FAULTS = ("kill", "raise", "hang", "node_loss")  # the kinds before_step fires
 
 
 class InjectedFault(RuntimeError):
@@ -274,7 +277,11 @@ class FaultInjector:
         for fault in [f for kind in STEP_FAULTS for f in self.pending(kind, step)]:
             self.mark_fired(fault)
             print(f"apogee: rank {self.rank}: injecting fault {fault.spec!r}", file=sys.stderr, flush=True)
-            if fault.kind == "kill":
+            if fault.kind in ("kill", "node_loss"):
+                if fault.kind == "node_loss":  # the node's memory goes with it: its keeper's snapshots too
+                    from engine.state.memory_snapshots import lose_home_keeper
+
+                    lose_home_keeper(self.rank)
                 sys.stdout.flush()
                 os.kill(os.getpid(), signal.SIGKILL)  # a real signal death: no cleanup, no exit handlers
             elif fault.kind == "raise":

@@ -134,6 +134,7 @@ class Checkpointer:
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._staging: dict[str, Any] = {}  # host copies reused by every save (one in flight)
+        self.memory = None  # engine.state.memory_snapshots.MemorySnapshots, when checkpoint.memory_interval is set
 
     def state_views(self, trainer) -> dict[str, Any]:
         """Everything a checkpoint holds for `trainer`, as DCP-savable views (no copies)."""
@@ -149,12 +150,8 @@ class Checkpointer:
         """Checkpoint `views` (tensors and GlobalShards) and the plain-data `extra` state as step `step`."""
         self.wait()
         start = time.perf_counter()
-        snapshot = {k: (v.snapshot(self._staging.get(k)) if isinstance(v, GlobalShards) else v.detach().clone())
-                    for k, v in views.items()}
+        snapshot = host_snapshot(views, extra, step, self.rank, self._staging)
         self._staging = {k: v for k, v in snapshot.items() if isinstance(v, GlobalShards)}
-        # Plain data, read back with torch.load(weights_only=True): floats keep every bit in JSON.
-        snapshot["trainer"] = json.dumps({**extra, "step": step})
-        snapshot[f"rng/{self.rank}"] = torch.get_rng_state()
         pause = time.perf_counter() - start
         token = f"{self.run_id}-{step}"
         self._thread = threading.Thread(target=self._write, args=(snapshot, step, token, metadata, pause),
@@ -291,20 +288,39 @@ class Checkpointer:
             holder[rng_key] = torch.empty(saved[rng_key].size, dtype=torch.uint8)
         safe_load(holder, path, process_group=self.group.process_group if self.group else None,
                   no_dist=self.group is None, metadata=metadata)
-        if "optim/step" in views:
-            load_optimizer_step(trainer.optimizer, holder["optim/step"])
-        if masters_missing:
-            sync_masters(trainer.optimizer)
-        if hasattr(trainer.optimizer, "after_checkpoint_load"):  # e.g. ZeRO re-gathers parameters
-            trainer.optimizer.after_checkpoint_load()
-        if isinstance(holder.get(rng_key), torch.Tensor):
-            torch.set_rng_state(holder[rng_key])
-        state = holder["trainer"]
-        extra = json.loads(state) if isinstance(state, str) else _plain_data(state, f"checkpoint {path}")
-        if not isinstance(extra, dict):
-            raise CheckpointError(f"checkpoint {path}: the trainer state is a {type(extra).__name__}, not an object")
-        trainer.load_extra_state(extra)
-        return extra
+        return finish_load(trainer, holder, rng_key, f"checkpoint {path}", sync=bool(masters_missing))
+
+
+def host_snapshot(views: dict[str, Any], extra: dict, step: int, rank: int,
+                  staging: Optional[dict[str, GlobalShards]] = None) -> dict[str, Any]:
+    """Host-memory copies of `views` (reusing `staging`'s buffers), the trainer state and this
+    rank's RNG: what a checkpoint or a memory snapshot holds."""
+    staging = staging or {}
+    snapshot = {k: (v.snapshot(staging.get(k)) if isinstance(v, GlobalShards) else v.detach().clone())
+                for k, v in views.items()}
+    # Plain data, read back with torch.load(weights_only=True): floats keep every bit in JSON.
+    snapshot["trainer"] = json.dumps({**extra, "step": step})
+    snapshot[f"rng/{rank}"] = torch.get_rng_state()
+    return snapshot
+
+
+def finish_load(trainer, holder: dict[str, Any], rng_key: str, source: str, sync: bool = False) -> dict:
+    """After the tensors of `holder` (views of `trainer`'s state) are filled in: the optimizer's step
+    count, masters (`sync`: re-read from the weights), the RNG and the trainer state; returns the latter."""
+    if "optim/step" in holder:
+        load_optimizer_step(trainer.optimizer, holder["optim/step"])
+    if sync:
+        sync_masters(trainer.optimizer)
+    if hasattr(trainer.optimizer, "after_checkpoint_load"):  # e.g. ZeRO re-gathers parameters
+        trainer.optimizer.after_checkpoint_load()
+    if isinstance(holder.get(rng_key), torch.Tensor):
+        torch.set_rng_state(holder[rng_key])
+    state = holder["trainer"]
+    extra = json.loads(state) if isinstance(state, str) else _plain_data(state, source)
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{source}: the trainer state is a {type(extra).__name__}, not an object")
+    trainer.load_extra_state(extra)
+    return extra
 
 
 def _payload_bytes(snapshot: dict) -> int:

@@ -72,6 +72,9 @@ def fit(trainer, start_step: int = 0, checkpointer=None,
             if saving:
                 checkpointer.save(trainer, done, trainer.checkpoint_metadata(),
                                   blocking=not trainer.cfg.checkpoint.async_save)
+            memory = getattr(checkpointer, "memory", None)
+            if memory is not None and memory.due(done) and done != last:
+                memory.save(trainer, done)  # host copies now, sent to the keepers in the background
             if trainer.heartbeat is not None:
                 trainer.heartbeat.beat(done)
             step = done
@@ -79,6 +82,8 @@ def fit(trainer, start_step: int = 0, checkpointer=None,
                 stop_here(trainer, checkpointer, done, saved=saving)
         if checkpointer is not None:
             checkpointer.wait()
+            if getattr(checkpointer, "memory", None) is not None:
+                checkpointer.memory.wait()
     finally:
         if writer is not None:
             writer.close()
@@ -120,6 +125,8 @@ def rewind(trainer, checkpointer, request: Rewind, attempt: int = 0) -> int:
         skips.add(skipped)
     checkpointer.load(trainer, info.path)  # restores weights, optimizer and the guard's history
     trainer.cfg.data.skip_steps = sorted(skips)  # skips decided since that checkpoint are kept
+    if getattr(checkpointer, "memory", None) is not None:  # snapshots from that step on hold the abandoned run
+        checkpointer.memory.discard_after(info.step - 1)
     if trainer.ctx.rank == 0 and trainer.events is not None:
         trainer.events.record("rewind", step=info.step, from_step=request.failed_step + 1, reason=request.reason,
                               skipped_batch=skipped, attempt=attempt)
