@@ -374,7 +374,7 @@ def _resume_from_memory(trainer, checkpointer: Checkpointer, run_dir: Path,
         return None
     step, keepers = restored
     if rank == 0:
-        lost = work_lost(run_dir, step, failed_at) if failed_at is not None else {}
+        lost = work_lost(run_dir, step, failed_at, checkpointer.memory.last_taken_at) if failed_at is not None else {}
         trainer.events.record("resume", step=step, path=None, source="memory", keepers=keepers, **lost)
         print(f"apogee: resumed from the memory snapshots of step {step} (keepers by rank: {', '.join(keepers)}; "
               f"newest disk checkpoint: step {newest[0]})", flush=True)

@@ -144,16 +144,18 @@ def snapshot_time(events: list[dict], step: int) -> Optional[float]:
     return saved[-1]["time"] - saved[-1].get("write_s", 0.0)
 
 
-def work_lost(run_dir: str | Path, resumed_step: int, failed_at: float) -> dict:
+def work_lost(run_dir: str | Path, resumed_step: int, failed_at: float, snapshot_at: Optional[float] = None) -> dict:
     """Steps and seconds of training lost to a failure, resuming from the checkpoint of `resumed_step`.
 
     Steps: those completed after the checkpoint (they will be re-run). Seconds: from the
-    checkpoint's snapshot, or from the failed attempt's start if that is later (time spent down
-    before it was counted at the previous failure), to the failure.
+    checkpoint's snapshot (`snapshot_at`, else its checkpoint_saved event), or from the failed
+    attempt's start if that is later (time spent down before it was counted at the previous
+    failure), to the failure.
     """
     events = EventLog(run_dir, 0).read()
     starts = [e["time"] for e in events if e.get("type") == "start" and e.get("time", failed_at + 1) <= failed_at]
-    snapshot = snapshot_time(events, resumed_step) if resumed_step > 0 else None
+    snapshot = snapshot_at if snapshot_at is not None else (
+        snapshot_time(events, resumed_step) if resumed_step > 0 else None)
     since = max(t for t in (snapshot, starts[-1] if starts else None, -1.0) if t is not None)
     if since < 0:
         since = failed_at

@@ -51,7 +51,8 @@ def _receive_header(conn: Connection) -> dict:
 class Keeper:
     """The in-memory store and its request loop (one thread per connection)."""
 
-    def __init__(self, host: str, port: int, key: bytes):
+    def __init__(self, host: str, port: int, key: bytes, exit_on_stop: bool = False):
+        self.exit_on_stop = exit_on_stop  # a keeper process: a blocked accept() would outlive a closed listener
         self.listener = Listener((host, port), authkey=key)
         self.address = self.listener.address
         self.snapshots: dict[tuple[str, int], dict[int, tuple[dict, bytes]]] = {}
@@ -121,7 +122,7 @@ class Keeper:
                 self.snapshots.clear()
             _send(conn, {"ok": True})
             self.stop()
-            if op == "lose_everything":  # a rehearsed node loss: the memory is gone with the process
+            if op == "lose_everything" or self.exit_on_stop:  # a node loss takes the memory with the process
                 os._exit(0)
         else:
             _send(conn, {"ok": False, "error": f"unknown operation {op!r}"})
@@ -198,7 +199,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     key = os.environ.get(KEY_ENV)
     if not key:
         raise SystemExit(f"{KEY_ENV} is not set: the keeper needs the ranks' authentication key (hex)")
-    keeper = Keeper(args.host, args.port, bytes.fromhex(key))
+    keeper = Keeper(args.host, args.port, bytes.fromhex(key), exit_on_stop=True)
     host, port = keeper.address
     print(f"keeper listening on {host}:{port}", flush=True)
     keeper.serve()

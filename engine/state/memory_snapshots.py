@@ -111,6 +111,7 @@ class MemorySnapshots:
         self._staging: dict[str, GlobalShards] = {}
         self._warned: set[str] = set()
         self.saved_steps: list[int] = []
+        self.last_taken_at: Optional[float] = None
 
     @classmethod
     def from_environment(cls, cfg, rank: int, world_size: int, run_id: str) -> Optional["MemorySnapshots"]:
@@ -136,19 +137,20 @@ class MemorySnapshots:
         """Snapshot the state after `step` steps and send it in the background; returns the pause (s)."""
         self.wait()
         start = time.perf_counter()
+        taken_at = time.time()
         snapshot = host_snapshot(state_views(trainer), trainer.checkpoint_extra_state(), step, self.rank,
                                  self._staging)
         self._staging = {k: v for k, v in snapshot.items() if isinstance(v, GlobalShards)}
         pause = time.perf_counter() - start
-        self._thread = threading.Thread(target=self._send, args=(snapshot, step), name=f"memory-snapshot-{step}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._send, args=(snapshot, step, taken_at),
+                                        name=f"memory-snapshot-{step}", daemon=True)
         self._thread.start()
         return pause
 
-    def _send(self, snapshot: dict, step: int) -> None:
+    def _send(self, snapshot: dict, step: int, taken_at: float) -> None:
         data = encode(snapshot)
         meta = {"digest": hashlib.sha256(data).hexdigest(), "fingerprint": self.fingerprint,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "taken_at": taken_at}
         for keeper in self.keepers:
             try:
                 keeper.put(self.run_id, self.rank, step, meta, data)
@@ -185,7 +187,8 @@ class MemorySnapshots:
         return steps
 
     def fetch(self, step: int) -> tuple[Optional[dict], str]:
-        """(the decoded snapshot of `step`, where from) from the first keeper holding an intact, matching one."""
+        """(the decoded snapshot of `step`, where from) from the first keeper holding an intact, matching
+        one; the time it was taken is `last_taken_at`."""
         problems = []
         for keeper in self.keepers:
             try:
@@ -198,6 +201,7 @@ class MemorySnapshots:
             elif meta.get("fingerprint") != self.fingerprint:
                 problems.append(f"keeper {keeper.address}: a snapshot of another model, layout or precision")
             else:
+                self.last_taken_at = float(meta.get("taken_at", 0.0)) or None
                 return decode(data), keeper.address
         return None, "; ".join(problems) or "no keeper holds it"
 
