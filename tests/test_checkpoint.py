@@ -25,7 +25,7 @@ def _segment(rank, world_size, overrides, steps, run_dir, stop_after=None):
     from engine.state.checkpoint import Checkpointer
     from engine.model.parallelize import gather_full_state_dict
     from engine.state.resume import checkpoint_store, run_id
-    from engine.job.runner import resume_trainer
+    from engine.job.resume_rank import resume_trainer
     from engine.train.trainer import Trainer
     from parallel.topology import ParallelContext
 

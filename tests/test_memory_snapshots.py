@@ -91,25 +91,40 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    """(dataset, the clean run's directory): the reference both fault runs must equal bitwise."""
+    tmp = tmp_path_factory.mktemp("memory")
+    dataset = make_dataset(tmp)
+    _pretrain(dataset, tmp / "clean")
+    return dataset, tmp / "clean"
+
+
+def _events(run_dir: Path, kind: str) -> list[dict]:
+    return [e for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines()) if e["type"] == kind]
+
+
+def _assert_same_training(run_dir: Path, clean: Path) -> None:
+    losses, reference = _losses(run_dir), _losses(clean)
+    assert sorted(losses) == list(range(1, STEPS + 1)) and losses == reference  # bitwise
+    last = f"checkpoints/step_{STEPS:08d}"
+    weights, ref_weights = load_model(run_dir / last).state_dict(), load_model(clean / last).state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in ref_weights.items())
+
+
 @pytest.mark.distributed
-def test_a_lost_rank_then_a_lost_node_resume_from_memory_bitwise(tmp_path):
-    dataset = make_dataset(tmp_path)
-    _pretrain(dataset, tmp_path / "clean")
+def test_a_lost_rank_then_a_lost_node_resume_from_memory_bitwise(clean_run, tmp_path):
+    dataset, clean = clean_run
     # Disk checkpoints every 10 steps, memory snapshots every 2: a kill at step 15 loses 1 step from
     # memory (5 from disk); the node loss at step 27 takes rank 1 and its keeper: rank 1's snapshot
     # comes from its peer's keeper (rank 0's domain).
     faulty = _pretrain(dataset, tmp_path / "faulty", "checkpoint.memory_interval=2",
                        "resilience.inject=[kill:rank=1:step=15, node_loss:rank=1:step=27]")
-    events = [json.loads(line) for line in (tmp_path / "faulty" / "events.jsonl").read_text().splitlines()]
-    resumes = [e for e in events if e["type"] == "resume"]
+    resumes = _events(tmp_path / "faulty", "resume")
     assert [(r["step"], r["source"]) for r in resumes] == [(14, "memory"), (26, "memory")], faulty.stdout
     assert resumes[0]["work_lost_steps"] == 0 and resumes[1]["work_lost_steps"] == 0
     first, second = resumes[0]["keepers"], resumes[1]["keepers"]
     assert first[0] != first[1]  # each rank's own domain's keeper
     assert second[1] == second[0]  # rank 1's keeper was lost with its node: the peer's copy
     assert "memory keeper 1" in faulty.stderr and "is gone: starting an empty one" in faulty.stderr
-    losses, clean = _losses(tmp_path / "faulty"), _losses(tmp_path / "clean")
-    assert sorted(losses) == list(range(1, STEPS + 1)) and losses == clean  # bitwise
-    last = f"checkpoints/step_{STEPS:08d}"
-    weights, reference = load_model(tmp_path / "faulty" / last).state_dict(), load_model(tmp_path / "clean" / last).state_dict()
-    assert all(torch.equal(weights[k], v) for k, v in reference.items())
+    _assert_same_training(tmp_path / "faulty", clean)

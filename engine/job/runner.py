@@ -22,9 +22,10 @@ import torch
 from engine.state.checkpoint import Checkpointer
 from engine.state.checkpoint_store import CheckpointError
 from engine.state.memory_snapshots import MemorySnapshots
+from engine.job.resume_rank import resume_trainer
 from engine.state.errors import StorageError
 from engine.state.resume import (check_compatible, check_loadable, check_steps_beyond, checkpoint_store,
-                                 choose_checkpoint, choose_for_all, run_id)
+                                 choose_checkpoint, run_id)
 from engine.job.keepers import KeeperPool
 from engine.job.run_dir import claim_run_dir, remove_if_empty
 from engine.config import ApogeeConfig, ConfigError, config_from_dict, save_config
@@ -36,7 +37,7 @@ from engine.resilience.exit_records import ExitRecorder
 from engine.resilience.faults import early_fault_warnings
 from engine.resilience.preemption import Preempted
 from engine.resilience.recovery import (record_final_failure, record_restart, report_exception, report_signal,
-                                        restart_resume_choice, work_lost)
+                                        restart_resume_choice)
 from engine.run_files import RunFileError, check_run_files
 from engine.stage import Stage, StageRegistry
 from engine.resilience import determinism
@@ -329,56 +330,6 @@ def worker_main(cfg_dict: dict, stage: Stage, run_dir: str, prefixes: list[str],
     finally:
         trainer.heartbeat.stop()
     leave()
-
-
-def resume_trainer(trainer, checkpointer: Checkpointer, cfg: ApogeeConfig, resume: str, run_dir: Path,
-                   failed_at: Optional[float] = None, restarted: bool = False) -> int:
-    """Load the checkpoint `--resume` selects into `trainer`; returns the step to start from.
-
-    Every rank verifies its share of the candidate's files and the answers are combined, so every
-    rank loads the same checkpoint and each reads about its own bytes (engine/state/resume.py).
-    After a failure (`failed_at`, its time, known to rank 0), the 'resume' event also records the
-    work lost. A restart (`restarted`, on every rank) first tries the memory snapshots.
-    """
-    rank = trainer.ctx.rank
-    if restarted and resume == "auto" and getattr(checkpointer, "memory", None) is not None:
-        restored = _resume_from_memory(trainer, checkpointer, run_dir, failed_at)
-        if restored is not None:
-            return restored
-    info = choose_for_all(resume, checkpointer.store, checkpointer.group, rank, checkpointer.progress,
-                          report=print if rank == 0 else (lambda _: None))
-    if info is not None:
-        check_compatible(info, cfg, run_id(run_dir))  # every rank reads the same manifest: the same answer
-    lost = work_lost(run_dir, info.step if info else 0, failed_at) if failed_at is not None else {}
-    if info is None:
-        if lost and rank == 0:  # a restart with no checkpoint yet: from scratch
-            trainer.events.record("resume", step=0, path=None, **lost)
-        return 0
-    checkpointer.load(trainer, info.path)  # also restores the skip list and the guard's history
-    if rank == 0:
-        trainer.events.record("resume", step=info.step, path=str(info.path), source="disk", **lost)
-        print(f"apogee: resumed from {info.path} (step {info.step})", flush=True)
-    return info.step
-
-
-def _resume_from_memory(trainer, checkpointer: Checkpointer, run_dir: Path,
-                        failed_at: Optional[float]) -> Optional[int]:
-    """After a failure: the newest complete set of memory snapshots, if at least as new as the disk's
-    newest checkpoint (engine/state/memory_snapshots.py); its step, or None (the disk decides)."""
-    rank = trainer.ctx.rank
-    newest = [max((i.step for i in checkpointer.store.published()), default=0) if rank == 0 else 0]
-    if checkpointer.group is not None:
-        broadcast_objects(newest, checkpointer.group, purpose="checkpoint")
-    restored = checkpointer.memory.restore(trainer, checkpointer.group, newest[0])
-    if restored is None:
-        return None
-    step, keepers = restored
-    if rank == 0:
-        lost = work_lost(run_dir, step, failed_at, checkpointer.memory.last_taken_at) if failed_at is not None else {}
-        trainer.events.record("resume", step=step, path=None, source="memory", keepers=keepers, **lost)
-        print(f"apogee: resumed from the memory snapshots of step {step} (keepers by rank: {', '.join(keepers)}; "
-              f"newest disk checkpoint: step {newest[0]})", flush=True)
-    return step
 
 
 def run_stage(stage: Stage, registry: StageRegistry, config: Optional[str], overrides: list[str],

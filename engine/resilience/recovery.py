@@ -13,7 +13,7 @@ Events (each with `rank`, `step` and `time`, see DESIGN.md):
   with restarts_exhausted false when the status is one no restart fixes (a config error, a
   diagnosed fault, refused storage).
 - restart: restart_count, launcher.
-- resume (engine.job.runner.resume_trainer): step resumed from, and on a restart work_lost_steps
+- resume (engine.job.resume_rank.resume_trainer): step resumed from, and on a restart work_lost_steps
   (steps completed after that checkpoint, to be re-run), work_lost_s (seconds from that
   checkpoint's snapshot to the failure) and downtime_s (failure to resume).
 
