@@ -52,9 +52,13 @@ def _tree_api():
                 continue
         raise ImportError(f"none of {names}")
 
-    trainer = module("engine.train.trainer", "engine.trainer").Trainer
+    trainer_module = module("engine.train.trainer", "engine.trainer")
+    trainer = trainer_module.Trainer
     topology = module("parallel.topology")
-    microbatch = getattr(module("data_pipeline.microbatch", "data_pipeline.loader"), "Microbatch", None)
+    # The flat 'before' tree takes plain token tensors; its data_pipeline may be a namespace package
+    # that also finds this checkout's Microbatch, which it cannot read.
+    microbatch = (getattr(module("data_pipeline.microbatch", "data_pipeline.loader"), "Microbatch", None)
+                  if trainer_module.__name__ == "engine.train.trainer" else None)
 
     def config(overrides, world_size, steps):
         return validate(load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [*overrides, f"train.steps={steps}"]),
