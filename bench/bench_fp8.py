@@ -65,10 +65,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--tail", type=int, default=20, help="steps averaged into a run's final loss")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate (min_lr = lr / 10); default: configs/tiny.yaml's 3e-3, above this "
+                             "model's optimum, where any gradient noise acts as a smaller step (see the README)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     steps, seeds, tail = (6, [3], 3) if args.quick else (args.steps, args.seeds, args.tail)
-    base = ALIGNED + (QUICK if args.quick else [])
+    base = ALIGNED + (QUICK if args.quick else []) + \
+        ([f"optim.lr={args.lr}", f"optim.min_lr={args.lr / 10}"] if args.lr is not None else [])
     finals = {name: [] for name in PRECISIONS}
     per_step = {name: [] for name in PRECISIONS}
     for seed in seeds:
