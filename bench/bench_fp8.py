@@ -1,6 +1,6 @@
 """fp8 recipes against bf16 on the tiny model: final loss over seeds, with the seed-to-seed spread beside it.
 
-    python bench/bench_fp8.py            # 200 steps x 3 seeds x {bf16, delayed, tensorwise, blockwise, mxfp8}
+    python bench/bench_fp8.py            # 200 steps x 10 seeds x {fp32, bf16, delayed, tensorwise, blockwise, mxfp8}, lr 1.5e-3
     python bench/bench_fp8.py --quick    # a few steps of a smaller model, one seed (smoke run)
 
 Every run is `apogee pretrain`'s step on one rank (the Trainer, TrainingData over the default
@@ -45,7 +45,10 @@ QUICK = ["model.hidden_size=128", "model.num_layers=1", "model.seq_length=64", "
 PRECISIONS = {"fp32": ["precision.dtype=fp32"], "bf16": ["precision.dtype=bf16"],
               **{recipe: ["precision.dtype=fp8", f"precision.fp8_recipe={recipe}"]
                  for recipe in ("delayed", "tensorwise", "blockwise", "mxfp8")}}
-SEEDS = (3, 4, 5)
+SEEDS = tuple(range(3, 13))  # ten: three cannot resolve 1% (same-seed differences of 1-5% at 200 steps)
+LR = 1.5e-3
+"""Peak lr of the comparison: tiny.yaml's 3e-3 is above this model's optimum (bf16 ends 6-10% lower at
+1.5e-3-2e-3), and there any gradient noise, fp8's included, acts as a smaller Adam step and lowers the loss."""
 
 
 def run(overrides: list[str], steps: int) -> tuple[list[float], float]:
@@ -65,14 +68,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--tail", type=int, default=20, help="steps averaged into a run's final loss")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate (min_lr = lr / 10); default: configs/tiny.yaml's 3e-3, above this "
-                             "model's optimum, where any gradient noise acts as a smaller step (see the README)")
+    parser.add_argument("--lr", type=float, default=LR,
+                        help="peak learning rate (min_lr = lr / 10); 3e-3 is configs/tiny.yaml's own (see LR)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     steps, seeds, tail = (6, [3], 3) if args.quick else (args.steps, args.seeds, args.tail)
     base = ALIGNED + (QUICK if args.quick else []) + \
-        ([f"optim.lr={args.lr}", f"optim.min_lr={args.lr / 10}"] if args.lr is not None else [])
+        [f"optim.lr={args.lr}", f"optim.min_lr={args.lr / 10}"]
     finals = {name: [] for name in PRECISIONS}
     per_step = {name: [] for name in PRECISIONS}
     for seed in seeds:
