@@ -121,8 +121,11 @@ def test_a_lost_rank_then_a_lost_node_resume_from_memory_bitwise(clean_run, tmp_
     faulty = _pretrain(dataset, tmp_path / "faulty", "checkpoint.memory_interval=2",
                        "resilience.inject=[kill:rank=1:step=15, node_loss:rank=1:step=27]")
     resumes = _events(tmp_path / "faulty", "resume")
-    assert [(r["step"], r["source"]) for r in resumes] == [(14, "memory"), (26, "memory")], faulty.stdout
-    assert resumes[0]["work_lost_steps"] == 0 and resumes[1]["work_lost_steps"] == 0
+    # The newest complete set: step 14 (26), or 12 (24) when the dying rank was still sending 14's
+    # (26's) in the background: one save is in flight at most, so never older than that.
+    assert [r["source"] for r in resumes] == ["memory", "memory"], faulty.stdout
+    assert resumes[0]["step"] in (12, 14) and resumes[1]["step"] in (24, 26), faulty.stdout
+    assert [r["work_lost_steps"] for r in resumes] == [14 - resumes[0]["step"], 26 - resumes[1]["step"]]
     first, second = resumes[0]["keepers"], resumes[1]["keepers"]
     assert first[0] != first[1]  # each rank's own domain's keeper
     assert second[1] == second[0]  # rank 1's keeper was lost with its node: the peer's copy

@@ -42,6 +42,13 @@ def domain_of(rank: int, world_size: int, domains: int) -> int:
     return rank * domains // world_size
 
 
+def keepers_from_environment() -> tuple[list[str], bytes]:
+    """(keeper addresses, key) from APOGEE_KEEPERS and APOGEE_KEEPER_KEY; no addresses unless both are set."""
+    addresses = [a for a in os.environ.get(KEEPERS_ENV, "").split(",") if a]
+    key = os.environ.get(KEY_ENV, "")
+    return (addresses, bytes.fromhex(key)) if addresses and key else ([], b"")
+
+
 def layout_fingerprint(cfg, world_size: int) -> str:
     """What a snapshot must match to load in place: model, layout, precision and world size."""
     fields = {"model": dataclasses.asdict(cfg.model), "parallel": dataclasses.asdict(cfg.parallel),
@@ -110,7 +117,6 @@ class MemorySnapshots:
         self._thread: Optional[threading.Thread] = None
         self._staging: dict[str, GlobalShards] = {}
         self._warned: set[str] = set()
-        self.saved_steps: list[int] = []
         self.last_taken_at: Optional[float] = None
 
     @classmethod
@@ -118,16 +124,15 @@ class MemorySnapshots:
         """None when memory snapshots are off; the keepers from APOGEE_KEEPERS/APOGEE_KEEPER_KEY otherwise."""
         if not cfg.checkpoint.memory_interval:
             return None
-        addresses = [a for a in os.environ.get(KEEPERS_ENV, "").split(",") if a]
-        key = os.environ.get(KEY_ENV, "")
-        if not addresses or not key:
+        addresses, key = keepers_from_environment()
+        if not addresses:
             from engine.config import ConfigError
 
             raise ConfigError(f"checkpoint.memory_interval={cfg.checkpoint.memory_interval}: no keepers to send "
                               f"snapshots to ({KEEPERS_ENV} and {KEY_ENV} are not both set). `apogee <stage> --nproc N` "
                               f"starts them; under srun, torchrun or mpirun start `python -m engine.state.memory_keeper` "
                               f"on each node and set both variables, or set checkpoint.memory_interval=0")
-        return cls(cfg, rank, world_size, run_id, addresses, bytes.fromhex(key))
+        return cls(cfg, rank, world_size, run_id, addresses, key)
 
     def due(self, done: int) -> bool:
         """A snapshot after `done` steps?"""
@@ -149,8 +154,7 @@ class MemorySnapshots:
 
     def _send(self, snapshot: dict, step: int, taken_at: float) -> None:
         data = encode(snapshot)
-        meta = {"digest": hashlib.sha256(data).hexdigest(), "fingerprint": self.fingerprint,
-                "world_size": self.world_size, "taken_at": taken_at}
+        meta = {"digest": hashlib.sha256(data).hexdigest(), "fingerprint": self.fingerprint, "taken_at": taken_at}
         for keeper in self.keepers:
             try:
                 keeper.put(self.run_id, self.rank, step, meta, data)
@@ -159,7 +163,6 @@ class MemorySnapshots:
                     self._warned.add(keeper.address)
                     print(f"apogee: rank {self.rank}: memory snapshot of step {step} not kept: {err}",
                           file=sys.stderr, flush=True)
-        self.saved_steps.append(step)
 
     def wait(self) -> None:
         """Block until the snapshot in flight has been sent."""
@@ -242,13 +245,12 @@ class MemorySnapshots:
 
 def lose_home_keeper(rank: int) -> None:
     """A rehearsed node loss (fault `node_loss`): the keeper of `rank`'s domain exits, its snapshots with it."""
-    addresses = [a for a in os.environ.get(KEEPERS_ENV, "").split(",") if a]
-    key = os.environ.get(KEY_ENV, "")
-    if not addresses or not key:
+    addresses, key = keepers_from_environment()
+    if not addresses:
         return  # no memory snapshots: the rank's death is the whole loss
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        KeeperClient(addresses[domain_of(rank, world, len(addresses))], bytes.fromhex(key), timeout_s=5).send_stop(
+        KeeperClient(addresses[domain_of(rank, world, len(addresses))], key, timeout_s=5).send_stop(
             lose_everything=True)
     except KeeperError:
         pass  # it exits before answering
